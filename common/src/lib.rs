@@ -1,0 +1,170 @@
+//! Wire types: the JSON that crosses between the router, the agent, clients
+//! and tests. Nothing here holds state; the router converts its internal
+//! records into these at the edge.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The LLM server port an agent registers when it names none (Ollama's).
+pub const DEFAULT_LLM_PORT: u16 = 11434;
+
+/// The longest `machine_name` the router accepts, in bytes (a DNS name's limit).
+pub const MAX_MACHINE_NAME_BYTES: usize = 253;
+
+/// Host facts the agent gathers once at start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SystemInfo {
+    pub os: String,
+    pub arch: String,
+    pub cpu_cores: u32,
+    /// Bytes.
+    pub total_memory: u64,
+}
+
+/// Which HTTP API a node's LLM server speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Ollama: serves `/api/*` and `/v1/*`.
+    #[default]
+    Ollama,
+    /// An OpenAI-compatible server (llama.cpp's server, vLLM): `/v1/*` only.
+    Openai,
+}
+
+/// `POST /api/agents/register`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub machine_name: String,
+    /// The address at which the router reaches the node's LLM server.
+    pub ip_address: String,
+    /// The node's LLM server port.
+    #[serde(default = "default_llm_port")]
+    pub port: u16,
+    pub runtime_version: String,
+    pub system_info: SystemInfo,
+    /// Model names the node serves.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// The API its LLM server speaks; Ollama when absent (the seed's case).
+    #[serde(default)]
+    pub backend: BackendKind,
+}
+
+fn default_llm_port() -> u16 {
+    DEFAULT_LLM_PORT
+}
+
+/// The answer to a registration: `201` for a new machine, `200` for a known one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub id: Uuid,
+    /// Always `"registered"` (the seed's contract).
+    pub status: String,
+}
+
+/// What a node reports with each heartbeat. Every field is optional: an
+/// empty body is a valid heartbeat, and an absent field keeps the last value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatReport {
+    /// Models the node's LLM server can serve now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    /// Models held in memory now (Ollama's `/api/ps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_models: Option<Vec<String>>,
+    /// Requests the node's LLM server is working on, as the node sees them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_in_flight: Option<u32>,
+    /// Whether the node's LLM server answered the agent's last probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm_server_up: Option<bool>,
+    /// Whole-host CPU use, percent (0 to 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_usage_percent: Option<f32>,
+    /// Bytes of memory in use on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_used: Option<u64>,
+}
+
+/// `PUT /api/agents/:id`: the mutable fields; an absent field is unchanged.
+/// The identity (`machine_name` and `port`) is not mutable: it is what makes a
+/// re-registration find the same id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpdateAgentRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_info: Option<SystemInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendKind>,
+}
+
+/// Liveness as the router sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AgentStatus {
+    Online,
+    Offline,
+}
+
+/// One agent as `GET /api/agents` lists it, and as `agents.json` stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Agent {
+    pub id: Uuid,
+    pub machine_name: String,
+    pub ip_address: String,
+    pub port: u16,
+    pub runtime_version: String,
+    pub status: AgentStatus,
+    pub registered_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub system_info: SystemInfo,
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// What the latest heartbeat reported (empty before the first one).
+    #[serde(default)]
+    pub report: HeartbeatReport,
+}
+
+/// The body of every error answer: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable, such as `invalid_body` or `not_found`.
+    pub code: String,
+    /// For people.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_register_body_parses_with_defaults() {
+        let body = r#"{"machine_name":"server-01","ip_address":"127.0.0.2",
+            "runtime_version":"0.1.0",
+            "system_info":{"os":"Linux","arch":"x86_64","cpu_cores":8,"total_memory":16777216}}"#;
+        let request: RegisterRequest = serde_json::from_str(body).expect("seed body parses");
+        assert_eq!(request.port, DEFAULT_LLM_PORT);
+        assert!(request.models.is_empty());
+        assert_eq!(request.backend, BackendKind::Ollama);
+    }
+
+    #[test]
+    fn empty_heartbeat_report_serializes_to_empty_object() {
+        let text = serde_json::to_string(&HeartbeatReport::default()).expect("serializes");
+        assert_eq!(text, "{}");
+    }
+}

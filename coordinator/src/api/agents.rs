@@ -1,0 +1,229 @@
+//! The registry endpoints: register, list, show, heartbeat, update, delete.
+//! Handlers are thin: validate, call the registry, shape the answer.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use common::{
+    AgentStatus, HeartbeatReport, RegisterRequest, RegisterResponse, SystemInfo,
+    UpdateAgentRequest, MAX_MACHINE_NAME_BYTES,
+};
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::json::{AgentIdParam, JsonBody, OptionalJsonBody};
+use crate::registry::{AgentUpdate, RegisterOutcome, Registration, Registry};
+
+/// Limits on free-text fields, so one agent cannot bloat the registry.
+const MAX_TEXT_BYTES: usize = 256;
+const MAX_MODEL_NAME_BYTES: usize = 512;
+const MAX_MODELS: usize = 4_096;
+
+pub async fn register(
+    State(registry): State<Arc<Registry>>,
+    JsonBody(request): JsonBody<RegisterRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let registration = validate_registration(request)?;
+    let (id, outcome) = registry.register(registration).await?;
+    let status = match outcome {
+        RegisterOutcome::Created => StatusCode::CREATED,
+        RegisterOutcome::Refreshed => StatusCode::OK,
+    };
+    Ok((
+        status,
+        Json(RegisterResponse {
+            id,
+            status: "registered".to_owned(),
+        }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+}
+
+pub async fn list(
+    State(registry): State<Arc<Registry>>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Query(query) =
+        query.map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
+    let status = match query
+        .status
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None => None,
+        Some("online") => Some(AgentStatus::Online),
+        Some("offline") => Some(AgentStatus::Offline),
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("status must be Online or Offline, not {other:?}"),
+            ))
+        }
+    };
+    Ok(Json(registry.list(status)))
+}
+
+pub async fn show(
+    State(registry): State<Arc<Registry>>,
+    AgentIdParam(id): AgentIdParam,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(registry.get(id)?))
+}
+
+pub async fn heartbeat(
+    State(registry): State<Arc<Registry>>,
+    AgentIdParam(id): AgentIdParam,
+    OptionalJsonBody(report): OptionalJsonBody<HeartbeatReport>,
+) -> Result<impl IntoResponse, ApiError> {
+    if let Some(report) = &report {
+        validate_report(report)?;
+    }
+    registry.heartbeat(id, report)?;
+    Ok(Json(serde_json::json!({ "status": "ok" })))
+}
+
+pub async fn update(
+    State(registry): State<Arc<Registry>>,
+    AgentIdParam(id): AgentIdParam,
+    JsonBody(request): JsonBody<UpdateAgentRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let update = validate_update(request)?;
+    Ok(Json(registry.update(id, update).await?))
+}
+
+pub async fn remove(
+    State(registry): State<Arc<Registry>>,
+    AgentIdParam(id): AgentIdParam,
+) -> Result<impl IntoResponse, ApiError> {
+    registry.remove(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn validate_registration(request: RegisterRequest) -> Result<Registration, ApiError> {
+    let machine_name = request.machine_name.trim().to_owned();
+    if machine_name.is_empty() {
+        return Err(invalid("machine_name", "must not be empty"));
+    }
+    if machine_name.len() > MAX_MACHINE_NAME_BYTES {
+        return Err(invalid(
+            "machine_name",
+            &format!("must be at most {MAX_MACHINE_NAME_BYTES} bytes"),
+        ));
+    }
+    check_text("machine_name", &machine_name)?;
+    if request.port == 0 {
+        return Err(invalid("port", "must be between 1 and 65535"));
+    }
+    check_text("runtime_version", &request.runtime_version)?;
+    check_system_info(&request.system_info)?;
+    check_models("models", &request.models)?;
+    Ok(Registration {
+        machine_name,
+        ip_address: parse_ip(&request.ip_address)?,
+        port: request.port,
+        runtime_version: request.runtime_version,
+        system_info: request.system_info,
+        models: request.models,
+        backend: request.backend,
+    })
+}
+
+fn validate_update(request: UpdateAgentRequest) -> Result<AgentUpdate, ApiError> {
+    if let Some(version) = &request.runtime_version {
+        check_text("runtime_version", version)?;
+    }
+    if let Some(system_info) = &request.system_info {
+        check_system_info(system_info)?;
+    }
+    if let Some(models) = &request.models {
+        check_models("models", models)?;
+    }
+    Ok(AgentUpdate {
+        ip_address: request.ip_address.as_deref().map(parse_ip).transpose()?,
+        runtime_version: request.runtime_version,
+        system_info: request.system_info,
+        models: request.models,
+        backend: request.backend,
+    })
+}
+
+fn validate_report(report: &HeartbeatReport) -> Result<(), ApiError> {
+    if let Some(models) = &report.models {
+        check_models("models", models)?;
+    }
+    if let Some(models) = &report.loaded_models {
+        check_models("loaded_models", models)?;
+    }
+    if let Some(cpu) = report.cpu_usage_percent {
+        if !cpu.is_finite() || !(0.0..=100.0).contains(&cpu) {
+            return Err(invalid(
+                "cpu_usage_percent",
+                "must be a number from 0 to 100",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An address the router can send requests to: not unspecified, not multicast.
+fn parse_ip(text: &str) -> Result<IpAddr, ApiError> {
+    let ip: IpAddr = text
+        .trim()
+        .parse()
+        .map_err(|_| invalid("ip_address", &format!("{text:?} is not an IP address")))?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(invalid("ip_address", &format!("{ip} cannot be routed to")));
+    }
+    Ok(ip)
+}
+
+fn check_system_info(system_info: &SystemInfo) -> Result<(), ApiError> {
+    check_text("system_info.os", &system_info.os)?;
+    check_text("system_info.arch", &system_info.arch)
+}
+
+fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.len() > MAX_TEXT_BYTES && field != "machine_name" {
+        return Err(invalid(
+            field,
+            &format!("must be at most {MAX_TEXT_BYTES} bytes"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn check_models(field: &str, models: &[String]) -> Result<(), ApiError> {
+    if models.len() > MAX_MODELS {
+        return Err(invalid(field, &format!("at most {MAX_MODELS} models")));
+    }
+    for model in models {
+        if model.trim().is_empty()
+            || model.len() > MAX_MODEL_NAME_BYTES
+            || model.chars().any(char::is_control)
+        {
+            return Err(invalid(
+                field,
+                &format!(
+                    "each model name must be 1 to {MAX_MODEL_NAME_BYTES} bytes of printable text"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn invalid(field: &str, problem: &str) -> ApiError {
+    ApiError::unprocessable("invalid_field", format!("{field}: {problem}"))
+}

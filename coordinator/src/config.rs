@@ -1,0 +1,71 @@
+//! The router's configuration: one clap struct, every option a flag and an
+//! environment variable with a documented default.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "llm-router",
+    version,
+    about = "One endpoint in front of a fleet of LLM servers."
+)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "LLM_ROUTER_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Port to listen on (0 picks a free one; the log says which).
+    #[arg(long, env = "LLM_ROUTER_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Where agents.json and its journal live [default: $HOME/.llm-router].
+    #[arg(long, env = "LLM_ROUTER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Seconds without a heartbeat after which an agent is Offline (fractions allowed).
+    #[arg(long, env = "AGENT_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    pub agent_timeout: Duration,
+
+    /// Seconds between writes of agents' last_seen to disk (and between snapshots).
+    #[arg(long, env = "LLM_ROUTER_FLUSH_INTERVAL", default_value = "5", value_parser = parse_seconds)]
+    pub flush_interval: Duration,
+}
+
+impl Config {
+    /// The data dir: the flag, else `$HOME/.llm-router` (the seed's place).
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join(".llm-router")
+        })
+    }
+
+    /// A configuration for tests and embedding: loopback, a free port.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: 0,
+            data_dir: Some(data_dir.into()),
+            agent_timeout: Duration::from_secs(60),
+            flush_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Seconds as a positive number, fractions allowed ("60", "0.5").
+pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > 1e9 {
+        return Err(format!("{text:?}: seconds must be a positive number"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}

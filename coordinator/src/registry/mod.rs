@@ -1,0 +1,548 @@
+//! The in-memory registry: every agent by id, its liveness, and a cached list
+//! of Online candidates for routing.
+//!
+//! Locking: one `std::sync::RwLock` over the two maps (by id, by identity)
+//! and one `Mutex` per agent for what changes often (liveness, reports). A
+//! heartbeat takes the map's read lock and its own agent's mutex, so
+//! heartbeats from different agents never wait on each other; only
+//! registrations and deletions take the write lock. No lock is held across
+//! an `.await`: every method that waits on the store drops its guards first.
+//! `std` locks, not `tokio` ones, because every critical section is short
+//! and synchronous.
+
+mod sweeper;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use chrono::Utc;
+use common::{Agent, AgentStatus, BackendKind, HeartbeatReport, SystemInfo};
+use uuid::Uuid;
+
+use crate::store::{Change, Store, StoreError, Touch};
+
+pub use sweeper::run_sweeper;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("no agent with id {0}")]
+    NotFound(Uuid),
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+}
+
+/// A registration after validation: what the API layer hands the registry.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub machine_name: String,
+    pub ip_address: IpAddr,
+    pub port: u16,
+    pub runtime_version: String,
+    pub system_info: SystemInfo,
+    pub models: Vec<String>,
+    pub backend: BackendKind,
+}
+
+/// A validated `PUT`: absent fields stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct AgentUpdate {
+    pub ip_address: Option<IpAddr>,
+    pub runtime_version: Option<String>,
+    pub system_info: Option<SystemInfo>,
+    pub models: Option<Vec<String>>,
+    pub backend: Option<BackendKind>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    Created,
+    Refreshed,
+}
+
+/// An Online agent as routing sees it: cheap to clone, immutable.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub id: Uuid,
+    pub address: std::net::SocketAddr,
+    pub backend: BackendKind,
+    pub models: Arc<[String]>,
+    pub loaded_models: Arc<[String]>,
+}
+
+pub struct Registry {
+    maps: RwLock<Maps>,
+    agent_timeout: Duration,
+    store: Store,
+    /// Online candidates, rebuilt lazily after `candidates_stale` is set.
+    candidates: ArcSwap<Vec<Candidate>>,
+    candidates_stale: AtomicBool,
+    rebuild: Mutex<()>,
+    /// The seed's round-robin cursor.
+    cursor: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Maps {
+    by_id: HashMap<Uuid, Arc<Mutex<AgentRecord>>>,
+    /// `(machine_name, port)` is a node's identity across restarts.
+    by_identity: HashMap<(String, u16), Uuid>,
+}
+
+/// Everything the router knows of one agent.
+#[derive(Debug, Clone)]
+struct AgentRecord {
+    agent: Agent,
+    /// Monotonic time of the last sign of life: what liveness is decided on.
+    last_seen_at: Instant,
+    /// Bumped by every durable change, so that a failed commit rolls back
+    /// only if nothing newer has landed on top of it.
+    revision: u64,
+    /// `last_seen` moved since the store was last told.
+    touched: bool,
+}
+
+impl Registry {
+    /// Builds the registry from the agents the store loaded. Each gets one
+    /// full `agent_timeout` of grace from now, so a router restart does not
+    /// mark the fleet Offline.
+    pub fn new(loaded: Vec<Agent>, agent_timeout: Duration, store: Store) -> Self {
+        let now = Instant::now();
+        let mut maps = Maps::default();
+        for agent in loaded {
+            let identity = (agent.machine_name.clone(), agent.port);
+            if let Some(previous) = maps.by_identity.insert(identity, agent.id) {
+                // Cannot come from our own writes; keep the later record.
+                tracing::warn!(agent_id = %previous, "Two stored agents share a name and port; keeping the later one.");
+                maps.by_id.remove(&previous);
+            }
+            let record = AgentRecord {
+                agent,
+                last_seen_at: now,
+                revision: 0,
+                touched: false,
+            };
+            maps.by_id
+                .insert(record.agent.id, Arc::new(Mutex::new(record)));
+        }
+        Registry {
+            maps: RwLock::new(maps),
+            agent_timeout,
+            store,
+            candidates: ArcSwap::from_pointee(Vec::new()),
+            candidates_stale: AtomicBool::new(true),
+            rebuild: Mutex::new(()),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn agent_timeout(&self) -> Duration {
+        self.agent_timeout
+    }
+
+    /// Registers a node, or refreshes it when `(machine_name, port)` is known:
+    /// a restarted node keeps its id. Returns once the change is durable.
+    pub async fn register(
+        &self,
+        registration: Registration,
+    ) -> Result<(Uuid, RegisterOutcome), RegistryError> {
+        let now_wall = Utc::now();
+        let now = Instant::now();
+        let identity = (registration.machine_name.clone(), registration.port);
+        let (id, outcome, committed, rollback) = {
+            let mut maps = self.write_maps();
+            if let Some(&id) = maps.by_identity.get(&identity) {
+                let Some(slot) = maps.by_id.get(&id).cloned() else {
+                    return Err(RegistryError::NotFound(id));
+                };
+                // The map's write guard stays held: a concurrent delete of
+                // this agent must land in the journal before or after this
+                // refresh, never between lookup and commit.
+                let mut record = lock(&slot);
+                let previous = record.clone();
+                let agent = &mut record.agent;
+                agent.ip_address = registration.ip_address.to_string();
+                agent.runtime_version = registration.runtime_version;
+                agent.system_info = registration.system_info;
+                agent.models = registration.models;
+                agent.backend = registration.backend;
+                agent.status = AgentStatus::Online;
+                agent.last_seen = now_wall;
+                record.last_seen_at = now;
+                record.revision += 1;
+                let committed = self.store.submit(Change::Upsert {
+                    agent: Box::new(record.agent.clone()),
+                });
+                (
+                    id,
+                    RegisterOutcome::Refreshed,
+                    committed,
+                    Rollback::Restore(slot.clone(), previous),
+                )
+            } else {
+                let id = Uuid::new_v4();
+                let agent = Agent {
+                    id,
+                    machine_name: registration.machine_name,
+                    ip_address: registration.ip_address.to_string(),
+                    port: registration.port,
+                    runtime_version: registration.runtime_version,
+                    status: AgentStatus::Online,
+                    registered_at: now_wall,
+                    last_seen: now_wall,
+                    system_info: registration.system_info,
+                    models: registration.models,
+                    backend: registration.backend,
+                    report: HeartbeatReport::default(),
+                };
+                let committed = self.store.submit(Change::Upsert {
+                    agent: Box::new(agent.clone()),
+                });
+                let record = AgentRecord {
+                    agent,
+                    last_seen_at: now,
+                    revision: 1,
+                    touched: false,
+                };
+                maps.by_id.insert(id, Arc::new(Mutex::new(record)));
+                maps.by_identity.insert(identity, id);
+                (
+                    id,
+                    RegisterOutcome::Created,
+                    committed,
+                    Rollback::Remove(id, 1),
+                )
+            }
+        };
+        self.mark_candidates_stale();
+        if let Err(error) = committed.await {
+            self.roll_back(rollback);
+            return Err(RegistryError::Store(error));
+        }
+        match outcome {
+            RegisterOutcome::Created => tracing::info!(agent_id = %id, "Agent registered."),
+            RegisterOutcome::Refreshed => {
+                tracing::info!(agent_id = %id, "Agent registered again; same id kept.")
+            }
+        }
+        Ok((id, outcome))
+    }
+
+    /// Records a sign of life and what the node reports. No disk I/O: the
+    /// store learns `last_seen` from the sweeper's periodic flush.
+    pub fn heartbeat(
+        &self,
+        id: Uuid,
+        report: Option<HeartbeatReport>,
+    ) -> Result<(), RegistryError> {
+        let slot = self.slot(id)?;
+        let mut record = lock(&slot);
+        record.last_seen_at = Instant::now();
+        record.agent.last_seen = Utc::now();
+        record.touched = true;
+        let mut routing_changed = false;
+        if record.agent.status == AgentStatus::Offline {
+            record.agent.status = AgentStatus::Online;
+            routing_changed = true;
+            tracing::info!(agent_id = %id, "Agent back Online.");
+        }
+        if let Some(report) = report {
+            routing_changed |= merge_report(&mut record.agent, report);
+        }
+        drop(record);
+        if routing_changed {
+            self.mark_candidates_stale();
+        }
+        Ok(())
+    }
+
+    /// Updates the mutable fields of an agent. Returns once durable.
+    pub async fn update(&self, id: Uuid, update: AgentUpdate) -> Result<Agent, RegistryError> {
+        let slot = self.slot(id)?;
+        let (agent, committed, previous) = {
+            let mut record = lock(&slot);
+            let previous = record.clone();
+            let agent = &mut record.agent;
+            if let Some(ip) = update.ip_address {
+                agent.ip_address = ip.to_string();
+            }
+            if let Some(version) = update.runtime_version {
+                agent.runtime_version = version;
+            }
+            if let Some(system_info) = update.system_info {
+                agent.system_info = system_info;
+            }
+            if let Some(models) = update.models {
+                agent.models = models;
+            }
+            if let Some(backend) = update.backend {
+                agent.backend = backend;
+            }
+            record.revision += 1;
+            let agent = record.agent.clone();
+            let committed = self.store.submit(Change::Upsert {
+                agent: Box::new(agent.clone()),
+            });
+            (agent, committed, previous)
+        };
+        self.mark_candidates_stale();
+        if let Err(error) = committed.await {
+            self.roll_back(Rollback::Restore(slot, previous));
+            return Err(RegistryError::Store(error));
+        }
+        tracing::info!(agent_id = %id, "Agent updated.");
+        Ok(agent)
+    }
+
+    /// Removes an agent. Returns once durable.
+    pub async fn remove(&self, id: Uuid) -> Result<(), RegistryError> {
+        let (slot, committed) = {
+            let mut maps = self.write_maps();
+            let Some(slot) = maps.by_id.remove(&id) else {
+                return Err(RegistryError::NotFound(id));
+            };
+            let identity = {
+                let record = lock(&slot);
+                (record.agent.machine_name.clone(), record.agent.port)
+            };
+            if maps.by_identity.get(&identity) == Some(&id) {
+                maps.by_identity.remove(&identity);
+            }
+            (slot, self.store.submit(Change::Delete { id }))
+        };
+        self.mark_candidates_stale();
+        if let Err(error) = committed.await {
+            self.roll_back(Rollback::Reinsert(slot));
+            return Err(RegistryError::Store(error));
+        }
+        tracing::info!(agent_id = %id, "Agent removed.");
+        Ok(())
+    }
+
+    pub fn get(&self, id: Uuid) -> Result<Agent, RegistryError> {
+        let slot = self.slot(id)?;
+        let agent = lock(&slot).agent.clone();
+        Ok(agent)
+    }
+
+    /// Every agent, oldest registration first, optionally only one status.
+    pub fn list(&self, status: Option<AgentStatus>) -> Vec<Agent> {
+        let slots: Vec<_> = self.read_maps().by_id.values().cloned().collect();
+        let mut agents: Vec<Agent> = slots
+            .iter()
+            .map(|slot| lock(slot).agent.clone())
+            .filter(|agent| status.is_none_or(|wanted| agent.status == wanted))
+            .collect();
+        agents.sort_by(|a, b| a.registered_at.cmp(&b.registered_at).then(a.id.cmp(&b.id)));
+        agents
+    }
+
+    pub fn len(&self) -> usize {
+        self.read_maps().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Online agents as routing sees them; rebuilt only after a change that
+    /// matters to routing, so that picking a node costs no scan.
+    pub fn candidates(&self) -> Arc<Vec<Candidate>> {
+        if self.candidates_stale.load(Ordering::Acquire) {
+            let _one_rebuilder = lock(&self.rebuild);
+            if self.candidates_stale.swap(false, Ordering::AcqRel) {
+                self.candidates.store(Arc::new(self.build_candidates()));
+            }
+        }
+        self.candidates.load_full()
+    }
+
+    /// The seed's round-robin choice of an Online agent.
+    pub fn select_available_agent(&self) -> Option<Candidate> {
+        let candidates = self.candidates();
+        crate::balancer::round_robin(&candidates, &self.cursor).cloned()
+    }
+
+    /// Marks Offline every Online agent silent for longer than the timeout,
+    /// measured on the monotonic clock. Returns how many changed.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let slots: Vec<_> = self.read_maps().by_id.values().cloned().collect();
+        let mut changed = 0;
+        for slot in slots {
+            let mut record = lock(&slot);
+            if record.agent.status == AgentStatus::Online
+                && now.saturating_duration_since(record.last_seen_at) > self.agent_timeout
+            {
+                record.agent.status = AgentStatus::Offline;
+                record.touched = true;
+                changed += 1;
+                tracing::warn!(agent_id = %record.agent.id, machine_name = %record.agent.machine_name, "Agent Offline: no heartbeat within the timeout.");
+            }
+        }
+        if changed > 0 {
+            self.mark_candidates_stale();
+        }
+        changed
+    }
+
+    /// Hands the store every `last_seen` and status that moved since the
+    /// last call, for its next snapshot.
+    pub fn flush_liveness(&self) {
+        let slots: Vec<_> = self.read_maps().by_id.values().cloned().collect();
+        let touches: Vec<Touch> = slots
+            .iter()
+            .filter_map(|slot| {
+                let mut record = lock(slot);
+                std::mem::take(&mut record.touched).then(|| Touch {
+                    id: record.agent.id,
+                    last_seen: record.agent.last_seen,
+                    status: record.agent.status,
+                })
+            })
+            .collect();
+        self.store.touch(touches);
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn slot(&self, id: Uuid) -> Result<Arc<Mutex<AgentRecord>>, RegistryError> {
+        self.read_maps()
+            .by_id
+            .get(&id)
+            .cloned()
+            .ok_or(RegistryError::NotFound(id))
+    }
+
+    fn mark_candidates_stale(&self) {
+        self.candidates_stale.store(true, Ordering::Release);
+    }
+
+    fn build_candidates(&self) -> Vec<Candidate> {
+        let slots: Vec<_> = self.read_maps().by_id.values().cloned().collect();
+        let mut candidates: Vec<Candidate> = slots
+            .iter()
+            .filter_map(|slot| {
+                let record = lock(slot);
+                let agent = &record.agent;
+                if agent.status != AgentStatus::Online {
+                    return None;
+                }
+                let ip: IpAddr = agent.ip_address.parse().ok()?;
+                let models = agent.report.models.as_ref().unwrap_or(&agent.models);
+                Some(Candidate {
+                    id: agent.id,
+                    address: std::net::SocketAddr::new(ip, agent.port),
+                    backend: agent.backend,
+                    models: models.clone().into(),
+                    loaded_models: agent
+                        .report
+                        .loaded_models
+                        .clone()
+                        .unwrap_or_default()
+                        .into(),
+                })
+            })
+            .collect();
+        // A stable order keeps round-robin fair across rebuilds.
+        candidates.sort_by_key(|candidate| candidate.id);
+        candidates
+    }
+
+    fn roll_back(&self, rollback: Rollback) {
+        match rollback {
+            Rollback::Remove(id, revision) => {
+                let mut maps = self.write_maps();
+                let still_ours = maps
+                    .by_id
+                    .get(&id)
+                    .is_some_and(|slot| lock(slot).revision == revision);
+                if still_ours {
+                    if let Some(slot) = maps.by_id.remove(&id) {
+                        let record = lock(&slot);
+                        maps.by_identity
+                            .remove(&(record.agent.machine_name.clone(), record.agent.port));
+                    }
+                }
+            }
+            Rollback::Restore(slot, previous) => {
+                let mut record = lock(&slot);
+                if record.revision == previous.revision + 1 {
+                    *record = previous;
+                }
+            }
+            Rollback::Reinsert(slot) => {
+                let mut maps = self.write_maps();
+                let (id, identity) = {
+                    let record = lock(&slot);
+                    (
+                        record.agent.id,
+                        (record.agent.machine_name.clone(), record.agent.port),
+                    )
+                };
+                if !maps.by_identity.contains_key(&identity) {
+                    maps.by_identity.insert(identity, id);
+                    maps.by_id.insert(id, slot);
+                }
+            }
+        }
+        self.mark_candidates_stale();
+    }
+
+    fn read_maps(&self) -> RwLockReadGuard<'_, Maps> {
+        // A poisoned lock means a panic elsewhere already; the maps are
+        // still consistent because no method panics between its writes.
+        self.maps
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn write_maps(&self) -> RwLockWriteGuard<'_, Maps> {
+        self.maps
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+enum Rollback {
+    Remove(Uuid, u64),
+    Restore(Arc<Mutex<AgentRecord>>, AgentRecord),
+    Reinsert(Arc<Mutex<AgentRecord>>),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// Folds a heartbeat's report into the agent; absent fields keep their last
+/// value. Returns whether anything routing looks at changed.
+fn merge_report(agent: &mut Agent, report: HeartbeatReport) -> bool {
+    let current = &mut agent.report;
+    let mut routing_changed = false;
+    if report.models.is_some() && report.models != current.models {
+        current.models = report.models;
+        routing_changed = true;
+    }
+    if report.loaded_models.is_some() && report.loaded_models != current.loaded_models {
+        current.loaded_models = report.loaded_models;
+        routing_changed = true;
+    }
+    if report.llm_server_up.is_some() && report.llm_server_up != current.llm_server_up {
+        current.llm_server_up = report.llm_server_up;
+        routing_changed = true;
+    }
+    if report.requests_in_flight.is_some() {
+        current.requests_in_flight = report.requests_in_flight;
+    }
+    if report.cpu_usage_percent.is_some() {
+        current.cpu_usage_percent = report.cpu_usage_percent;
+    }
+    if report.memory_used.is_some() {
+        current.memory_used = report.memory_used;
+    }
+    routing_changed
+}

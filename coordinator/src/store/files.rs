@@ -1,0 +1,270 @@
+//! The data files themselves: loading with the corrupt-file policy, journal
+//! appends, atomic snapshots. Only the writer thread calls into this after
+//! start-up.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+use common::Agent;
+
+use super::{Change, StoreError};
+
+pub const SNAPSHOT_FILE: &str = "agents.json";
+const BACKUP_FILE: &str = "agents.json.bak";
+const JOURNAL_FILE: &str = "agents.journal";
+const SNAPSHOT_TEMP: &str = "agents.json.tmp";
+const BACKUP_TEMP: &str = "agents.json.bak.tmp";
+
+/// What loading found, for the log and for tests.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    /// The file the agents came from, if any.
+    pub loaded_from: Option<PathBuf>,
+    /// Where a snapshot that did not parse was moved, byte for byte.
+    pub corrupt_moved_to: Option<PathBuf>,
+    /// Journal records replayed over the snapshot.
+    pub journal_replayed: usize,
+    /// Journal lines that did not parse and were skipped (a torn tail after a
+    /// crash, or a write that failed and was never acknowledged).
+    pub journal_skipped: usize,
+}
+
+impl LoadReport {
+    /// A fresh snapshot is due when loading had to repair or replay anything.
+    pub fn needs_snapshot(&self) -> bool {
+        self.corrupt_moved_to.is_some() || self.journal_replayed > 0 || self.journal_skipped > 0
+    }
+}
+
+pub struct DataFiles {
+    dir: PathBuf,
+    journal: File,
+    journal_len: u64,
+    journal_records: usize,
+}
+
+impl DataFiles {
+    /// Opens (creating if need be) the data dir, loads the snapshot, replays
+    /// the journal. A dir that cannot be created, read or written is an error:
+    /// the router must not run on a silently empty registry.
+    pub fn open(dir: &Path) -> Result<(Self, Vec<Agent>, LoadReport), StoreError> {
+        let dir_error = |source| StoreError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(dir_error)?;
+        let mut report = LoadReport::default();
+        let mut agents = load_snapshot(dir, &mut report).map_err(dir_error)?;
+
+        let journal_path = dir.join(JOURNAL_FILE);
+        let journal = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&journal_path)
+            .map_err(dir_error)?;
+        let journal_bytes = fs::read(&journal_path).map_err(dir_error)?;
+        replay_journal(&journal_bytes, &mut agents, &mut report);
+        // Prove the dir is writable now rather than at the first registration.
+        let probe = dir.join(".write-probe");
+        File::create(&probe)
+            .and_then(|mut file| file.write_all(b"ok"))
+            .and_then(|()| fs::remove_file(&probe))
+            .map_err(dir_error)?;
+
+        let files = DataFiles {
+            dir: dir.to_path_buf(),
+            journal,
+            journal_len: journal_bytes.len() as u64,
+            journal_records: report.journal_replayed,
+        };
+        Ok((files, agents.into_values_ordered(), report))
+    }
+
+    pub fn journal_records(&self) -> usize {
+        self.journal_records
+    }
+
+    /// Appends the changes in one write and one fsync. On failure the journal
+    /// is cut back to its previous length, so nothing is half-written.
+    pub fn append(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+        let mut buffer = Vec::with_capacity(changes.len() * 512);
+        for change in changes {
+            // Serializing our own types cannot fail; skip defensively if it does.
+            if serde_json::to_writer(&mut buffer, change).is_ok() {
+                buffer.push(b'\n');
+            }
+        }
+        let result = self
+            .journal
+            .write_all(&buffer)
+            .and_then(|()| self.journal.sync_data());
+        match result {
+            Ok(()) => {
+                self.journal_len += buffer.len() as u64;
+                self.journal_records += changes.len();
+                Ok(())
+            }
+            Err(error) => {
+                let _ = self.journal.set_len(self.journal_len);
+                Err(StoreError::Journal(error))
+            }
+        }
+    }
+
+    /// Writes `agents.json` atomically, keeps the previous one as `.bak`, then
+    /// empties the journal (whose records the snapshot now holds).
+    pub fn write_snapshot(&mut self, agents: &[&Agent]) -> Result<(), StoreError> {
+        let snapshot = self.dir.join(SNAPSHOT_FILE);
+        let temp = self.dir.join(SNAPSHOT_TEMP);
+        let text = serde_json::to_vec_pretty(agents).map_err(|e| StoreError::Snapshot(e.into()))?;
+        let write_temp = || -> std::io::Result<()> {
+            let mut file = File::create(&temp)?;
+            file.write_all(&text)?;
+            file.write_all(b"\n")?;
+            file.sync_all()
+        };
+        if let Err(error) = write_temp() {
+            let _ = fs::remove_file(&temp);
+            return Err(StoreError::Snapshot(error));
+        }
+        // Keep the previous good snapshot: link it to the backup name first,
+        // so that `agents.json` itself is never missing, not even for a moment.
+        if snapshot.exists() {
+            let backup_temp = self.dir.join(BACKUP_TEMP);
+            let _ = fs::remove_file(&backup_temp);
+            fs::hard_link(&snapshot, &backup_temp)
+                .and_then(|()| fs::rename(&backup_temp, self.dir.join(BACKUP_FILE)))
+                .map_err(StoreError::Snapshot)?;
+        }
+        fs::rename(&temp, &snapshot).map_err(StoreError::Snapshot)?;
+        sync_dir(&self.dir).map_err(StoreError::Snapshot)?;
+        // The snapshot holds everything: the journal can start again. Were this
+        // to fail, replaying the old records over the new snapshot is harmless.
+        self.journal.set_len(0).map_err(StoreError::Journal)?;
+        self.journal.sync_data().map_err(StoreError::Journal)?;
+        self.journal_len = 0;
+        self.journal_records = 0;
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Agents by id, remembering first-seen order so that the list is stable.
+struct LoadedAgents {
+    order: Vec<uuid::Uuid>,
+    by_id: std::collections::HashMap<uuid::Uuid, Agent>,
+}
+
+impl LoadedAgents {
+    fn new(agents: Vec<Agent>) -> Self {
+        let mut loaded = LoadedAgents {
+            order: Vec::with_capacity(agents.len()),
+            by_id: std::collections::HashMap::with_capacity(agents.len()),
+        };
+        for agent in agents {
+            loaded.upsert(agent);
+        }
+        loaded
+    }
+
+    fn upsert(&mut self, agent: Agent) {
+        if self.by_id.insert(agent.id, agent.clone()).is_none() {
+            self.order.push(agent.id);
+        }
+    }
+
+    fn delete(&mut self, id: &uuid::Uuid) {
+        self.by_id.remove(id);
+    }
+
+    fn into_values_ordered(mut self) -> Vec<Agent> {
+        self.order
+            .iter()
+            .filter_map(|id| self.by_id.remove(id))
+            .collect()
+    }
+}
+
+/// Reads `agents.json`. One that does not parse is moved aside byte for byte
+/// and `.bak` is used instead (or nothing), as the log says.
+fn load_snapshot(dir: &Path, report: &mut LoadReport) -> std::io::Result<LoadedAgents> {
+    let snapshot = dir.join(SNAPSHOT_FILE);
+    let backup = dir.join(BACKUP_FILE);
+    match read_agents(&snapshot)? {
+        Some(Ok(agents)) => {
+            report.loaded_from = Some(snapshot);
+            return Ok(LoadedAgents::new(agents));
+        }
+        Some(Err(parse_error)) => {
+            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+            let aside = dir.join(format!("{SNAPSHOT_FILE}.corrupt-{stamp}"));
+            fs::rename(&snapshot, &aside)?;
+            tracing::error!(
+                file = %snapshot.display(),
+                moved_to = %aside.display(),
+                error = %parse_error,
+                "The registry file does not parse; it was moved aside and the backup is used."
+            );
+            report.corrupt_moved_to = Some(aside);
+        }
+        None => {}
+    }
+    match read_agents(&backup)? {
+        Some(Ok(agents)) => {
+            tracing::warn!(file = %backup.display(), agents = agents.len(), "Loaded the registry from the backup file.");
+            report.loaded_from = Some(backup);
+            Ok(LoadedAgents::new(agents))
+        }
+        Some(Err(parse_error)) => {
+            tracing::error!(file = %backup.display(), error = %parse_error, "The backup file does not parse either; starting from the journal alone.");
+            Ok(LoadedAgents::new(Vec::new()))
+        }
+        None => {
+            if report.corrupt_moved_to.is_some() {
+                tracing::error!("No backup file; starting from the journal alone.");
+            }
+            Ok(LoadedAgents::new(Vec::new()))
+        }
+    }
+}
+
+/// `None` when the file does not exist; an I/O error other than that is the
+/// caller's (a data dir it cannot read).
+fn read_agents(path: &Path) -> std::io::Result<Option<Result<Vec<Agent>, serde_json::Error>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes))),
+        Err(error) if error.kind() == ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+fn replay_journal(bytes: &[u8], agents: &mut LoadedAgents, report: &mut LoadReport) {
+    for line in bytes.split(|b| *b == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<Change>(line) {
+            Ok(Change::Upsert { agent }) => {
+                agents.upsert(*agent);
+                report.journal_replayed += 1;
+            }
+            Ok(Change::Delete { id }) => {
+                agents.delete(&id);
+                report.journal_replayed += 1;
+            }
+            Err(error) => {
+                // Only a write that was never acknowledged can be torn.
+                tracing::warn!(%error, "Skipped a journal line that does not parse.");
+                report.journal_skipped += 1;
+            }
+        }
+    }
+    if report.journal_replayed > 0 {
+        tracing::info!(records = report.journal_replayed, "Replayed the journal.");
+    }
+}

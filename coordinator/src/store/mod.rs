@@ -1,0 +1,311 @@
+//! Durability of the registry.
+//!
+//! Two files in the data dir:
+//! - `agents.json`, the seed's pretty-printed JSON array: the readable
+//!   snapshot, rewritten now and then (temp file, fsync, rename, fsync dir),
+//!   the previous one kept as `agents.json.bak`;
+//! - `agents.journal`, one JSON line per change since that snapshot,
+//!   fsynced per batch (group commit) before any change in it is acknowledged.
+//!
+//! One writer thread owns both files and its own copy of the committed
+//! records. Callers send it a change and await its acknowledgement; it takes
+//! everything that has queued up, appends it in one write and one fsync, then
+//! answers them all. Start-up is `load`, which applies the corrupt-file policy
+//! and replays the journal.
+
+mod files;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use common::{Agent, AgentStatus};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+pub use files::LoadReport;
+
+/// How many journal records make the writer fold them into a snapshot at once.
+const JOURNAL_RECORDS_BEFORE_SNAPSHOT: usize = 50_000;
+/// How many queued commands one group commit takes at most.
+const MAX_BATCH: usize = 8_192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing the journal: {0}")]
+    Journal(#[source] std::io::Error),
+    #[error("writing the snapshot: {0}")]
+    Snapshot(#[source] std::io::Error),
+    #[error("the store's writer has stopped")]
+    WriterStopped,
+}
+
+/// One durable change. Journal lines are these, so replay is idempotent:
+/// an upsert carries the whole record, a delete only the id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Change {
+    Upsert { agent: Box<Agent> },
+    Delete { id: Uuid },
+}
+
+/// Liveness facts flushed now and then; not journaled, only snapshotted.
+#[derive(Debug, Clone)]
+pub struct Touch {
+    pub id: Uuid,
+    pub last_seen: DateTime<Utc>,
+    pub status: AgentStatus,
+}
+
+enum Command {
+    Commit {
+        change: Change,
+        ack: oneshot::Sender<Result<(), Arc<StoreError>>>,
+    },
+    Touch(Vec<Touch>),
+    /// Write a snapshot now (shutdown, tests).
+    Snapshot {
+        ack: oneshot::Sender<Result<(), Arc<StoreError>>>,
+    },
+}
+
+/// The handle through which the registry makes its changes durable.
+#[derive(Clone)]
+pub struct Store {
+    commands: mpsc::Sender<Command>,
+}
+
+/// The writer thread; joined on shutdown.
+pub struct StoreWriter {
+    thread: Option<JoinHandle<()>>,
+}
+
+pub struct StoreOptions {
+    pub data_dir: PathBuf,
+    /// How often a snapshot is written when something changed.
+    pub snapshot_interval: Duration,
+}
+
+/// Loads the data dir (see `files::load` for the corrupt-file policy) and
+/// starts the writer. Returns the agents found and what loading noticed.
+pub fn open(
+    options: StoreOptions,
+) -> Result<(Store, StoreWriter, Vec<Agent>, LoadReport), StoreError> {
+    let (files, agents, report) = files::DataFiles::open(&options.data_dir)?;
+    let committed: HashMap<Uuid, Agent> = agents.iter().map(|a| (a.id, a.clone())).collect();
+    let (commands, receiver) = mpsc::channel();
+    let mut writer = Writer {
+        files,
+        committed,
+        receiver,
+        snapshot_interval: options.snapshot_interval,
+        snapshot_dirty: report.needs_snapshot(),
+        last_snapshot: Instant::now(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("store-writer".into())
+        .spawn(move || writer.run())
+        .map_err(|source| StoreError::DataDir {
+            path: options.data_dir.clone(),
+            source,
+        })?;
+    Ok((
+        Store { commands },
+        StoreWriter {
+            thread: Some(thread),
+        },
+        agents,
+        report,
+    ))
+}
+
+impl Store {
+    /// Queues a change and returns the future acknowledgement. Queueing is
+    /// synchronous so that the registry can do it under its lock: the
+    /// journal's order is then the order in which changes were applied.
+    pub fn submit(
+        &self,
+        change: Change,
+    ) -> impl std::future::Future<Output = Result<(), Arc<StoreError>>> {
+        let (ack, done) = oneshot::channel();
+        let sent = self.commands.send(Command::Commit { change, ack }).is_ok();
+        async move {
+            if !sent {
+                return Err(Arc::new(StoreError::WriterStopped));
+            }
+            done.await
+                .unwrap_or_else(|_| Err(Arc::new(StoreError::WriterStopped)))
+        }
+    }
+
+    /// Hands over liveness facts for the next snapshot.
+    pub fn touch(&self, touches: Vec<Touch>) {
+        if !touches.is_empty() {
+            let _ = self.commands.send(Command::Touch(touches));
+        }
+    }
+
+    /// Writes a snapshot now and waits for it.
+    pub async fn snapshot_now(&self) -> Result<(), Arc<StoreError>> {
+        let (ack, done) = oneshot::channel();
+        self.commands
+            .send(Command::Snapshot { ack })
+            .map_err(|_| Arc::new(StoreError::WriterStopped))?;
+        done.await
+            .unwrap_or_else(|_| Err(Arc::new(StoreError::WriterStopped)))
+    }
+}
+
+impl StoreWriter {
+    /// Waits for the writer to finish; it does once every `Store` handle is
+    /// dropped, after a last snapshot.
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Writer {
+    files: files::DataFiles,
+    committed: HashMap<Uuid, Agent>,
+    receiver: mpsc::Receiver<Command>,
+    snapshot_interval: Duration,
+    snapshot_dirty: bool,
+    last_snapshot: Instant,
+}
+
+impl Writer {
+    fn run(&mut self) {
+        loop {
+            let wait = self
+                .snapshot_interval
+                .saturating_sub(self.last_snapshot.elapsed());
+            let first = match self
+                .receiver
+                .recv_timeout(wait.max(Duration::from_millis(10)))
+            {
+                Ok(command) => Some(command),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch: Vec<Command> = first.into_iter().collect();
+            while batch.len() < MAX_BATCH {
+                match self.receiver.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.handle_batch(batch);
+        }
+        // Every handle is gone: the router is shutting down.
+        if self.snapshot_dirty || self.files.journal_records() > 0 {
+            if let Err(error) = self.write_snapshot() {
+                tracing::error!(%error, "Final snapshot failed; the journal still holds every change.");
+            }
+        }
+    }
+
+    fn handle_batch(&mut self, batch: Vec<Command>) {
+        let mut changes = Vec::new();
+        let mut commit_acks = Vec::new();
+        let mut snapshot_acks = Vec::new();
+        for command in batch {
+            match command {
+                Command::Commit { change, ack } => {
+                    changes.push(change);
+                    commit_acks.push(ack);
+                }
+                Command::Touch(touches) => self.apply_touches(touches),
+                Command::Snapshot { ack } => snapshot_acks.push(ack),
+            }
+        }
+
+        if !changes.is_empty() {
+            let started = Instant::now();
+            match self.files.append(&changes) {
+                Ok(()) => {
+                    tracing::debug!(
+                        changes = changes.len(),
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "Journal batch committed."
+                    );
+                    for change in changes {
+                        self.apply(change);
+                    }
+                    for ack in commit_acks {
+                        let _ = ack.send(Ok(()));
+                    }
+                }
+                Err(error) => {
+                    let error = Arc::new(error);
+                    for ack in commit_acks {
+                        let _ = ack.send(Err(Arc::clone(&error)));
+                    }
+                }
+            }
+        }
+
+        let due = self.snapshot_dirty && self.last_snapshot.elapsed() >= self.snapshot_interval;
+        let journal_full = self.files.journal_records() >= JOURNAL_RECORDS_BEFORE_SNAPSHOT;
+        if !snapshot_acks.is_empty() || due || journal_full {
+            let result = self.write_snapshot().map_err(Arc::new);
+            if let Err(error) = &result {
+                tracing::error!(%error, "Snapshot failed; the journal still holds every change.");
+                // Try again at the next interval, not in a tight loop.
+                self.last_snapshot = Instant::now();
+            }
+            for ack in snapshot_acks {
+                let _ = ack.send(result.clone());
+            }
+        }
+    }
+
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Upsert { agent } => {
+                self.committed.insert(agent.id, *agent);
+            }
+            Change::Delete { id } => {
+                self.committed.remove(&id);
+            }
+        }
+        self.snapshot_dirty = true;
+    }
+
+    fn apply_touches(&mut self, touches: Vec<Touch>) {
+        for touch in touches {
+            // An agent deleted since the touch was taken stays deleted.
+            if let Some(agent) = self.committed.get_mut(&touch.id) {
+                agent.last_seen = touch.last_seen;
+                agent.status = touch.status;
+                self.snapshot_dirty = true;
+            }
+        }
+    }
+
+    fn write_snapshot(&mut self) -> Result<(), StoreError> {
+        let mut agents: Vec<&Agent> = self.committed.values().collect();
+        agents.sort_by(|a, b| a.registered_at.cmp(&b.registered_at).then(a.id.cmp(&b.id)));
+        self.files.write_snapshot(&agents)?;
+        self.snapshot_dirty = false;
+        self.last_snapshot = Instant::now();
+        Ok(())
+    }
+}
+
+/// The file names inside a data dir, for tests and operators.
+pub fn snapshot_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(files::SNAPSHOT_FILE)
+}
