@@ -1,1 +1,11 @@
+//! llm-router-agent: runs beside a node's LLM server, registers it with the
+//! router and keeps it alive with heartbeats.
 
+pub mod backend;
+pub mod config;
+pub mod router_client;
+pub mod run;
+pub mod system;
+
+pub use config::AgentConfig;
+pub use run::run;

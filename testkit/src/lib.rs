@@ -1,1 +1,616 @@
+//! A stand-in LLM server for tests: what we do not ship (Ollama, or an
+//! OpenAI-compatible server such as llama.cpp's or vLLM), speaking their real
+//! HTTP protocols, streaming included (Ollama's NDJSON, OpenAI's server-sent
+//! events). Its answers name the node, so a test can see where a request went;
+//! `GET /standin/stats` counts requests, in-flight and cancelled streams.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use common::BackendKind;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// How a stand-in behaves.
+#[derive(Debug, Clone)]
+pub struct StandInOptions {
+    /// Shown in every answer: "Hello from <name>".
+    pub name: String,
+    pub kind: BackendKind,
+    pub models: Vec<String>,
+    /// Models reported by Ollama's `/api/ps`.
+    pub loaded_models: Vec<String>,
+    pub version: String,
+    /// How many content chunks a generation has.
+    pub chunks: usize,
+    /// Pause before each chunk, to make streaming and cancellation visible.
+    pub chunk_delay: Duration,
+}
+
+impl StandInOptions {
+    pub fn ollama(name: &str, models: &[&str]) -> Self {
+        StandInOptions {
+            name: name.to_owned(),
+            kind: BackendKind::Ollama,
+            models: models.iter().map(|m| (*m).to_owned()).collect(),
+            loaded_models: Vec::new(),
+            version: "0.5.7".to_owned(),
+            chunks: 4,
+            chunk_delay: Duration::ZERO,
+        }
+    }
+
+    pub fn openai(name: &str, models: &[&str]) -> Self {
+        StandInOptions {
+            kind: BackendKind::Openai,
+            version: "0.6.4".to_owned(),
+            ..Self::ollama(name, models)
+        }
+    }
+}
+
+/// Counters a test reads to see what reached this node.
+#[derive(Debug, Default)]
+pub struct StandInStats {
+    pub requests: AtomicU64,
+    pub generations_in_flight: AtomicU64,
+    pub generations_completed: AtomicU64,
+    /// Streams dropped before their last chunk: the client went away.
+    pub generations_cancelled: AtomicU64,
+}
+
+impl StandInStats {
+    fn to_json(&self) -> Value {
+        json!({
+            "requests": self.requests.load(Ordering::SeqCst),
+            "generations_in_flight": self.generations_in_flight.load(Ordering::SeqCst),
+            "generations_completed": self.generations_completed.load(Ordering::SeqCst),
+            "generations_cancelled": self.generations_cancelled.load(Ordering::SeqCst),
+        })
+    }
+}
+
+struct Shared {
+    options: StandInOptions,
+    stats: Arc<StandInStats>,
+}
+
+/// A running stand-in. Dropping it stops the server.
+pub struct StandIn {
+    pub address: SocketAddr,
+    pub stats: Arc<StandInStats>,
+    task: JoinHandle<()>,
+}
+
+impl StandIn {
+    /// Serves on `127.0.0.1:0`.
+    pub async fn spawn(options: StandInOptions) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        Ok(Self::serve(listener, options))
+    }
+
+    pub fn serve(listener: TcpListener, options: StandInOptions) -> Self {
+        let address = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let stats = Arc::new(StandInStats::default());
+        let app = router(Arc::new(Shared {
+            options,
+            stats: Arc::clone(&stats),
+        }));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        StandIn {
+            address,
+            stats,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Stops serving at once, dropping open connections, as a killed server would.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    let mut app = Router::new()
+        .route("/v1/models", get(openai_models))
+        .route("/v1/chat/completions", post(openai_chat))
+        .route("/v1/completions", post(openai_completions))
+        .route("/v1/embeddings", post(openai_embeddings))
+        .route("/standin/stats", get(stats));
+    app = match shared.options.kind {
+        BackendKind::Ollama => app
+            .route("/", get(|| async { "Ollama is running" }))
+            .route("/api/version", get(ollama_version))
+            .route("/api/tags", get(ollama_tags))
+            .route("/api/ps", get(ollama_ps))
+            .route("/api/chat", post(ollama_chat))
+            .route("/api/generate", post(ollama_generate))
+            .route("/api/embed", post(ollama_embed))
+            .route("/api/embeddings", post(ollama_embeddings))
+            .route("/api/show", post(ollama_show)),
+        // vLLM's version endpoint; llama.cpp's server has none, which the
+        // agent also copes with.
+        BackendKind::Openai => app.route("/version", get(ollama_version)),
+    };
+    app.layer(axum::middleware::from_fn_with_state(
+        Arc::clone(&shared),
+        count_request,
+    ))
+    .with_state(shared)
+}
+
+async fn count_request(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.uri().path() != "/standin/stats" {
+        shared.stats.requests.fetch_add(1, Ordering::SeqCst);
+    }
+    next.run(request).await
+}
+
+async fn stats(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    Json(shared.stats.to_json())
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// The words of an answer: "Hello from <name>" then numbered filler.
+fn answer_chunks(options: &StandInOptions) -> Vec<String> {
+    (0..options.chunks.max(1))
+        .map(|i| match i {
+            0 => "Hello".to_owned(),
+            1 => " from".to_owned(),
+            2 => format!(" {}", options.name),
+            n => format!(" {n}"),
+        })
+        .collect()
+}
+
+fn embedding_for(text: &str) -> Vec<f32> {
+    let mut vector = [0f32; 8];
+    for (i, byte) in text.bytes().enumerate() {
+        vector[i % 8] += f32::from(byte) / 255.0;
+    }
+    vector.to_vec()
+}
+
+fn requested_model(body: &Value) -> Option<&str> {
+    body.get("model").and_then(Value::as_str)
+}
+
+/// Checks the model against this node's list; the error is the one the
+/// real server gives, in its own shape.
+fn check_model<'a>(shared: &Shared, body: &'a Value, openai: bool) -> Result<&'a str, Response> {
+    let model = requested_model(body).unwrap_or_default();
+    if shared.options.models.iter().any(|m| m == model) {
+        return Ok(model);
+    }
+    let message = format!("model '{model}' not found");
+    let body = if openai {
+        json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "model_not_found"}})
+    } else {
+        json!({ "error": message })
+    };
+    Err((StatusCode::NOT_FOUND, Json(body)).into_response())
+}
+
+/// Marks a generation in flight; if dropped before `finish`, it was cancelled.
+struct GenerationGuard {
+    stats: Arc<StandInStats>,
+    finished: bool,
+}
+
+impl GenerationGuard {
+    fn new(stats: &Arc<StandInStats>) -> Self {
+        stats.generations_in_flight.fetch_add(1, Ordering::SeqCst);
+        GenerationGuard {
+            stats: Arc::clone(stats),
+            finished: false,
+        }
+    }
+
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for GenerationGuard {
+    fn drop(&mut self) {
+        self.stats
+            .generations_in_flight
+            .fetch_sub(1, Ordering::SeqCst);
+        let counter = if self.finished {
+            &self.stats.generations_completed
+        } else {
+            &self.stats.generations_cancelled
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A streamed body: one frame per chunk after the configured delay, then
+/// the closing frames. The guard lives inside the stream, so a client that
+/// disconnects drops it early.
+fn streamed(
+    shared: &Shared,
+    content_type: &'static str,
+    frames: Vec<String>,
+    closing: Vec<String>,
+) -> Response {
+    let delay = shared.options.chunk_delay;
+    let guard = GenerationGuard::new(&shared.stats);
+    let stream = futures::stream::unfold(
+        (frames.into_iter(), closing, Some(guard)),
+        move |(mut frames, closing, guard)| async move {
+            if let Some(frame) = frames.next() {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                return Some((
+                    Ok::<_, std::convert::Infallible>(frame),
+                    (frames, closing, guard),
+                ));
+            }
+            let guard = guard?;
+            guard.finish();
+            Some((Ok(closing.concat()), (frames, Vec::new(), None)))
+        },
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from_stream(
+            stream.map(|frame| frame.map(axum::body::Bytes::from)),
+        ))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A whole answer after the same total delay a stream would take.
+async fn unstreamed(shared: &Shared, body: Value) -> Response {
+    let guard = GenerationGuard::new(&shared.stats);
+    let total_delay = shared.options.chunk_delay * shared.options.chunks.max(1) as u32;
+    if !total_delay.is_zero() {
+        tokio::time::sleep(total_delay).await;
+    }
+    guard.finish();
+    Json(body).into_response()
+}
+
+fn wants_stream(body: &Value, default: bool) -> bool {
+    body.get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(default)
+}
+
+fn parse_body(bytes: &[u8]) -> Result<Value, Response> {
+    serde_json::from_slice(bytes).map_err(|error| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": format!("invalid JSON: {error}") })),
+        )
+            .into_response()
+    })
+}
+
+// ---- Ollama ----
+
+async fn ollama_version(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    Json(json!({ "version": shared.options.version }))
+}
+
+fn ollama_model_entry(name: &str) -> Value {
+    json!({
+        "name": name, "model": name, "modified_at": now(), "size": 1_000_000,
+        "digest": format!("sha256:{:064x}", name.len()),
+        "details": {"parent_model": "", "format": "gguf", "family": "standin", "families": ["standin"],
+                    "parameter_size": "135M", "quantization_level": "Q8_0"}
+    })
+}
+
+async fn ollama_tags(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let models: Vec<Value> = shared
+        .options
+        .models
+        .iter()
+        .map(|m| ollama_model_entry(m))
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+async fn ollama_ps(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let models: Vec<Value> = shared
+        .options
+        .loaded_models
+        .iter()
+        .map(|m| {
+            let mut entry = ollama_model_entry(m);
+            entry["expires_at"] = json!(now());
+            entry["size_vram"] = json!(0);
+            entry
+        })
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+fn ollama_final_stats() -> Value {
+    json!({"total_duration": 1000, "load_duration": 10, "prompt_eval_count": 3,
+           "prompt_eval_duration": 100, "eval_count": 4, "eval_duration": 400})
+}
+
+async fn ollama_chat(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Response {
+    let body = match parse_body(&bytes) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let model = match check_model(&shared, &body, false) {
+        Ok(model) => model.to_owned(),
+        Err(response) => return response,
+    };
+    let chunks = answer_chunks(&shared.options);
+    let mut closing = json!({"model": model, "created_at": now(),
+        "message": {"role": "assistant", "content": ""}, "done": true, "done_reason": "stop"});
+    merge(&mut closing, ollama_final_stats());
+    if wants_stream(&body, true) {
+        let frames = chunks
+            .iter()
+            .map(|c| ndjson(&json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": c}, "done": false})))
+            .collect();
+        streamed(
+            &shared,
+            "application/x-ndjson",
+            frames,
+            vec![ndjson(&closing)],
+        )
+    } else {
+        closing["message"]["content"] = json!(chunks.concat());
+        unstreamed(&shared, closing).await
+    }
+}
+
+async fn ollama_generate(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Response {
+    let body = match parse_body(&bytes) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let model = match check_model(&shared, &body, false) {
+        Ok(model) => model.to_owned(),
+        Err(response) => return response,
+    };
+    let chunks = answer_chunks(&shared.options);
+    let mut closing = json!({"model": model, "created_at": now(), "response": "", "done": true,
+        "done_reason": "stop", "context": [1, 2, 3]});
+    merge(&mut closing, ollama_final_stats());
+    if wants_stream(&body, true) {
+        let frames = chunks
+            .iter()
+            .map(|c| {
+                ndjson(&json!({"model": model, "created_at": now(), "response": c, "done": false}))
+            })
+            .collect();
+        streamed(
+            &shared,
+            "application/x-ndjson",
+            frames,
+            vec![ndjson(&closing)],
+        )
+    } else {
+        closing["response"] = json!(chunks.concat());
+        unstreamed(&shared, closing).await
+    }
+}
+
+async fn ollama_embed(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Response {
+    let body = match parse_body(&bytes) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let model = match check_model(&shared, &body, false) {
+        Ok(model) => model.to_owned(),
+        Err(response) => return response,
+    };
+    let inputs: Vec<String> = match body.get("input") {
+        Some(Value::String(text)) => vec![text.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let embeddings: Vec<Vec<f32>> = inputs.iter().map(|text| embedding_for(text)).collect();
+    Json(
+        json!({"model": model, "embeddings": embeddings, "total_duration": 100,
+                "load_duration": 1, "prompt_eval_count": inputs.len()}),
+    )
+    .into_response()
+}
+
+async fn ollama_embeddings(
+    State(shared): State<Arc<Shared>>,
+    bytes: axum::body::Bytes,
+) -> Response {
+    let body = match parse_body(&bytes) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    if let Err(response) = check_model(&shared, &body, false) {
+        return response;
+    }
+    let prompt = body
+        .get("prompt")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    Json(json!({ "embedding": embedding_for(prompt) })).into_response()
+}
+
+async fn ollama_show(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Response {
+    let mut body = match parse_body(&bytes) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    // Older clients send "name" rather than "model".
+    if body.get("model").is_none() {
+        if let Some(name) = body.get("name").cloned() {
+            body["model"] = name;
+        }
+    }
+    if let Err(response) = check_model(&shared, &body, false) {
+        return response;
+    }
+    Json(json!({
+        "modelfile": "# stand-in", "parameters": "", "template": "{{ .Prompt }}",
+        "details": {"parent_model": "", "format": "gguf", "family": "standin", "families": ["standin"],
+                    "parameter_size": "135M", "quantization_level": "Q8_0"},
+        "model_info": {"general.architecture": "standin"},
+        "capabilities": ["completion", "embedding"],
+        "modified_at": now()
+    }))
+    .into_response()
+}
+
+// ---- OpenAI-compatible ----
+
+async fn openai_models(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let data: Vec<Value> = shared
+        .options
+        .models
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "standin"}))
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
+}
+
+async fn openai_chat(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Response {
+    openai_generation(shared, bytes, true).await
+}
+
+async fn openai_completions(
+    State(shared): State<Arc<Shared>>,
+    bytes: axum::body::Bytes,
+) -> Response {
+    openai_generation(shared, bytes, false).await
+}
+
+async fn openai_generation(shared: Arc<Shared>, bytes: axum::body::Bytes, chat: bool) -> Response {
+    let body = match parse_body(&bytes) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let model = match check_model(&shared, &body, true) {
+        Ok(model) => model.to_owned(),
+        Err(response) => return response,
+    };
+    let id = format!("cmpl-{}", shared.stats.requests.load(Ordering::SeqCst));
+    let created = unix_now();
+    let chunks = answer_chunks(&shared.options);
+    let (object, chunk_object) = if chat {
+        ("chat.completion", "chat.completion.chunk")
+    } else {
+        ("text_completion", "text_completion")
+    };
+    if wants_stream(&body, false) {
+        let choice = |content: &str, finish: Value| {
+            if chat {
+                json!({"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": finish})
+            } else {
+                json!({"index": 0, "text": content, "finish_reason": finish})
+            }
+        };
+        let frame = |choice: Value| {
+            sse(
+                &json!({"id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice]}),
+            )
+        };
+        let frames = chunks
+            .iter()
+            .map(|c| frame(choice(c, Value::Null)))
+            .collect();
+        let closing = vec![
+            frame(choice("", json!("stop"))),
+            "data: [DONE]\n\n".to_owned(),
+        ];
+        streamed(&shared, "text/event-stream", frames, closing)
+    } else {
+        let text = chunks.concat();
+        let choice = if chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+        } else {
+            json!({"index": 0, "text": text, "finish_reason": "stop", "logprobs": null})
+        };
+        let usage = json!({"prompt_tokens": 3, "completion_tokens": chunks.len(), "total_tokens": 3 + chunks.len()});
+        let answer = json!({"id": id, "object": object, "created": created, "model": model,
+                            "choices": [choice], "usage": usage});
+        unstreamed(&shared, answer).await
+    }
+}
+
+async fn openai_embeddings(
+    State(shared): State<Arc<Shared>>,
+    bytes: axum::body::Bytes,
+) -> Response {
+    let body = match parse_body(&bytes) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let model = match check_model(&shared, &body, true) {
+        Ok(model) => model.to_owned(),
+        Err(response) => return response,
+    };
+    let inputs: Vec<String> = match body.get("input") {
+        Some(Value::String(text)) => vec![text.clone()],
+        Some(Value::Array(items)) => items.iter().map(|i| i.to_string()).collect(),
+        _ => Vec::new(),
+    };
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| json!({"object": "embedding", "index": index, "embedding": embedding_for(text)}))
+        .collect();
+    Json(json!({"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": inputs.len(), "total_tokens": inputs.len()}}))
+    .into_response()
+}
+
+fn ndjson(value: &Value) -> String {
+    format!("{value}\n")
+}
+
+fn sse(value: &Value) -> String {
+    format!("data: {value}\n\n")
+}
+
+fn merge(target: &mut Value, extra: Value) {
+    if let (Some(target), Value::Object(extra)) = (target.as_object_mut(), extra) {
+        target.extend(extra);
+    }
+}

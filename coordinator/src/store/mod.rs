@@ -74,7 +74,7 @@ enum Command {
         ack: oneshot::Sender<Result<(), Arc<StoreError>>>,
     },
     Touch(Vec<Touch>),
-    /// Write a snapshot now (shutdown, tests).
+    /// Write a snapshot now if anything changed since the last one (shutdown).
     Snapshot {
         ack: oneshot::Sender<Result<(), Arc<StoreError>>>,
     },
@@ -156,7 +156,8 @@ impl Store {
         }
     }
 
-    /// Writes a snapshot now and waits for it.
+    /// Writes a snapshot now, if anything changed since the last one, and
+    /// waits for it.
     pub async fn snapshot_now(&self) -> Result<(), Arc<StoreError>> {
         let (ack, done) = oneshot::channel();
         self.commands
@@ -220,7 +221,7 @@ impl Writer {
     fn handle_batch(&mut self, batch: Vec<Command>) {
         let mut changes = Vec::new();
         let mut commit_acks = Vec::new();
-        let mut snapshot_acks = Vec::new();
+        let mut snapshot_acks: Vec<oneshot::Sender<_>> = Vec::new();
         for command in batch {
             match command {
                 Command::Commit { change, ack } => {
@@ -257,18 +258,23 @@ impl Writer {
             }
         }
 
-        let due = self.snapshot_dirty && self.last_snapshot.elapsed() >= self.snapshot_interval;
+        let pending = self.snapshot_dirty || self.files.journal_records() > 0;
+        let due = pending && self.last_snapshot.elapsed() >= self.snapshot_interval;
         let journal_full = self.files.journal_records() >= JOURNAL_RECORDS_BEFORE_SNAPSHOT;
-        if !snapshot_acks.is_empty() || due || journal_full {
+        let asked = !snapshot_acks.is_empty() && pending;
+        if asked || due || journal_full {
             let result = self.write_snapshot().map_err(Arc::new);
             if let Err(error) = &result {
                 tracing::error!(%error, "Snapshot failed; the journal still holds every change.");
                 // Try again at the next interval, not in a tight loop.
                 self.last_snapshot = Instant::now();
             }
-            for ack in snapshot_acks {
+            for ack in snapshot_acks.drain(..) {
                 let _ = ack.send(result.clone());
             }
+        }
+        for ack in snapshot_acks {
+            let _ = ack.send(Ok(()));
         }
     }
 

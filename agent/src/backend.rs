@@ -1,0 +1,124 @@
+//! Detecting and reading this node's LLM server: Ollama (`/api/version`,
+//! `/api/tags`, `/api/ps`) or an OpenAI-compatible server (`/v1/models`,
+//! and vLLM's `/version` where there is one).
+
+use std::time::Duration;
+
+use common::BackendKind;
+use serde::Deserialize;
+
+/// What a probe of the LLM server found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendState {
+    pub kind: BackendKind,
+    pub version: String,
+    pub models: Vec<String>,
+    pub loaded_models: Vec<String>,
+}
+
+pub struct Backend {
+    base_url: String,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+struct OllamaVersion {
+    version: String,
+}
+
+#[derive(Deserialize)]
+struct OllamaModels {
+    #[serde(default)]
+    models: Vec<OllamaModel>,
+}
+
+#[derive(Deserialize)]
+struct OllamaModel {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    model: String,
+}
+
+#[derive(Deserialize)]
+struct OpenAiModels {
+    #[serde(default)]
+    data: Vec<OpenAiModel>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiModel {
+    id: String,
+}
+
+impl Backend {
+    pub fn new(base_url: String) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
+        Backend { base_url, http }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Probes the server; `None` when it does not answer as either kind.
+    pub async fn probe(&self) -> Option<BackendState> {
+        if let Ok(version) = self.get_json::<OllamaVersion>("/api/version").await {
+            let models = self
+                .get_json::<OllamaModels>("/api/tags")
+                .await
+                .map(|list| names(list.models))
+                .unwrap_or_default();
+            let loaded_models = self
+                .get_json::<OllamaModels>("/api/ps")
+                .await
+                .map(|list| names(list.models))
+                .unwrap_or_default();
+            return Some(BackendState {
+                kind: BackendKind::Ollama,
+                version: version.version,
+                models,
+                loaded_models,
+            });
+        }
+        let models = self.get_json::<OpenAiModels>("/v1/models").await.ok()?;
+        let version = self
+            .get_json::<OllamaVersion>("/version")
+            .await
+            .map(|v| v.version)
+            .unwrap_or_else(|_| "openai-compatible".to_owned());
+        let models: Vec<String> = models.data.into_iter().map(|m| m.id).collect();
+        Some(BackendState {
+            kind: BackendKind::Openai,
+            version,
+            // An OpenAI-compatible server holds what it lists in memory.
+            loaded_models: models.clone(),
+            models,
+        })
+    }
+
+    async fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+    ) -> Result<T, reqwest::Error> {
+        self.http
+            .get(format!("{}{path}", self.base_url))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await
+    }
+}
+
+fn names(models: Vec<OllamaModel>) -> Vec<String> {
+    models
+        .into_iter()
+        .map(|m| if m.name.is_empty() { m.model } else { m.name })
+        .filter(|name| !name.is_empty())
+        .collect()
+}

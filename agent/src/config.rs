@@ -1,0 +1,79 @@
+//! The agent's configuration: one clap struct, flags and environment.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "llm-router-agent",
+    version,
+    about = "Registers this node's LLM server with llm-router and keeps it alive."
+)]
+pub struct AgentConfig {
+    /// The router's base URL.
+    #[arg(long, env = "LLM_ROUTER_URL", default_value = "http://127.0.0.1:8080")]
+    pub router_url: String,
+
+    /// This node's LLM server [env: LLM_ROUTER_BACKEND_URL, else OLLAMA_HOST] [default: http://127.0.0.1:11434].
+    #[arg(long)]
+    pub backend_url: Option<String>,
+
+    /// Seconds between heartbeats (fractions allowed).
+    #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "30", value_parser = parse_seconds)]
+    pub heartbeat_interval: Duration,
+
+    /// The name this node registers under [default: the host name].
+    #[arg(long, env = "LLM_ROUTER_MACHINE_NAME")]
+    pub machine_name: Option<String>,
+
+    /// The address the router should use to reach the LLM server [default: detected].
+    #[arg(long, env = "LLM_ROUTER_ADVERTISE_IP")]
+    pub advertise_ip: Option<IpAddr>,
+}
+
+impl AgentConfig {
+    /// The flag, else `LLM_ROUTER_BACKEND_URL`, else `OLLAMA_HOST` (which
+    /// Ollama users already set, often without a scheme), else Ollama's default.
+    pub fn backend_url(&self) -> String {
+        let raw = self
+            .backend_url
+            .clone()
+            .or_else(|| non_empty_env("LLM_ROUTER_BACKEND_URL"))
+            .or_else(|| non_empty_env("OLLAMA_HOST"))
+            .unwrap_or_else(|| "http://127.0.0.1:11434".to_owned());
+        normalize_url(&raw)
+    }
+
+    pub fn router_url(&self) -> String {
+        normalize_url(&self.router_url)
+    }
+}
+
+fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+}
+
+/// Adds `http://` when missing and drops a trailing slash.
+pub fn normalize_url(raw: &str) -> String {
+    let trimmed = raw.trim().trim_end_matches('/');
+    if trimmed.contains("://") {
+        trimmed.to_owned()
+    } else {
+        format!("http://{trimmed}")
+    }
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > 1e9 {
+        return Err(format!("{text:?}: seconds must be a positive number"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}

@@ -1,0 +1,72 @@
+//! The router's registry API as typed calls.
+
+use std::time::Duration;
+
+use common::{HeartbeatReport, RegisterRequest, RegisterResponse};
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("the router does not know this agent")]
+    UnknownAgent,
+    #[error("the router answered {status}: {body}")]
+    Rejected {
+        status: reqwest::StatusCode,
+        body: String,
+    },
+    #[error("the router is unreachable: {0}")]
+    Unreachable(#[from] reqwest::Error),
+}
+
+pub struct RouterClient {
+    base_url: String,
+    http: reqwest::Client,
+}
+
+impl RouterClient {
+    pub fn new(base_url: String) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .unwrap_or_default();
+        RouterClient { base_url, http }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub async fn register(&self, request: &RegisterRequest) -> Result<Uuid, RouterError> {
+        let response = self
+            .http
+            .post(format!("{}/api/agents/register", self.base_url))
+            .json(request)
+            .send()
+            .await?;
+        let response = check(response).await?;
+        Ok(response.json::<RegisterResponse>().await?.id)
+    }
+
+    pub async fn heartbeat(&self, id: Uuid, report: &HeartbeatReport) -> Result<(), RouterError> {
+        let response = self
+            .http
+            .post(format!("{}/api/agents/{id}/heartbeat", self.base_url))
+            .json(report)
+            .send()
+            .await?;
+        check(response).await.map(drop)
+    }
+}
+
+async fn check(response: reqwest::Response) -> Result<reqwest::Response, RouterError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    if status == reqwest::StatusCode::NOT_FOUND {
+        return Err(RouterError::UnknownAgent);
+    }
+    let body = response.text().await.unwrap_or_default();
+    Err(RouterError::Rejected { status, body })
+}

@@ -1,0 +1,245 @@
+//! The agent's life: register, then heartbeat every interval; register again
+//! when the router has forgotten us or the LLM server changed; back off with
+//! jitter while the router is away, never giving up.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::{BackendKind, HeartbeatReport, RegisterRequest};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::backend::{Backend, BackendState};
+use crate::config::AgentConfig;
+use crate::router_client::{RouterClient, RouterError};
+use crate::system::{host_name, HostProbe};
+
+/// What the router knows of us since the last registration.
+struct Registered {
+    id: Uuid,
+    /// The LLM server as it was when we registered; a change means registering again.
+    backend: Option<(BackendKind, String)>,
+}
+
+/// Runs until `shutdown` is cancelled. Errors only on a configuration that
+/// cannot work (an unparsable URL); an unreachable router is waited out.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let router = RouterClient::new(config.router_url());
+    let backend = Backend::new(config.backend_url());
+    let backend_url = reqwest::Url::parse(backend.base_url())?;
+    let router_url = reqwest::Url::parse(router.base_url())?;
+    let backend_port = backend_url
+        .port_or_known_default()
+        .unwrap_or(common::DEFAULT_LLM_PORT);
+    let machine_name = config.machine_name.clone().unwrap_or_else(host_name);
+    let mut host = HostProbe::new();
+    let system_info = host.system_info();
+    let mut backoff = Backoff::new(config.heartbeat_interval);
+    let mut registered: Option<Registered> = None;
+    tracing::info!(router = %router.base_url(), backend = %backend.base_url(), %machine_name, "Agent starting.");
+
+    loop {
+        let state = backend.probe().await;
+        let delay = match &registered {
+            Some(current) if !backend_changed(current, state.as_ref()) => {
+                let report = heartbeat_report(state.as_ref(), &mut host);
+                match router.heartbeat(current.id, &report).await {
+                    Ok(()) => {
+                        backoff.reset();
+                        config.heartbeat_interval
+                    }
+                    Err(RouterError::UnknownAgent) => {
+                        tracing::warn!(agent_id = %current.id, "The router no longer knows this agent; registering again.");
+                        registered = None;
+                        continue;
+                    }
+                    Err(error) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "Heartbeat failed.");
+                        delay
+                    }
+                }
+            }
+            _ => {
+                let request = match advertised_ip(&config, &backend_url, &router_url).await {
+                    Ok(ip) => Ok(register_request(
+                        &machine_name,
+                        ip,
+                        backend_port,
+                        &system_info,
+                        state.as_ref(),
+                    )),
+                    Err(error) => Err(error),
+                };
+                let result = match request {
+                    Ok(request) => router.register(&request).await.map_err(anyhow::Error::from),
+                    Err(error) => Err(error),
+                };
+                match result {
+                    Ok(id) => {
+                        tracing::info!(agent_id = %id, llm_server_up = state.is_some(), "Registered with the router.");
+                        registered = Some(Registered {
+                            id,
+                            backend: state.as_ref().map(|s| (s.kind, s.version.clone())),
+                        });
+                        backoff.reset();
+                        // Send the first report (loaded models, load) right away.
+                        Duration::ZERO
+                    }
+                    Err(error) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "Registration failed.");
+                        delay
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    tracing::info!("Agent stopped.");
+    Ok(())
+}
+
+/// The LLM server came up, or came back as another kind or version.
+fn backend_changed(registered: &Registered, state: Option<&BackendState>) -> bool {
+    match (state, &registered.backend) {
+        (None, _) => false,
+        (Some(state), Some((kind, version))) => state.kind != *kind || state.version != *version,
+        (Some(_), None) => true,
+    }
+}
+
+fn register_request(
+    machine_name: &str,
+    ip: IpAddr,
+    port: u16,
+    system_info: &common::SystemInfo,
+    state: Option<&BackendState>,
+) -> RegisterRequest {
+    RegisterRequest {
+        machine_name: machine_name.to_owned(),
+        ip_address: ip.to_string(),
+        port,
+        runtime_version: state.map_or_else(|| "unknown".to_owned(), |s| s.version.clone()),
+        system_info: system_info.clone(),
+        models: state.map(|s| s.models.clone()).unwrap_or_default(),
+        backend: state.map(|s| s.kind).unwrap_or_default(),
+    }
+}
+
+fn heartbeat_report(state: Option<&BackendState>, host: &mut HostProbe) -> HeartbeatReport {
+    let (cpu, memory) = host.load();
+    HeartbeatReport {
+        models: state.map(|s| s.models.clone()),
+        loaded_models: state.map(|s| s.loaded_models.clone()),
+        requests_in_flight: None,
+        llm_server_up: Some(state.is_some()),
+        cpu_usage_percent: Some(cpu),
+        memory_used: Some(memory),
+    }
+}
+
+/// The address the router should use for our LLM server: the override; else
+/// the backend URL's host when the router could reach it (not loopback);
+/// else the local address of a socket connected to the router, which is the
+/// address the router sees us at. No outside address is ever probed.
+async fn advertised_ip(
+    config: &AgentConfig,
+    backend_url: &reqwest::Url,
+    router_url: &reqwest::Url,
+) -> anyhow::Result<IpAddr> {
+    if let Some(ip) = config.advertise_ip {
+        return Ok(ip);
+    }
+    if let Some(ip) = routable_backend_ip(backend_url).await {
+        return Ok(ip);
+    }
+    let host = router_url
+        .host_str()
+        .unwrap_or("127.0.0.1")
+        .trim_matches(['[', ']']);
+    let port = router_url.port_or_known_default().unwrap_or(8080);
+    let stream = tokio::net::TcpStream::connect((host, port)).await?;
+    Ok(stream.local_addr()?.ip())
+}
+
+async fn routable_backend_ip(backend_url: &reqwest::Url) -> Option<IpAddr> {
+    let routable = |ip: &IpAddr| !ip.is_loopback() && !ip.is_unspecified();
+    match backend_url.host()? {
+        url::Host::Ipv4(ip) => Some(IpAddr::V4(ip)).filter(routable),
+        url::Host::Ipv6(ip) => Some(IpAddr::V6(ip)).filter(routable),
+        url::Host::Domain(name) => {
+            let port = backend_url
+                .port_or_known_default()
+                .unwrap_or(common::DEFAULT_LLM_PORT);
+            let mut addresses = tokio::net::lookup_host((name, port)).await.ok()?;
+            addresses
+                .find(|address| routable(&address.ip()))
+                .map(|address| address.ip())
+        }
+    }
+}
+
+/// Capped exponential backoff with full jitter: retries spread out, so a
+/// fleet does not hammer a router that has just come back.
+struct Backoff {
+    attempt: u32,
+    cap: Duration,
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(250);
+
+    fn new(heartbeat_interval: Duration) -> Self {
+        Backoff {
+            attempt: 0,
+            cap: heartbeat_interval.clamp(Duration::from_secs(1), Duration::from_secs(30)),
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = Self::BASE
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let low = ceiling / 2;
+        rand::thread_rng().gen_range(low..=ceiling)
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_under_its_cap() {
+        let mut backoff = Backoff::new(Duration::from_secs(4));
+        let first = backoff.next_delay();
+        assert!(first <= Backoff::BASE);
+        for _ in 0..40 {
+            assert!(backoff.next_delay() <= Duration::from_secs(4));
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Backoff::BASE);
+    }
+
+    #[tokio::test]
+    async fn loopback_backend_is_not_advertised() {
+        let url = reqwest::Url::parse("http://127.0.0.1:11434").expect("url");
+        assert_eq!(routable_backend_ip(&url).await, None);
+        let url = reqwest::Url::parse("http://127.0.0.5:11434").expect("url");
+        assert_eq!(
+            routable_backend_ip(&url).await,
+            None,
+            "all of 127/8 is loopback"
+        );
+    }
+}

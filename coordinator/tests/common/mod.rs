@@ -1,0 +1,216 @@
+//! Helpers shared by the integration tests: the real router in-process on
+//! `127.0.0.1:0` (through the same `run` the binary calls) or as the real
+//! binary, and polling with a deadline instead of sleeping.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::RegisterRequest;
+use coordinator::Config;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// The real router running in this process.
+pub struct TestRouter {
+    pub address: SocketAddr,
+    pub data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestRouter {
+    pub async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        Self::start_on(listener, config)
+    }
+
+    /// Starts on a given address, for restarts on the same port.
+    pub async fn start_at(address: SocketAddr, config: Config) -> Self {
+        let listener = TcpListener::bind(address)
+            .await
+            .expect("bind the same port again");
+        Self::start_on(listener, config)
+    }
+
+    pub fn start_on(listener: TcpListener, config: Config) -> Self {
+        let address = listener.local_addr().expect("local addr");
+        let data_dir = config.data_dir();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(coordinator::run(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        TestRouter {
+            address,
+            data_dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    /// Graceful shutdown, as SIGTERM does; returns what `run` returned.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task
+            .take()
+            .expect("running")
+            .await
+            .expect("router task")
+    }
+}
+
+impl Drop for TestRouter {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A config for a test: loopback, a free port, the given data dir.
+pub fn config(data_dir: &Path) -> Config {
+    Config::for_data_dir(data_dir)
+}
+
+/// The real `llm-router` binary, started with `--port 0`; its log names the port.
+pub struct RouterProcess {
+    pub child: tokio::process::Child,
+    pub address: SocketAddr,
+}
+
+impl RouterProcess {
+    pub async fn spawn(data_dir: &Path, extra_args: &[&str]) -> Self {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
+            .args(["--host", "127.0.0.1", "--port", "0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn llm-router");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let address = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.expect("read log") {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let address = rest.split_whitespace().next().expect("address");
+                    return address.parse::<SocketAddr>().expect("socket address");
+                }
+            }
+            panic!("llm-router exited before listening");
+        })
+        .await
+        .expect("llm-router did not start in time");
+        // Keep draining the log so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        RouterProcess { child, address }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id().expect("pid") as i32)
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// A registration body in the seed's shape, with a loopback address.
+pub fn registration(name: &str) -> Value {
+    json!({
+        "machine_name": name,
+        "ip_address": "127.0.0.2",
+        "port": 11434,
+        "runtime_version": "0.5.7",
+        "system_info": {"os": "Linux", "arch": "x86_64", "cpu_cores": 8, "total_memory": 16_777_216u64},
+        "models": ["smollm2:135m"]
+    })
+}
+
+pub fn typed_registration(name: &str) -> RegisterRequest {
+    serde_json::from_value(registration(name)).expect("typed registration")
+}
+
+/// Registers and returns the id.
+pub async fn register(client: &reqwest::Client, base: &str, body: &Value) -> String {
+    let response = client
+        .post(format!("{base}/api/agents/register"))
+        .json(body)
+        .send()
+        .await
+        .expect("register");
+    assert!(
+        response.status().is_success(),
+        "register answered {}",
+        response.status()
+    );
+    let answer: Value = response.json().await.expect("json");
+    answer["id"].as_str().expect("id").to_owned()
+}
+
+pub async fn list(client: &reqwest::Client, base: &str) -> Vec<Value> {
+    client
+        .get(format!("{base}/api/agents"))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("list json")
+}
+
+/// Polls `check` until it yields `Some`, or panics after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The bytes of every file in a data dir, to show that nothing changed.
+pub fn data_dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(Result::ok)
+        .map(|entry| {
+            (
+                entry.file_name().to_string_lossy().into_owned(),
+                std::fs::read(entry.path()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
