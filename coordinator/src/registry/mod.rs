@@ -180,7 +180,7 @@ impl Registry {
                     id,
                     RegisterOutcome::Refreshed,
                     committed,
-                    Rollback::Restore(slot.clone(), previous),
+                    Rollback::Restore(slot.clone(), Box::new(previous)),
                 )
             } else {
                 let id = Uuid::new_v4();
@@ -290,7 +290,7 @@ impl Registry {
         };
         self.mark_candidates_stale();
         if let Err(error) = committed.await {
-            self.roll_back(Rollback::Restore(slot, previous));
+            self.roll_back(Rollback::Restore(slot, Box::new(previous)));
             return Err(RegistryError::Store(error));
         }
         tracing::info!(agent_id = %id, "Agent updated.");
@@ -472,7 +472,7 @@ impl Registry {
             Rollback::Restore(slot, previous) => {
                 let mut record = lock(&slot);
                 if record.revision == previous.revision + 1 {
-                    *record = previous;
+                    *record = *previous;
                 }
             }
             Rollback::Reinsert(slot) => {
@@ -484,8 +484,8 @@ impl Registry {
                         (record.agent.machine_name.clone(), record.agent.port),
                     )
                 };
-                if !maps.by_identity.contains_key(&identity) {
-                    maps.by_identity.insert(identity, id);
+                if let std::collections::hash_map::Entry::Vacant(vacant) = maps.by_identity.entry(identity) {
+                    vacant.insert(id);
                     maps.by_id.insert(id, slot);
                 }
             }
@@ -510,7 +510,7 @@ impl Registry {
 
 enum Rollback {
     Remove(Uuid, u64),
-    Restore(Arc<Mutex<AgentRecord>>, AgentRecord),
+    Restore(Arc<Mutex<AgentRecord>>, Box<AgentRecord>),
     Reinsert(Arc<Mutex<AgentRecord>>),
 }
 

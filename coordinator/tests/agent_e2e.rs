@@ -1,0 +1,187 @@
+//! The agent against the real router and a stand-in LLM server: it detects
+//! the server, registers what it serves, heartbeats its report, registers
+//! again when the router forgot it, and outlives router downtime.
+
+mod common;
+
+use std::time::Duration;
+
+use agent::AgentConfig;
+use common::{client, config, eventually, list, TestRouter};
+use serde_json::{json, Value};
+use testkit::{StandIn, StandInOptions};
+use tokio_util::sync::CancellationToken;
+
+/// Runs the agent in this process through the same `run` its binary calls.
+struct RunningAgent {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningAgent {
+    fn start(router_url: String, backend_url: String, name: &str) -> Self {
+        let config = AgentConfig {
+            router_url,
+            backend_url: Some(backend_url),
+            heartbeat_interval: Duration::from_millis(100),
+            machine_name: Some(name.to_owned()),
+            advertise_ip: None,
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(agent::run(config, stop.clone()));
+        RunningAgent { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the agent stops promptly")
+            .expect("agent task")
+            .expect("agent run");
+    }
+}
+
+async fn agent_named(client: &reqwest::Client, base: &str, name: &str) -> Option<Value> {
+    list(client, base).await.into_iter().find(|a| a["machine_name"] == name)
+}
+
+#[tokio::test]
+async fn agent_registers_its_ollama_server_and_reports_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let mut options = StandInOptions::ollama("node-a", &["smollm2:135m", "qwen2:0.5b"]);
+    options.loaded_models = vec!["smollm2:135m".to_owned()];
+    let standin = StandIn::spawn(options).await.expect("stand-in");
+    let agent = RunningAgent::start(router.url(""), standin.url(), "node-a");
+    let client = client();
+    let base = router.url("");
+
+    let registered = eventually(Duration::from_secs(10), "the agent registers and reports", || {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let agent = agent_named(&client, &base, "node-a").await?;
+            agent["report"]["loaded_models"].is_array().then_some(agent)
+        }
+    })
+    .await;
+    assert_eq!(registered["runtime_version"], "0.5.7");
+    assert_eq!(registered["port"], standin.address.port());
+    assert_eq!(registered["ip_address"], "127.0.0.1");
+    assert_eq!(registered["backend"], "ollama");
+    assert_eq!(registered["models"], json!(["smollm2:135m", "qwen2:0.5b"]));
+    assert_eq!(registered["report"]["loaded_models"], json!(["smollm2:135m"]));
+    assert_eq!(registered["report"]["llm_server_up"], true);
+    assert!(registered["system_info"]["cpu_cores"].as_u64().expect("cores") >= 1);
+    assert!(registered["system_info"]["total_memory"].as_u64().expect("memory") > 0);
+    assert!(!registered["system_info"]["os"].as_str().expect("os").is_empty());
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn agent_detects_an_openai_compatible_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let standin = StandIn::spawn(StandInOptions::openai("node-v", &["SmolLM2-135M"])).await.expect("stand-in");
+    let agent = RunningAgent::start(router.url(""), standin.url(), "node-v");
+    let (client, base) = (client(), router.url(""));
+    let registered = eventually(Duration::from_secs(10), "the agent registers", || {
+        let (client, base) = (client.clone(), base.clone());
+        async move { agent_named(&client, &base, "node-v").await }
+    })
+    .await;
+    assert_eq!(registered["backend"], "openai");
+    assert_eq!(registered["runtime_version"], "0.6.4");
+    assert_eq!(registered["models"], json!(["SmolLM2-135M"]));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn agent_registers_again_when_the_router_lost_its_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let address = router.address;
+    let standin = StandIn::spawn(StandInOptions::ollama("node-b", &["m"])).await.expect("stand-in");
+    let agent = RunningAgent::start(router.url(""), standin.url(), "node-b");
+    let client = client();
+    let base = router.url("");
+    eventually(Duration::from_secs(10), "first registration", || {
+        let (client, base) = (client.clone(), base.clone());
+        async move { agent_named(&client, &base, "node-b").await }
+    })
+    .await;
+    router.stop().await.expect("stop");
+
+    // A new router on the same address with an empty data dir.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start_at(address, config(empty.path())).await;
+    let again = eventually(Duration::from_secs(15), "the agent registers again", || {
+        let (client, base) = (client.clone(), base.clone());
+        async move { agent_named(&client, &base, "node-b").await }
+    })
+    .await;
+    assert_eq!(again["status"], "Online");
+    agent.stop().await;
+    router.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn agent_outlives_router_downtime_and_keeps_its_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let address = router.address;
+    let standin = StandIn::spawn(StandInOptions::ollama("node-c", &["m"])).await.expect("stand-in");
+    let agent = RunningAgent::start(router.url(""), standin.url(), "node-c");
+    let client = client();
+    let base = router.url("");
+    let first = eventually(Duration::from_secs(10), "registration", || {
+        let (client, base) = (client.clone(), base.clone());
+        async move { agent_named(&client, &base, "node-c").await }
+    })
+    .await;
+    router.stop().await.expect("stop");
+
+    // Several heartbeat intervals with no router at all.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!agent.task.is_finished(), "the agent does not exit while the router is away");
+
+    let router = TestRouter::start_at(address, config(dir.path())).await;
+    let before = first["last_seen"].as_str().expect("last_seen").to_owned();
+    let back = eventually(Duration::from_secs(15), "heartbeats resume", || {
+        let (client, base, before) = (client.clone(), base.clone(), before.clone());
+        async move {
+            let agent = agent_named(&client, &base, "node-c").await?;
+            (agent["last_seen"].as_str()? != before).then_some(agent)
+        }
+    })
+    .await;
+    assert_eq!(back["id"], first["id"], "same identity after the downtime");
+    assert_eq!(list(&client, &base).await.len(), 1, "no duplicate");
+    agent.stop().await;
+    router.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn agent_keeps_beating_and_says_so_while_its_llm_server_is_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let standin = StandIn::spawn(StandInOptions::ollama("node-d", &["m"])).await.expect("stand-in");
+    let agent = RunningAgent::start(router.url(""), standin.url(), "node-d");
+    let (client, base) = (client(), router.url(""));
+    eventually(Duration::from_secs(10), "reported up", || {
+        let (client, base) = (client.clone(), base.clone());
+        async move { (agent_named(&client, &base, "node-d").await?["report"]["llm_server_up"] == true).then_some(()) }
+    })
+    .await;
+    standin.stop();
+    let down = eventually(Duration::from_secs(15), "reported down", || {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let agent = agent_named(&client, &base, "node-d").await?;
+            (agent["report"]["llm_server_up"] == false).then_some(agent)
+        }
+    })
+    .await;
+    assert_eq!(down["status"], "Online", "the node itself is alive and says its server is down");
+    agent.stop().await;
+}

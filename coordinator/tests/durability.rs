@@ -1,0 +1,317 @@
+//! What the router keeps: persistence across restarts, `kill -9` right
+//! after acknowledged changes, the corrupt-file policy, an unusable data dir,
+//! clean shutdown on SIGTERM, and liveness (Offline after the timeout, back
+//! Online on a heartbeat, grace after a restart).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{client, config, eventually, list, register, registration, RouterProcess, TestRouter};
+use coordinator::registry::Registry;
+use coordinator::store;
+use nix::sys::signal::{kill, Signal};
+use serde_json::Value;
+
+fn base(router: &TestRouter) -> String {
+    router.url("")
+}
+
+#[tokio::test]
+async fn agents_survive_a_restart_and_get_a_grace_period() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.agent_timeout = Duration::from_secs(30);
+    let router = TestRouter::start(cfg.clone()).await;
+    let client = client();
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(register(&client, &base(&router), &registration(&format!("node-{n}"))).await);
+    }
+    router.stop().await.expect("clean stop");
+
+    let router = TestRouter::start(cfg).await;
+    let agents = list(&client, &base(&router)).await;
+    let mut listed: Vec<String> = agents.iter().map(|a| a["id"].as_str().expect("id").to_owned()).collect();
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids);
+    assert!(agents.iter().all(|a| a["status"] == "Online"), "a restart does not mark the fleet Offline");
+}
+
+#[tokio::test]
+async fn snapshot_is_the_seeds_pretty_json_array_with_a_backup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client();
+    for round in 0..2 {
+        let router = TestRouter::start(config(dir.path())).await;
+        register(&client, &base(&router), &registration(&format!("round-{round}"))).await;
+        router.stop().await.expect("clean stop");
+    }
+    let text = std::fs::read_to_string(dir.path().join("agents.json")).expect("agents.json");
+    assert!(text.starts_with("[\n  {"), "pretty-printed array");
+    let agents: Vec<::common::Agent> = serde_json::from_str(&text).expect("parses as agents");
+    assert_eq!(agents.len(), 2);
+    let backup: Vec<::common::Agent> =
+        serde_json::from_slice(&std::fs::read(dir.path().join("agents.json.bak")).expect("backup")).expect("backup parses");
+    assert_eq!(backup.len(), 1, "the previous good snapshot");
+}
+
+#[tokio::test]
+async fn sigkill_right_after_acknowledged_registrations_loses_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client();
+    for round in 0..3 {
+        let mut router = RouterProcess::spawn(dir.path(), &["--flush-interval", "0.05"]).await;
+        let url = router.url("");
+        let registrations = (0..100).map(|n| {
+            let client = client.clone();
+            let url = url.clone();
+            async move { register(&client, &url, &registration(&format!("r{round}-n{n}"))).await }
+        });
+        let mut acknowledged = futures::future::join_all(registrations).await;
+        kill(router.pid(), Signal::SIGKILL).expect("kill -9");
+        let _ = router.child.wait().await;
+
+        let restarted = TestRouter::start(config(dir.path())).await;
+        let listed: Vec<String> = list(&client, &base(&restarted))
+            .await
+            .iter()
+            .filter(|a| a["machine_name"].as_str().is_some_and(|n| n.starts_with(&format!("r{round}-"))))
+            .map(|a| a["id"].as_str().expect("id").to_owned())
+            .collect();
+        let mut listed = listed;
+        listed.sort();
+        acknowledged.sort();
+        assert_eq!(listed, acknowledged, "round {round}: every acknowledged registration is there");
+        assert_eq!(list(&client, &base(&restarted)).await.len(), 100 * (round + 1));
+        restarted.stop().await.expect("clean stop");
+    }
+}
+
+#[tokio::test]
+async fn sigkill_keeps_acknowledged_deletes_and_updates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client();
+    let mut router = RouterProcess::spawn(dir.path(), &[]).await;
+    let url = router.url("");
+    let kept = register(&client, &url, &registration("kept")).await;
+    let deleted = register(&client, &url, &registration("deleted")).await;
+    let response = client.delete(format!("{url}/api/agents/{deleted}")).send().await.expect("delete");
+    assert_eq!(response.status(), 204);
+    let response = client
+        .put(format!("{url}/api/agents/{kept}"))
+        .json(&serde_json::json!({"runtime_version": "after-update"}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(response.status(), 200);
+    kill(router.pid(), Signal::SIGKILL).expect("kill -9");
+    let _ = router.child.wait().await;
+
+    let restarted = TestRouter::start(config(dir.path())).await;
+    let agents = list(&client, &base(&restarted)).await;
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0]["id"], kept.as_str());
+    assert_eq!(agents[0]["runtime_version"], "after-update");
+}
+
+#[tokio::test]
+async fn sigterm_flushes_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client();
+    let mut router = RouterProcess::spawn(dir.path(), &["--flush-interval", "3600"]).await;
+    let url = router.url("");
+    let id = register(&client, &url, &registration("beating")).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    client.post(format!("{url}/api/agents/{id}/heartbeat")).send().await.expect("heartbeat");
+    let last_seen = list(&client, &url).await[0]["last_seen"].clone();
+
+    kill(router.pid(), Signal::SIGTERM).expect("SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), router.child.wait())
+        .await
+        .expect("exits promptly")
+        .expect("wait");
+    assert!(status.success(), "exit status {status:?}");
+
+    // With an hour-long flush interval, only the shutdown flush can have
+    // written the heartbeat's last_seen.
+    let stored: Vec<Value> = serde_json::from_slice(&std::fs::read(dir.path().join("agents.json")).expect("agents.json")).expect("parses");
+    assert_eq!(stored[0]["last_seen"], last_seen);
+    let journal = std::fs::read(dir.path().join("agents.journal")).expect("journal");
+    assert!(journal.is_empty(), "the journal was folded into the snapshot");
+}
+
+async fn assert_corrupt_snapshot_policy(bad_bytes: &[u8], with_backup: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client();
+    let router = TestRouter::start(config(dir.path())).await;
+    let id = register(&client, &base(&router), &registration("survivor")).await;
+    router.stop().await.expect("clean stop");
+    let snapshot = dir.path().join("agents.json");
+    // The good file becomes the backup, and the main file is damaged.
+    if with_backup {
+        std::fs::copy(&snapshot, dir.path().join("agents.json.bak")).expect("backup");
+    } else {
+        let _ = std::fs::remove_file(dir.path().join("agents.json.bak"));
+    }
+    std::fs::write(&snapshot, bad_bytes).expect("damage");
+
+    let router = TestRouter::start(config(dir.path())).await;
+    let agents = list(&client, &base(&router)).await;
+    if with_backup {
+        assert_eq!(agents.len(), 1);
+        assert_eq!(agents[0]["id"], id.as_str());
+    } else {
+        assert!(agents.is_empty());
+    }
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("agents.json.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the bad file is kept aside");
+    assert_eq!(std::fs::read(aside[0].path()).expect("read"), bad_bytes, "byte for byte");
+
+    // The router carries on normally and writes a good file again.
+    register(&client, &base(&router), &registration("newcomer")).await;
+    router.stop().await.expect("clean stop");
+    let stored: Vec<Value> = serde_json::from_slice(&std::fs::read(&snapshot).expect("agents.json")).expect("parses again");
+    assert_eq!(stored.len(), if with_backup { 2 } else { 1 });
+}
+
+#[tokio::test]
+async fn garbage_snapshot_is_moved_aside_and_the_backup_used() {
+    assert_corrupt_snapshot_policy(b"{ this is not json", true).await;
+}
+
+#[tokio::test]
+async fn empty_snapshot_is_moved_aside_and_the_backup_used() {
+    assert_corrupt_snapshot_policy(b"", true).await;
+}
+
+#[tokio::test]
+async fn truncated_snapshot_is_moved_aside_and_the_backup_used() {
+    assert_corrupt_snapshot_policy(b"[\n  {\n    \"id\": \"8c1e", true).await;
+}
+
+#[tokio::test]
+async fn nul_filled_snapshot_without_backup_starts_empty() {
+    assert_corrupt_snapshot_policy(&[0u8; 4096], false).await;
+}
+
+#[tokio::test]
+async fn torn_journal_tail_is_skipped_and_acknowledged_records_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client();
+    let mut router = RouterProcess::spawn(dir.path(), &["--flush-interval", "3600"]).await;
+    let id = register(&client, &router.url(""), &registration("journaled")).await;
+    kill(router.pid(), Signal::SIGKILL).expect("kill -9");
+    let _ = router.child.wait().await;
+    // A crash in the middle of an unacknowledged append leaves half a line.
+    let journal = dir.path().join("agents.journal");
+    let mut bytes = std::fs::read(&journal).expect("journal");
+    assert!(!bytes.is_empty(), "the registration was journaled before its 2xx");
+    bytes.extend_from_slice(b"{\"op\":\"upsert\",\"agent\":{\"id\":\"trunc");
+    std::fs::write(&journal, bytes).expect("tear");
+
+    let router = TestRouter::start(config(dir.path())).await;
+    let agents = list(&client, &base(&router)).await;
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0]["id"], id.as_str());
+}
+
+#[tokio::test]
+async fn unusable_data_dir_is_a_start_up_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let not_a_dir = dir.path().join("plain-file");
+    std::fs::write(&not_a_dir, b"x").expect("file");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .args(["--host", "127.0.0.1", "--port", "0", "--data-dir"])
+        .arg(&not_a_dir)
+        .output()
+        .await
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("data dir"), "a clear message: {stderr}");
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+    let result = coordinator::run(listener, config(&not_a_dir), std::future::pending()).await;
+    assert!(result.is_err(), "run refuses rather than serving an empty registry");
+}
+
+#[tokio::test]
+async fn silent_agent_goes_offline_is_kept_and_comes_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.agent_timeout = Duration::from_millis(400);
+    let router = TestRouter::start(cfg).await;
+    let client = client();
+    let url = base(&router);
+    let id = register(&client, &url, &registration("sleeper")).await;
+    eventually(Duration::from_secs(10), "the agent goes Offline", || {
+        let (client, url) = (client.clone(), url.clone());
+        async move { (list(&client, &url).await[0]["status"] == "Offline").then_some(()) }
+    })
+    .await;
+    assert_eq!(list(&client, &url).await.len(), 1, "Offline agents are kept");
+
+    let response = client.post(format!("{url}/api/agents/{id}/heartbeat")).send().await.expect("heartbeat");
+    assert_eq!(response.status(), 200);
+    assert_eq!(list(&client, &url).await[0]["status"], "Online", "a heartbeat brings it back at once");
+}
+
+/// The registry as a library: liveness decided on the monotonic clock, and
+/// the seed's round-robin over Online agents only.
+#[tokio::test]
+async fn round_robin_selection_skips_offline_agents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, writer, loaded, _) = store::open(store::StoreOptions {
+        data_dir: dir.path().to_path_buf(),
+        snapshot_interval: Duration::from_secs(5),
+    })
+    .expect("store");
+    let timeout = Duration::from_secs(60);
+    let registry = Arc::new(Registry::new(loaded, timeout, store));
+    assert!(registry.select_available_agent().is_none(), "nobody to pick");
+
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let mut registration = registry_registration(&format!("rr-{n}"));
+        registration.ip_address = format!("127.0.0.{}", n + 2).parse().expect("ip");
+        let (id, _) = registry.register(registration).await.expect("register");
+        ids.push(id);
+    }
+    let picks: Vec<_> = (0..6).map(|_| registry.select_available_agent().expect("pick").id).collect();
+    for id in &ids {
+        assert_eq!(picks.iter().filter(|p| *p == id).count(), 2, "each agent in turn");
+    }
+
+    // A sweep is judged at a monotonic instant: nobody is late now; past
+    // the timeout everyone is, and nobody is picked until one beats again.
+    assert_eq!(registry.sweep(Instant::now()), 0, "nobody is late yet");
+    let later = Instant::now() + timeout + Duration::from_millis(1);
+    assert_eq!(registry.sweep(later), 3);
+    assert!(registry.select_available_agent().is_none());
+    registry.heartbeat(ids[1], None).expect("heartbeat");
+    for _ in 0..3 {
+        assert_eq!(registry.select_available_agent().expect("pick").id, ids[1]);
+    }
+    drop(registry);
+    writer.join();
+}
+
+fn registry_registration(name: &str) -> coordinator::registry::Registration {
+    let request = common::typed_registration(name);
+    coordinator::registry::Registration {
+        machine_name: request.machine_name,
+        ip_address: request.ip_address.parse().expect("ip"),
+        port: request.port,
+        runtime_version: request.runtime_version,
+        system_info: request.system_info,
+        models: request.models,
+        backend: request.backend,
+    }
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs every test on a fresh machine: installs what the tests need, builds,
+# runs the Rust suites, then the Python compatibility suite (official
+# `ollama` and `openai` clients) in a virtualenv under .venv/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# Python with venv and pip: the machine's python3 usually has both; if not,
+# Debian's packages do.
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  log "Installing python3-venv from Debian's packages"
+  apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null
+fi
+
+log "Building (release binaries too: the Python suite runs them)"
+cargo build --workspace --all-targets --locked
+cargo build --workspace --release --bins --locked
+
+log "Rust tests"
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+  # nextest does not run doc tests.
+  cargo test --workspace --doc --locked
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+
+if [ -d tests/python ] && ls tests/python/test_*.py >/dev/null 2>&1; then
+  log "Python compatibility tests"
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+  fi
+  .venv/bin/pip install -q -r tests/python/requirements.txt
+  LLM_ROUTER_BIN_DIR="$PWD/target/release" .venv/bin/python -m pytest -q tests/python
+fi
+log "All tests passed."
