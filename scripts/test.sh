@@ -21,8 +21,6 @@ cargo build --workspace --release --bins --locked
 log "Rust tests"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
-  # nextest does not run doc tests.
-  cargo test --workspace --doc --locked
 else
   cargo test --workspace --locked --no-fail-fast
 fi

@@ -8,11 +8,20 @@ use nix::sys::signal::{kill, Signal};
 
 async fn exits_zero_on(signal: Signal) {
     // A port with nothing listening: bind one, note it, close it.
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router-agent"))
         .args(["--router-url", &format!("http://127.0.0.1:{closed_port}")])
         .args(["--backend-url", &format!("http://127.0.0.1:{closed_port}")])
-        .args(["--heartbeat-interval", "0.2", "--machine-name", "signal-test"])
+        .args([
+            "--heartbeat-interval",
+            "0.2",
+            "--machine-name",
+            "signal-test",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -20,7 +29,10 @@ async fn exits_zero_on(signal: Signal) {
         .expect("spawn agent");
     // Let it start and fail a few registrations first.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(child.try_wait().expect("try_wait").is_none(), "the agent does not exit for an absent router");
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the agent does not exit for an absent router"
+    );
     let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
     kill(pid, signal).expect("signal");
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())

@@ -43,7 +43,10 @@ impl RunningAgent {
 }
 
 async fn agent_named(client: &reqwest::Client, base: &str, name: &str) -> Option<Value> {
-    list(client, base).await.into_iter().find(|a| a["machine_name"] == name)
+    list(client, base)
+        .await
+        .into_iter()
+        .find(|a| a["machine_name"] == name)
 }
 
 #[tokio::test]
@@ -57,24 +60,44 @@ async fn agent_registers_its_ollama_server_and_reports_it() {
     let client = client();
     let base = router.url("");
 
-    let registered = eventually(Duration::from_secs(10), "the agent registers and reports", || {
-        let (client, base) = (client.clone(), base.clone());
-        async move {
-            let agent = agent_named(&client, &base, "node-a").await?;
-            agent["report"]["loaded_models"].is_array().then_some(agent)
-        }
-    })
+    let registered = eventually(
+        Duration::from_secs(10),
+        "the agent registers and reports",
+        || {
+            let (client, base) = (client.clone(), base.clone());
+            async move {
+                let agent = agent_named(&client, &base, "node-a").await?;
+                agent["report"]["loaded_models"].is_array().then_some(agent)
+            }
+        },
+    )
     .await;
     assert_eq!(registered["runtime_version"], "0.5.7");
     assert_eq!(registered["port"], standin.address.port());
     assert_eq!(registered["ip_address"], "127.0.0.1");
     assert_eq!(registered["backend"], "ollama");
     assert_eq!(registered["models"], json!(["smollm2:135m", "qwen2:0.5b"]));
-    assert_eq!(registered["report"]["loaded_models"], json!(["smollm2:135m"]));
+    assert_eq!(
+        registered["report"]["loaded_models"],
+        json!(["smollm2:135m"])
+    );
     assert_eq!(registered["report"]["llm_server_up"], true);
-    assert!(registered["system_info"]["cpu_cores"].as_u64().expect("cores") >= 1);
-    assert!(registered["system_info"]["total_memory"].as_u64().expect("memory") > 0);
-    assert!(!registered["system_info"]["os"].as_str().expect("os").is_empty());
+    assert!(
+        registered["system_info"]["cpu_cores"]
+            .as_u64()
+            .expect("cores")
+            >= 1
+    );
+    assert!(
+        registered["system_info"]["total_memory"]
+            .as_u64()
+            .expect("memory")
+            > 0
+    );
+    assert!(!registered["system_info"]["os"]
+        .as_str()
+        .expect("os")
+        .is_empty());
     agent.stop().await;
 }
 
@@ -82,7 +105,9 @@ async fn agent_registers_its_ollama_server_and_reports_it() {
 async fn agent_detects_an_openai_compatible_server() {
     let dir = tempfile::tempdir().expect("tempdir");
     let router = TestRouter::start(config(dir.path())).await;
-    let standin = StandIn::spawn(StandInOptions::openai("node-v", &["SmolLM2-135M"])).await.expect("stand-in");
+    let standin = StandIn::spawn(StandInOptions::openai("node-v", &["SmolLM2-135M"]))
+        .await
+        .expect("stand-in");
     let agent = RunningAgent::start(router.url(""), standin.url(), "node-v");
     let (client, base) = (client(), router.url(""));
     let registered = eventually(Duration::from_secs(10), "the agent registers", || {
@@ -101,7 +126,9 @@ async fn agent_registers_again_when_the_router_lost_its_state() {
     let dir = tempfile::tempdir().expect("tempdir");
     let router = TestRouter::start(config(dir.path())).await;
     let address = router.address;
-    let standin = StandIn::spawn(StandInOptions::ollama("node-b", &["m"])).await.expect("stand-in");
+    let standin = StandIn::spawn(StandInOptions::ollama("node-b", &["m"]))
+        .await
+        .expect("stand-in");
     let agent = RunningAgent::start(router.url(""), standin.url(), "node-b");
     let client = client();
     let base = router.url("");
@@ -130,7 +157,9 @@ async fn agent_outlives_router_downtime_and_keeps_its_id() {
     let dir = tempfile::tempdir().expect("tempdir");
     let router = TestRouter::start(config(dir.path())).await;
     let address = router.address;
-    let standin = StandIn::spawn(StandInOptions::ollama("node-c", &["m"])).await.expect("stand-in");
+    let standin = StandIn::spawn(StandInOptions::ollama("node-c", &["m"]))
+        .await
+        .expect("stand-in");
     let agent = RunningAgent::start(router.url(""), standin.url(), "node-c");
     let client = client();
     let base = router.url("");
@@ -143,7 +172,10 @@ async fn agent_outlives_router_downtime_and_keeps_its_id() {
 
     // Several heartbeat intervals with no router at all.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(!agent.task.is_finished(), "the agent does not exit while the router is away");
+    assert!(
+        !agent.task.is_finished(),
+        "the agent does not exit while the router is away"
+    );
 
     let router = TestRouter::start_at(address, config(dir.path())).await;
     let before = first["last_seen"].as_str().expect("last_seen").to_owned();
@@ -165,12 +197,17 @@ async fn agent_outlives_router_downtime_and_keeps_its_id() {
 async fn agent_keeps_beating_and_says_so_while_its_llm_server_is_down() {
     let dir = tempfile::tempdir().expect("tempdir");
     let router = TestRouter::start(config(dir.path())).await;
-    let standin = StandIn::spawn(StandInOptions::ollama("node-d", &["m"])).await.expect("stand-in");
+    let standin = StandIn::spawn(StandInOptions::ollama("node-d", &["m"]))
+        .await
+        .expect("stand-in");
     let agent = RunningAgent::start(router.url(""), standin.url(), "node-d");
     let (client, base) = (client(), router.url(""));
     eventually(Duration::from_secs(10), "reported up", || {
         let (client, base) = (client.clone(), base.clone());
-        async move { (agent_named(&client, &base, "node-d").await?["report"]["llm_server_up"] == true).then_some(()) }
+        async move {
+            (agent_named(&client, &base, "node-d").await?["report"]["llm_server_up"] == true)
+                .then_some(())
+        }
     })
     .await;
     standin.stop();
@@ -182,6 +219,9 @@ async fn agent_keeps_beating_and_says_so_while_its_llm_server_is_down() {
         }
     })
     .await;
-    assert_eq!(down["status"], "Online", "the node itself is alive and says its server is down");
+    assert_eq!(
+        down["status"], "Online",
+        "the node itself is alive and says its server is down"
+    );
     agent.stop().await;
 }

@@ -33,11 +33,17 @@ async fn agents_survive_a_restart_and_get_a_grace_period() {
 
     let router = TestRouter::start(cfg).await;
     let agents = list(&client, &base(&router)).await;
-    let mut listed: Vec<String> = agents.iter().map(|a| a["id"].as_str().expect("id").to_owned()).collect();
+    let mut listed: Vec<String> = agents
+        .iter()
+        .map(|a| a["id"].as_str().expect("id").to_owned())
+        .collect();
     listed.sort();
     ids.sort();
     assert_eq!(listed, ids);
-    assert!(agents.iter().all(|a| a["status"] == "Online"), "a restart does not mark the fleet Offline");
+    assert!(
+        agents.iter().all(|a| a["status"] == "Online"),
+        "a restart does not mark the fleet Offline"
+    );
 }
 
 #[tokio::test]
@@ -46,7 +52,12 @@ async fn snapshot_is_the_seeds_pretty_json_array_with_a_backup() {
     let client = client();
     for round in 0..2 {
         let router = TestRouter::start(config(dir.path())).await;
-        register(&client, &base(&router), &registration(&format!("round-{round}"))).await;
+        register(
+            &client,
+            &base(&router),
+            &registration(&format!("round-{round}")),
+        )
+        .await;
         router.stop().await.expect("clean stop");
     }
     let text = std::fs::read_to_string(dir.path().join("agents.json")).expect("agents.json");
@@ -54,7 +65,8 @@ async fn snapshot_is_the_seeds_pretty_json_array_with_a_backup() {
     let agents: Vec<::common::Agent> = serde_json::from_str(&text).expect("parses as agents");
     assert_eq!(agents.len(), 2);
     let backup: Vec<::common::Agent> =
-        serde_json::from_slice(&std::fs::read(dir.path().join("agents.json.bak")).expect("backup")).expect("backup parses");
+        serde_json::from_slice(&std::fs::read(dir.path().join("agents.json.bak")).expect("backup"))
+            .expect("backup parses");
     assert_eq!(backup.len(), 1, "the previous good snapshot");
 }
 
@@ -78,14 +90,24 @@ async fn sigkill_right_after_acknowledged_registrations_loses_none() {
         let listed: Vec<String> = list(&client, &base(&restarted))
             .await
             .iter()
-            .filter(|a| a["machine_name"].as_str().is_some_and(|n| n.starts_with(&format!("r{round}-"))))
+            .filter(|a| {
+                a["machine_name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&format!("r{round}-")))
+            })
             .map(|a| a["id"].as_str().expect("id").to_owned())
             .collect();
         let mut listed = listed;
         listed.sort();
         acknowledged.sort();
-        assert_eq!(listed, acknowledged, "round {round}: every acknowledged registration is there");
-        assert_eq!(list(&client, &base(&restarted)).await.len(), 100 * (round + 1));
+        assert_eq!(
+            listed, acknowledged,
+            "round {round}: every acknowledged registration is there"
+        );
+        assert_eq!(
+            list(&client, &base(&restarted)).await.len(),
+            100 * (round + 1)
+        );
         restarted.stop().await.expect("clean stop");
     }
 }
@@ -98,7 +120,11 @@ async fn sigkill_keeps_acknowledged_deletes_and_updates() {
     let url = router.url("");
     let kept = register(&client, &url, &registration("kept")).await;
     let deleted = register(&client, &url, &registration("deleted")).await;
-    let response = client.delete(format!("{url}/api/agents/{deleted}")).send().await.expect("delete");
+    let response = client
+        .delete(format!("{url}/api/agents/{deleted}"))
+        .send()
+        .await
+        .expect("delete");
     assert_eq!(response.status(), 204);
     let response = client
         .put(format!("{url}/api/agents/{kept}"))
@@ -125,7 +151,11 @@ async fn sigterm_flushes_and_exits_zero() {
     let url = router.url("");
     let id = register(&client, &url, &registration("beating")).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    client.post(format!("{url}/api/agents/{id}/heartbeat")).send().await.expect("heartbeat");
+    client
+        .post(format!("{url}/api/agents/{id}/heartbeat"))
+        .send()
+        .await
+        .expect("heartbeat");
     let last_seen = list(&client, &url).await[0]["last_seen"].clone();
 
     kill(router.pid(), Signal::SIGTERM).expect("SIGTERM");
@@ -137,10 +167,16 @@ async fn sigterm_flushes_and_exits_zero() {
 
     // With an hour-long flush interval, only the shutdown flush can have
     // written the heartbeat's last_seen.
-    let stored: Vec<Value> = serde_json::from_slice(&std::fs::read(dir.path().join("agents.json")).expect("agents.json")).expect("parses");
+    let stored: Vec<Value> = serde_json::from_slice(
+        &std::fs::read(dir.path().join("agents.json")).expect("agents.json"),
+    )
+    .expect("parses");
     assert_eq!(stored[0]["last_seen"], last_seen);
     let journal = std::fs::read(dir.path().join("agents.journal")).expect("journal");
-    assert!(journal.is_empty(), "the journal was folded into the snapshot");
+    assert!(
+        journal.is_empty(),
+        "the journal was folded into the snapshot"
+    );
 }
 
 async fn assert_corrupt_snapshot_policy(bad_bytes: &[u8], with_backup: bool) {
@@ -169,15 +205,25 @@ async fn assert_corrupt_snapshot_policy(bad_bytes: &[u8], with_backup: bool) {
     let aside: Vec<_> = std::fs::read_dir(dir.path())
         .expect("read dir")
         .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with("agents.json.corrupt-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("agents.json.corrupt-")
+        })
         .collect();
     assert_eq!(aside.len(), 1, "the bad file is kept aside");
-    assert_eq!(std::fs::read(aside[0].path()).expect("read"), bad_bytes, "byte for byte");
+    assert_eq!(
+        std::fs::read(aside[0].path()).expect("read"),
+        bad_bytes,
+        "byte for byte"
+    );
 
     // The router carries on normally and writes a good file again.
     register(&client, &base(&router), &registration("newcomer")).await;
     router.stop().await.expect("clean stop");
-    let stored: Vec<Value> = serde_json::from_slice(&std::fs::read(&snapshot).expect("agents.json")).expect("parses again");
+    let stored: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(&snapshot).expect("agents.json"))
+            .expect("parses again");
     assert_eq!(stored.len(), if with_backup { 2 } else { 1 });
 }
 
@@ -212,7 +258,10 @@ async fn torn_journal_tail_is_skipped_and_acknowledged_records_kept() {
     // A crash in the middle of an unacknowledged append leaves half a line.
     let journal = dir.path().join("agents.journal");
     let mut bytes = std::fs::read(&journal).expect("journal");
-    assert!(!bytes.is_empty(), "the registration was journaled before its 2xx");
+    assert!(
+        !bytes.is_empty(),
+        "the registration was journaled before its 2xx"
+    );
     bytes.extend_from_slice(b"{\"op\":\"upsert\",\"agent\":{\"id\":\"trunc");
     std::fs::write(&journal, bytes).expect("tear");
 
@@ -237,9 +286,14 @@ async fn unusable_data_dir_is_a_start_up_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("data dir"), "a clear message: {stderr}");
 
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind");
     let result = coordinator::run(listener, config(&not_a_dir), std::future::pending()).await;
-    assert!(result.is_err(), "run refuses rather than serving an empty registry");
+    assert!(
+        result.is_err(),
+        "run refuses rather than serving an empty registry"
+    );
 }
 
 #[tokio::test]
@@ -256,11 +310,23 @@ async fn silent_agent_goes_offline_is_kept_and_comes_back() {
         async move { (list(&client, &url).await[0]["status"] == "Offline").then_some(()) }
     })
     .await;
-    assert_eq!(list(&client, &url).await.len(), 1, "Offline agents are kept");
+    assert_eq!(
+        list(&client, &url).await.len(),
+        1,
+        "Offline agents are kept"
+    );
 
-    let response = client.post(format!("{url}/api/agents/{id}/heartbeat")).send().await.expect("heartbeat");
+    let response = client
+        .post(format!("{url}/api/agents/{id}/heartbeat"))
+        .send()
+        .await
+        .expect("heartbeat");
     assert_eq!(response.status(), 200);
-    assert_eq!(list(&client, &url).await[0]["status"], "Online", "a heartbeat brings it back at once");
+    assert_eq!(
+        list(&client, &url).await[0]["status"],
+        "Online",
+        "a heartbeat brings it back at once"
+    );
 }
 
 /// The registry as a library: liveness decided on the monotonic clock, and
@@ -275,7 +341,10 @@ async fn round_robin_selection_skips_offline_agents() {
     .expect("store");
     let timeout = Duration::from_secs(60);
     let registry = Arc::new(Registry::new(loaded, timeout, store));
-    assert!(registry.select_available_agent().is_none(), "nobody to pick");
+    assert!(
+        registry.select_available_agent().is_none(),
+        "nobody to pick"
+    );
 
     let mut ids = Vec::new();
     for n in 0..3 {
@@ -284,9 +353,15 @@ async fn round_robin_selection_skips_offline_agents() {
         let (id, _) = registry.register(registration).await.expect("register");
         ids.push(id);
     }
-    let picks: Vec<_> = (0..6).map(|_| registry.select_available_agent().expect("pick").id).collect();
+    let picks: Vec<_> = (0..6)
+        .map(|_| registry.select_available_agent().expect("pick").id)
+        .collect();
     for id in &ids {
-        assert_eq!(picks.iter().filter(|p| *p == id).count(), 2, "each agent in turn");
+        assert_eq!(
+            picks.iter().filter(|p| *p == id).count(),
+            2,
+            "each agent in turn"
+        );
     }
 
     // A sweep is judged at a monotonic instant: nobody is late now; past

@@ -484,7 +484,9 @@ impl Registry {
                         (record.agent.machine_name.clone(), record.agent.port),
                     )
                 };
-                if let std::collections::hash_map::Entry::Vacant(vacant) = maps.by_identity.entry(identity) {
+                if let std::collections::hash_map::Entry::Vacant(vacant) =
+                    maps.by_identity.entry(identity)
+                {
                     vacant.insert(id);
                     maps.by_id.insert(id, slot);
                 }
