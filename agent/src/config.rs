@@ -31,6 +31,10 @@ pub struct AgentConfig {
     /// The address the router should use to reach the LLM server [default: detected].
     #[arg(long, env = "LLM_ROUTER_ADVERTISE_IP")]
     pub advertise_ip: Option<IpAddr>,
+
+    /// Seconds to wait on shutdown for the router's requests to this node to finish.
+    #[arg(long, env = "LLM_ROUTER_DRAIN_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
+    pub drain_timeout: Duration,
 }
 
 impl AgentConfig {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use common::{HeartbeatReport, RegisterRequest, RegisterResponse};
+use common::{AgentView, DrainResponse, HeartbeatReport, RegisterRequest, RegisterResponse};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,29 @@ impl RouterClient {
             .send()
             .await?;
         check(response).await.map(drop)
+    }
+}
+
+impl RouterClient {
+    /// Tells the router this node is leaving: no new requests.
+    pub async fn drain(&self, id: Uuid) -> Result<DrainResponse, RouterError> {
+        let response = self
+            .http
+            .post(format!("{}/api/agents/{id}/drain", self.base_url))
+            .send()
+            .await?;
+        Ok(check(response).await?.json().await?)
+    }
+
+    /// Requests the router has in flight to this node now.
+    pub async fn in_flight(&self, id: Uuid) -> Result<u64, RouterError> {
+        let response = self
+            .http
+            .get(format!("{}/api/agents/{id}", self.base_url))
+            .send()
+            .await?;
+        let view: AgentView = check(response).await?.json().await?;
+        Ok(view.in_flight)
     }
 }
 

@@ -100,8 +100,48 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             () = tokio::time::sleep(delay) => {}
         }
     }
+    if let Some(current) = registered {
+        drain(&router, current.id, config.drain_timeout).await;
+    }
     tracing::info!("Agent stopped.");
     Ok(())
+}
+
+/// Tells the router we are leaving, then waits (at most `timeout`) for the
+/// requests it has in flight to this node to finish. A router that cannot
+/// be reached has nothing in flight to wait for.
+async fn drain(router: &RouterClient, id: Uuid, timeout: Duration) {
+    let started = tokio::time::Instant::now();
+    match router.drain(id).await {
+        Ok(answer) => tracing::info!(agent_id = %id, in_flight = answer.in_flight, "Draining."),
+        Err(error) => {
+            tracing::warn!(%error, "Could not tell the router we are leaving; stopping now.");
+            return;
+        }
+    }
+    loop {
+        match router.in_flight(id).await {
+            Ok(0) => {
+                tracing::info!(agent_id = %id, "Drained.");
+                return;
+            }
+            Ok(in_flight) if started.elapsed() < timeout => {
+                tracing::debug!(in_flight, "Waiting for requests in flight.");
+            }
+            Ok(in_flight) => {
+                tracing::warn!(
+                    in_flight,
+                    "Drain timeout reached; stopping with requests in flight."
+                );
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Lost the router while draining; stopping now.");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The LLM server came up, or came back as another kind or version.

@@ -133,6 +133,32 @@ pub struct Agent {
     pub report: HeartbeatReport,
 }
 
+/// One agent as the API shows it: the stored record plus what the router
+/// knows of it right now (not stored: it is rebuilt from live state).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentView {
+    #[serde(flatten)]
+    pub agent: Agent,
+    /// Requests the router has in flight to this node now.
+    #[serde(default)]
+    pub in_flight: u64,
+    /// The node said it is leaving: it gets no new requests.
+    #[serde(default)]
+    pub draining: bool,
+    /// Whether the router would send it a request now: Online, not draining,
+    /// and its LLM server not known to be down.
+    #[serde(default)]
+    pub routable: bool,
+}
+
+/// The answer to `POST /api/agents/:id/drain`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainResponse {
+    pub id: Uuid,
+    pub draining: bool,
+    pub in_flight: u64,
+}
+
 /// The body of every error answer: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::balancer::Policy;
+use crate::proxy::ProxyOptions;
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "llm-router",
@@ -33,6 +36,31 @@ pub struct Config {
     /// Seconds between writes of agents' last_seen to disk (and between snapshots).
     #[arg(long, env = "LLM_ROUTER_FLUSH_INTERVAL", default_value = "5", value_parser = parse_seconds)]
     pub flush_interval: Duration,
+
+    /// How to pick among the nodes that serve a model.
+    #[arg(
+        long,
+        env = "LLM_ROUTER_BALANCER",
+        value_enum,
+        default_value = "round-robin"
+    )]
+    pub balancer: Policy,
+
+    /// Seconds to wait for a connection to a node before trying the next.
+    #[arg(long, env = "LLM_ROUTER_CONNECT_TIMEOUT", default_value = "5", value_parser = parse_seconds)]
+    pub connect_timeout: Duration,
+
+    /// Seconds a node may stay silent, before its answer starts and between chunks.
+    #[arg(long, env = "LLM_ROUTER_IDLE_TIMEOUT", default_value = "300", value_parser = parse_seconds)]
+    pub idle_timeout: Duration,
+
+    /// Nodes tried for one request before the client gets an error.
+    #[arg(long, env = "LLM_ROUTER_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_attempts: u16,
+
+    /// Largest client request body on the LLM routes, in bytes (chat with images).
+    #[arg(long, env = "LLM_ROUTER_MAX_REQUEST_BODY", default_value_t = 100 * 1024 * 1024)]
+    pub max_request_body: usize,
 }
 
 impl Config {
@@ -46,6 +74,15 @@ impl Config {
         })
     }
 
+    pub fn proxy_options(&self) -> ProxyOptions {
+        ProxyOptions {
+            policy: self.balancer,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+            max_attempts: usize::from(self.max_attempts),
+        }
+    }
+
     /// A configuration for tests and embedding: loopback, a free port.
     pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
         Config {
@@ -54,6 +91,11 @@ impl Config {
             data_dir: Some(data_dir.into()),
             agent_timeout: Duration::from_secs(60),
             flush_interval: Duration::from_secs(5),
+            balancer: Policy::RoundRobin,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
+            max_attempts: 3,
+            max_request_body: 100 * 1024 * 1024,
         }
     }
 }

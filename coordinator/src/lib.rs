@@ -1,9 +1,12 @@
-//! llm-router: a registry of LLM nodes that keeps itself durable and knows
-//! who is alive. `main.rs` and the tests both start it through [`run`].
+//! llm-router: one endpoint for a fleet of LLM servers. A durable registry
+//! of nodes that knows who is alive, and a proxy that sends each Ollama or
+//! OpenAI request to a node that can serve it. `main.rs` and the tests both
+//! start it through [`run`].
 
 pub mod api;
 pub mod balancer;
 pub mod config;
+pub mod proxy;
 pub mod registry;
 pub mod store;
 
@@ -13,7 +16,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use api::app;
+pub use api::{app, AppState};
 pub use config::Config;
 pub use registry::Registry;
 
@@ -46,11 +49,20 @@ pub async fn run(
 
     let address = listener.local_addr()?;
     tracing::info!(%address, "llm-router listening on http://{address}");
-    let served = axum::serve(listener, app(Arc::clone(&registry)))
+    let state = AppState {
+        registry: Arc::clone(&registry),
+        proxy: Arc::new(proxy::Proxy::new(
+            Arc::clone(&registry),
+            config.proxy_options(),
+        )),
+        max_request_body: config.max_request_body,
+    };
+    let served = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await;
 
     tracing::info!("Shutting down: flushing the store.");
+    // The proxy (and so its pooled connections) went with the app.
     stop_tasks.cancel();
     let _ = sweeper.await;
     let final_snapshot = registry.store().snapshot_now().await;

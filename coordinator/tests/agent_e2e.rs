@@ -26,6 +26,7 @@ impl RunningAgent {
             heartbeat_interval: Duration::from_millis(100),
             machine_name: Some(name.to_owned()),
             advertise_ip: None,
+            drain_timeout: Duration::from_secs(5),
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(agent::run(config, stop.clone()));

@@ -38,6 +38,10 @@ pub struct StandInOptions {
     pub chunks: usize,
     /// Pause before each chunk, to make streaming and cancellation visible.
     pub chunk_delay: Duration,
+    /// Hold every stream after its first chunk until `POST /standin/release`:
+    /// a client that sees the first chunk before the release proves that
+    /// nothing between them buffers the stream.
+    pub gated: bool,
 }
 
 impl StandInOptions {
@@ -50,6 +54,7 @@ impl StandInOptions {
             version: "0.5.7".to_owned(),
             chunks: 4,
             chunk_delay: Duration::ZERO,
+            gated: false,
         }
     }
 
@@ -86,6 +91,8 @@ impl StandInStats {
 struct Shared {
     options: StandInOptions,
     stats: Arc<StandInStats>,
+    /// Permits for gated streams to go on past their first chunk.
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 /// A running stand-in. Dropping it stops the server.
@@ -110,6 +117,7 @@ impl StandIn {
         let app = router(Arc::new(Shared {
             options,
             stats: Arc::clone(&stats),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
         }));
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -143,7 +151,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(openai_chat))
         .route("/v1/completions", post(openai_completions))
         .route("/v1/embeddings", post(openai_embeddings))
-        .route("/standin/stats", get(stats));
+        .route("/standin/stats", get(stats))
+        .route("/standin/release", post(release));
     app = match shared.options.kind {
         BackendKind::Ollama => app
             .route("/", get(|| async { "Ollama is running" }))
@@ -159,26 +168,55 @@ fn router(shared: Arc<Shared>) -> Router {
         // agent also copes with.
         BackendKind::Openai => app.route("/version", get(ollama_version)),
     };
-    app.layer(axum::middleware::from_fn_with_state(
-        Arc::clone(&shared),
-        count_request,
-    ))
-    .with_state(shared)
+    // Real servers take chat requests with large images.
+    app.layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            count_request,
+        ))
+        .with_state(shared)
 }
 
+/// Counts requests, and answers each with the length and FNV-1a hash of the
+/// body it received, so a test can see a large body arrived intact.
 async fn count_request(
     State(shared): State<Arc<Shared>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if request.uri().path() != "/standin/stats" {
-        shared.stats.requests.fetch_add(1, Ordering::SeqCst);
+    if request.uri().path().starts_with("/standin/") {
+        return next.run(request).await;
     }
-    next.run(request).await
+    shared.stats.requests.fetch_add(1, Ordering::SeqCst);
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let digest = format!("{} {:016x}", bytes.len(), fnv1a(&bytes));
+    let mut response = next
+        .run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    if let Ok(value) = header::HeaderValue::from_str(&digest) {
+        response.headers_mut().insert("x-standin-body", value);
+    }
+    response
+}
+
+/// FNV-1a, 64 bits: enough to tell two bodies apart in a test.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Json<Value> {
     Json(shared.stats.to_json())
+}
+
+/// Lets every gated stream waiting now, and the next few, go on.
+async fn release(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    shared.gate.add_permits(1_000);
+    Json(json!({ "released": true }))
 }
 
 fn now() -> String {
@@ -273,22 +311,29 @@ fn streamed(
     closing: Vec<String>,
 ) -> Response {
     let delay = shared.options.chunk_delay;
+    let gate = shared.options.gated.then(|| Arc::clone(&shared.gate));
     let guard = GenerationGuard::new(&shared.stats);
+    let state = (frames.into_iter().enumerate(), closing, Some(guard), gate);
     let stream = futures::stream::unfold(
-        (frames.into_iter(), closing, Some(guard)),
-        move |(mut frames, closing, guard)| async move {
-            if let Some(frame) = frames.next() {
+        state,
+        move |(mut frames, closing, guard, gate)| async move {
+            if let Some((index, frame)) = frames.next() {
+                if let (1, Some(gate)) = (index, &gate) {
+                    if let Ok(permit) = gate.acquire().await {
+                        permit.forget();
+                    }
+                }
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
                 return Some((
                     Ok::<_, std::convert::Infallible>(frame),
-                    (frames, closing, guard),
+                    (frames, closing, guard, gate),
                 ));
             }
             let guard = guard?;
             guard.finish();
-            Some((Ok(closing.concat()), (frames, Vec::new(), None)))
+            Some((Ok(closing.concat()), (frames, Vec::new(), None, gate)))
         },
     );
     Response::builder()

@@ -31,6 +31,9 @@ struct Args {
     /// Milliseconds before each streamed chunk.
     #[arg(long, default_value_t = 0)]
     chunk_delay_ms: u64,
+    /// Hold streams after their first chunk until POST /standin/release.
+    #[arg(long)]
+    gated: bool,
 }
 
 fn split(list: &str) -> Vec<String> {
@@ -54,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         loaded_models: split(&args.loaded),
         chunks: args.chunks,
         chunk_delay: Duration::from_millis(args.chunk_delay_ms),
+        gated: args.gated,
         kind: if args.kind == "openai" {
             BackendKind::Openai
         } else {

@@ -227,3 +227,11 @@ fn check_models(field: &str, models: &[String]) -> Result<(), ApiError> {
 fn invalid(field: &str, problem: &str) -> ApiError {
     ApiError::unprocessable("invalid_field", format!("{field}: {problem}"))
 }
+
+/// `POST /api/agents/:id/drain`: the node is leaving; no new requests.
+pub async fn drain(
+    State(registry): State<Arc<Registry>>,
+    AgentIdParam(id): AgentIdParam,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(registry.drain(id)?))
+}

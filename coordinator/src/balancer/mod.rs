@@ -1,34 +1,457 @@
-//! Choosing a node among candidates.
+//! Choosing a node: the routing table (routable agents indexed by model and
+//! API), and the policies that pick among the candidates for one request.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The seed's round-robin: an atomic cursor over the candidate list, so that
-/// concurrent picks need no lock and spread evenly.
-pub fn round_robin<'a, T>(candidates: &'a [T], cursor: &AtomicUsize) -> Option<&'a T> {
-    if candidates.is_empty() {
-        return None;
+use common::BackendKind;
+
+use crate::registry::Candidate;
+
+/// Which API a client request came in on: `/api/*` can go only to Ollama
+/// nodes; `/v1/*` to any node (Ollama serves `/v1` too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiKind {
+    Ollama,
+    OpenAi,
+}
+
+impl ApiKind {
+    pub fn serves(self, backend: BackendKind) -> bool {
+        match self {
+            ApiKind::Ollama => backend == BackendKind::Ollama,
+            ApiKind::OpenAi => true,
+        }
     }
-    let turn = cursor.fetch_add(1, Ordering::Relaxed);
-    candidates.get(turn % candidates.len())
+}
+
+/// How to pick among the candidates that hold a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// Each candidate in turn (the seed's atomic cursor).
+    RoundRobin,
+    /// The candidate with the fewest requests in flight from this router.
+    LeastBusy,
+}
+
+/// Why a request has nowhere to go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoRoute {
+    /// No routable node serves this API at all: 503.
+    NoNodes,
+    /// Nodes are up, none has the model: 404.
+    UnknownModel,
+    /// Nodes with the model exist but none can take a request now
+    /// (draining, or their server failed): 503.
+    ModelUnavailable,
+}
+
+/// The routable agents, indexed so that a pick is a hash lookup and a step
+/// of a cursor. Built by the registry after each change that matters to
+/// routing; never mutated after.
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    candidates: Vec<Candidate>,
+    models: HashMap<String, ModelGroups>,
+    /// Models held by Online nodes that cannot take requests now.
+    unavailable_models: HashSet<String>,
+    any_count: usize,
+    ollama: Vec<u32>,
+}
+
+/// Indices into `candidates` of the nodes that have one model, split by
+/// whether they hold it in memory already.
+#[derive(Debug, Default)]
+struct ModelGroups {
+    any_loaded: Vec<u32>,
+    any_cold: Vec<u32>,
+    ollama_loaded: Vec<u32>,
+    ollama_cold: Vec<u32>,
+}
+
+impl ModelGroups {
+    fn for_api(&self, api: ApiKind) -> (&[u32], &[u32]) {
+        match api {
+            ApiKind::Ollama => (&self.ollama_loaded, &self.ollama_cold),
+            ApiKind::OpenAi => (&self.any_loaded, &self.any_cold),
+        }
+    }
+}
+
+impl RoutingTable {
+    pub fn build(candidates: Vec<Candidate>, unavailable_models: Vec<String>) -> Self {
+        let mut models: HashMap<String, ModelGroups> = HashMap::new();
+        let mut ollama = Vec::new();
+        for (index, candidate) in candidates.iter().enumerate() {
+            let index = index as u32;
+            let is_ollama = candidate.backend == BackendKind::Ollama;
+            if is_ollama {
+                ollama.push(index);
+            }
+            let mut seen = HashSet::new();
+            for model in candidate.models.iter() {
+                if !seen.insert(model.as_str()) {
+                    continue;
+                }
+                let loaded = candidate.loaded_models.iter().any(|m| m == model);
+                let groups = models.entry(model.clone()).or_default();
+                if loaded {
+                    groups.any_loaded.push(index);
+                } else {
+                    groups.any_cold.push(index);
+                }
+                if is_ollama {
+                    if loaded {
+                        groups.ollama_loaded.push(index);
+                    } else {
+                        groups.ollama_cold.push(index);
+                    }
+                }
+            }
+        }
+        RoutingTable {
+            any_count: candidates.len(),
+            candidates,
+            models,
+            unavailable_models: unavailable_models.into_iter().collect(),
+            ollama,
+        }
+    }
+
+    /// Every routable node.
+    pub fn candidates(&self) -> &[Candidate] {
+        &self.candidates
+    }
+
+    /// Routable nodes that serve `api`.
+    pub fn serving(&self, api: ApiKind) -> impl Iterator<Item = &Candidate> {
+        self.candidates
+            .iter()
+            .filter(move |c| api.serves(c.backend))
+    }
+
+    /// The groups for a model; a name without a tag also finds `name:latest`,
+    /// as Ollama itself does.
+    fn groups(&self, api: ApiKind, model: &str) -> Result<(&[u32], &[u32]), NoRoute> {
+        let found = self.lookup(model).map(|groups| groups.for_api(api));
+        if let Some((loaded, cold)) = found {
+            if !loaded.is_empty() || !cold.is_empty() {
+                return Ok((loaded, cold));
+            }
+        }
+        let latest = (!model.contains(':')).then(|| format!("{model}:latest"));
+        if self.unavailable_models.contains(model)
+            || latest
+                .as_ref()
+                .is_some_and(|name| self.unavailable_models.contains(name))
+        {
+            return Err(NoRoute::ModelUnavailable);
+        }
+        let serving = match api {
+            ApiKind::Ollama => self.ollama.len(),
+            ApiKind::OpenAi => self.any_count,
+        };
+        if serving == 0 {
+            Err(NoRoute::NoNodes)
+        } else {
+            Err(NoRoute::UnknownModel)
+        }
+    }
+
+    fn lookup(&self, model: &str) -> Option<&ModelGroups> {
+        self.models.get(model).or_else(|| {
+            if model.contains(':') {
+                None
+            } else {
+                self.models.get(&format!("{model}:latest"))
+            }
+        })
+    }
+}
+
+/// A policy and its cursor.
+#[derive(Debug)]
+pub struct Balancer {
+    policy: Policy,
+    cursor: AtomicUsize,
+}
+
+impl Balancer {
+    pub fn new(policy: Policy) -> Self {
+        Balancer {
+            policy,
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Any routable node by this policy, whatever it serves (the seed's
+    /// `select_available_agent`).
+    pub fn pick_any<'t>(&self, table: &'t RoutingTable) -> Option<&'t Candidate> {
+        let candidates = &table.candidates;
+        let position = self.pick_position(candidates.len(), |p| load_of(&candidates[p]))?;
+        candidates.get(position)
+    }
+
+    /// The node for one request: among those holding the model in memory
+    /// when there are any, else among all that have it.
+    pub fn choose<'t>(
+        &self,
+        table: &'t RoutingTable,
+        api: ApiKind,
+        model: &str,
+    ) -> Result<&'t Candidate, NoRoute> {
+        let (loaded, cold) = table.groups(api, model)?;
+        let group = if loaded.is_empty() { cold } else { loaded };
+        let position = self.pick_in_group(table, group).ok_or(NoRoute::NoNodes)?;
+        Ok(&table.candidates[group[position] as usize])
+    }
+
+    /// The nodes to try for one request, in order, at most `max_attempts`:
+    /// the policy's choice first, then the rest of its group, then the
+    /// nodes that would have to load the model.
+    pub fn plan(
+        &self,
+        table: &RoutingTable,
+        api: ApiKind,
+        model: &str,
+        max_attempts: usize,
+    ) -> Result<Vec<Candidate>, NoRoute> {
+        let (loaded, cold) = table.groups(api, model)?;
+        let (preferred, fallback) = if loaded.is_empty() {
+            (cold, &[][..])
+        } else {
+            (loaded, cold)
+        };
+        let first = self
+            .pick_in_group(table, preferred)
+            .ok_or(NoRoute::NoNodes)?;
+        let rotated = preferred[first..].iter().chain(&preferred[..first]);
+        Ok(rotated
+            .chain(fallback)
+            .take(max_attempts.max(1))
+            .map(|&i| table.candidates[i as usize].clone())
+            .collect())
+    }
+
+    fn pick_in_group(&self, table: &RoutingTable, group: &[u32]) -> Option<usize> {
+        self.pick_position(group.len(), |p| {
+            load_of(&table.candidates[group[p] as usize])
+        })
+    }
+
+    /// A position in `0..len` by the policy; `load` gives a position's
+    /// requests in flight.
+    fn pick_position(&self, len: usize, load: impl Fn(usize) -> u64) -> Option<usize> {
+        if len == 0 {
+            return None;
+        }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
+        match self.policy {
+            Policy::RoundRobin => Some(start),
+            Policy::LeastBusy => {
+                // Scanning from a rotating start spreads ties evenly.
+                let mut best = start;
+                let mut best_load = u64::MAX;
+                for offset in 0..len {
+                    let position = (start + offset) % len;
+                    let position_load = load(position);
+                    if position_load < best_load {
+                        best = position;
+                        best_load = position_load;
+                        if position_load == 0 {
+                            break;
+                        }
+                    }
+                }
+                Some(best)
+            }
+        }
+    }
+}
+
+fn load_of(candidate: &Candidate) -> u64 {
+    candidate.in_flight.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
     use super::*;
 
-    #[test]
-    fn round_robin_visits_every_candidate_in_turn() {
-        let cursor = AtomicUsize::new(0);
-        let candidates = ["a", "b", "c"];
-        let picks: Vec<&str> = (0..6)
-            .filter_map(|_| round_robin(&candidates, &cursor).copied())
-            .collect();
-        assert_eq!(picks, ["a", "b", "c", "a", "b", "c"]);
+    fn candidate(n: u8, backend: BackendKind, models: &[&str], loaded: &[&str]) -> Candidate {
+        Candidate {
+            id: uuid::Uuid::from_u128(u128::from(n)),
+            address: std::net::SocketAddr::from(([127, 0, 0, n], 11434)),
+            backend,
+            models: models
+                .iter()
+                .map(|m| (*m).to_owned())
+                .collect::<Vec<_>>()
+                .into(),
+            loaded_models: loaded
+                .iter()
+                .map(|m| (*m).to_owned())
+                .collect::<Vec<_>>()
+                .into(),
+            in_flight: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn port_of(candidate: &Candidate) -> u8 {
+        match candidate.address.ip() {
+            std::net::IpAddr::V4(ip) => ip.octets()[3],
+            std::net::IpAddr::V6(_) => 0,
+        }
     }
 
     #[test]
-    fn round_robin_over_nothing_picks_nothing() {
-        let cursor = AtomicUsize::new(0);
-        assert!(round_robin::<u8>(&[], &cursor).is_none());
+    fn round_robin_visits_every_holder_of_the_model_in_turn() {
+        let table = RoutingTable::build(
+            vec![
+                candidate(2, BackendKind::Ollama, &["m"], &[]),
+                candidate(3, BackendKind::Ollama, &["m"], &[]),
+                candidate(4, BackendKind::Ollama, &["other"], &[]),
+            ],
+            vec![],
+        );
+        let balancer = Balancer::new(Policy::RoundRobin);
+        let picks: Vec<u8> = (0..4)
+            .map(|_| {
+                port_of(
+                    balancer
+                        .choose(&table, ApiKind::Ollama, "m")
+                        .expect("route"),
+                )
+            })
+            .collect();
+        assert_eq!(picks, [2, 3, 2, 3]);
+    }
+
+    #[test]
+    fn nodes_holding_the_model_in_memory_are_preferred() {
+        let table = RoutingTable::build(
+            vec![
+                candidate(2, BackendKind::Ollama, &["m"], &[]),
+                candidate(3, BackendKind::Ollama, &["m"], &["m"]),
+            ],
+            vec![],
+        );
+        for policy in [Policy::RoundRobin, Policy::LeastBusy] {
+            let balancer = Balancer::new(policy);
+            for _ in 0..4 {
+                assert_eq!(
+                    port_of(
+                        balancer
+                            .choose(&table, ApiKind::Ollama, "m")
+                            .expect("route")
+                    ),
+                    3
+                );
+            }
+            let plan = balancer
+                .plan(&table, ApiKind::Ollama, "m", 5)
+                .expect("plan");
+            assert_eq!(
+                plan.iter().map(port_of).collect::<Vec<_>>(),
+                [3, 2],
+                "the cold node is the fallback"
+            );
+        }
+    }
+
+    #[test]
+    fn least_busy_picks_the_fewest_in_flight() {
+        let table = RoutingTable::build(
+            vec![
+                candidate(2, BackendKind::Ollama, &["m"], &[]),
+                candidate(3, BackendKind::Ollama, &["m"], &[]),
+                candidate(4, BackendKind::Ollama, &["m"], &[]),
+            ],
+            vec![],
+        );
+        table.candidates[0].in_flight.store(5, Ordering::Relaxed);
+        table.candidates[1].in_flight.store(1, Ordering::Relaxed);
+        table.candidates[2].in_flight.store(3, Ordering::Relaxed);
+        let balancer = Balancer::new(Policy::LeastBusy);
+        for _ in 0..5 {
+            assert_eq!(
+                port_of(
+                    balancer
+                        .choose(&table, ApiKind::Ollama, "m")
+                        .expect("route")
+                ),
+                3
+            );
+        }
+    }
+
+    #[test]
+    fn api_kind_and_model_decide_the_candidates() {
+        let table = RoutingTable::build(
+            vec![
+                candidate(2, BackendKind::Openai, &["vllm-model"], &[]),
+                candidate(3, BackendKind::Ollama, &["llama3:latest"], &[]),
+            ],
+            vec!["resting-model".to_owned()],
+        );
+        let balancer = Balancer::new(Policy::RoundRobin);
+        assert_eq!(
+            balancer
+                .choose(&table, ApiKind::OpenAi, "vllm-model")
+                .map(port_of),
+            Ok(2)
+        );
+        assert_eq!(
+            balancer
+                .choose(&table, ApiKind::Ollama, "vllm-model")
+                .map(port_of),
+            Err(NoRoute::UnknownModel),
+            "/api routes only reach Ollama nodes"
+        );
+        assert_eq!(
+            balancer
+                .choose(&table, ApiKind::Ollama, "llama3")
+                .map(port_of),
+            Ok(3),
+            "no tag means :latest"
+        );
+        assert_eq!(
+            balancer
+                .choose(&table, ApiKind::OpenAi, "nope")
+                .map(port_of),
+            Err(NoRoute::UnknownModel)
+        );
+        assert_eq!(
+            balancer
+                .choose(&table, ApiKind::OpenAi, "resting-model")
+                .map(port_of),
+            Err(NoRoute::ModelUnavailable)
+        );
+        let empty = RoutingTable::default();
+        assert_eq!(
+            balancer.choose(&empty, ApiKind::OpenAi, "m").map(port_of),
+            Err(NoRoute::NoNodes)
+        );
+    }
+
+    #[test]
+    fn plan_is_bounded_and_starts_with_the_choice() {
+        let nodes = (2..8)
+            .map(|n| candidate(n, BackendKind::Ollama, &["m"], &[]))
+            .collect();
+        let table = RoutingTable::build(nodes, vec![]);
+        let balancer = Balancer::new(Policy::RoundRobin);
+        let plan = balancer
+            .plan(&table, ApiKind::Ollama, "m", 3)
+            .expect("plan");
+        assert_eq!(plan.len(), 3);
+        let distinct: HashSet<u8> = plan.iter().map(port_of).collect();
+        assert_eq!(distinct.len(), 3, "no node twice");
     }
 }

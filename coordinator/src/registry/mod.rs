@@ -1,5 +1,5 @@
 //! The in-memory registry: every agent by id, its liveness, and a cached list
-//! of Online candidates for routing.
+//! of routable candidates for routing.
 //!
 //! Locking: one `std::sync::RwLock` over the two maps (by id, by identity)
 //! and one `Mutex` per agent for what changes often (liveness, reports). A
@@ -14,15 +14,18 @@ mod sweeper;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use chrono::Utc;
-use common::{Agent, AgentStatus, BackendKind, HeartbeatReport, SystemInfo};
+use common::{
+    Agent, AgentStatus, AgentView, BackendKind, DrainResponse, HeartbeatReport, SystemInfo,
+};
 use uuid::Uuid;
 
+use crate::balancer::RoutingTable;
 use crate::store::{Change, Store, StoreError, Touch};
 
 pub use sweeper::run_sweeper;
@@ -63,7 +66,8 @@ pub enum RegisterOutcome {
     Refreshed,
 }
 
-/// An Online agent as routing sees it: cheap to clone, immutable.
+/// A routable agent as routing sees it: cheap to clone, immutable but for
+/// its in-flight counter, which the router shares with the registry.
 #[derive(Debug, Clone)]
 pub struct Candidate {
     pub id: Uuid,
@@ -71,18 +75,21 @@ pub struct Candidate {
     pub backend: BackendKind,
     pub models: Arc<[String]>,
     pub loaded_models: Arc<[String]>,
+    /// Requests the router has in flight to this node.
+    pub in_flight: Arc<AtomicU64>,
 }
 
 pub struct Registry {
     maps: RwLock<Maps>,
     agent_timeout: Duration,
     store: Store,
-    /// Online candidates, rebuilt lazily after `candidates_stale` is set.
-    candidates: ArcSwap<Vec<Candidate>>,
-    candidates_stale: AtomicBool,
+    /// Routable agents indexed for routing, rebuilt lazily after
+    /// `routing_stale` is set.
+    routing: ArcSwap<RoutingTable>,
+    routing_stale: AtomicBool,
     rebuild: Mutex<()>,
-    /// The seed's round-robin cursor.
-    cursor: AtomicUsize,
+    /// The seed's round-robin selection.
+    round_robin: crate::balancer::Balancer,
 }
 
 #[derive(Default)]
@@ -103,6 +110,43 @@ struct AgentRecord {
     revision: u64,
     /// `last_seen` moved since the store was last told.
     touched: bool,
+    /// Requests the router has in flight to this node (not stored).
+    in_flight: Arc<AtomicU64>,
+    /// The node said it is leaving (not stored; cleared when it registers).
+    draining: bool,
+    /// A request to its LLM server just failed; out of rotation until a
+    /// heartbeat says the server answers again (not stored).
+    backend_unreachable: bool,
+}
+
+impl AgentRecord {
+    fn new(agent: Agent, last_seen_at: Instant, revision: u64) -> Self {
+        AgentRecord {
+            agent,
+            last_seen_at,
+            revision,
+            touched: false,
+            in_flight: Arc::new(AtomicU64::new(0)),
+            draining: false,
+            backend_unreachable: false,
+        }
+    }
+
+    fn is_routable(&self) -> bool {
+        self.agent.status == AgentStatus::Online
+            && !self.draining
+            && !self.backend_unreachable
+            && self.agent.report.llm_server_up != Some(false)
+    }
+
+    fn view(&self) -> AgentView {
+        AgentView {
+            agent: self.agent.clone(),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            draining: self.draining,
+            routable: self.is_routable(),
+        }
+    }
 }
 
 impl Registry {
@@ -119,12 +163,7 @@ impl Registry {
                 tracing::warn!(agent_id = %previous, "Two stored agents share a name and port; keeping the later one.");
                 maps.by_id.remove(&previous);
             }
-            let record = AgentRecord {
-                agent,
-                last_seen_at: now,
-                revision: 0,
-                touched: false,
-            };
+            let record = AgentRecord::new(agent, now, 0);
             maps.by_id
                 .insert(record.agent.id, Arc::new(Mutex::new(record)));
         }
@@ -132,10 +171,10 @@ impl Registry {
             maps: RwLock::new(maps),
             agent_timeout,
             store,
-            candidates: ArcSwap::from_pointee(Vec::new()),
-            candidates_stale: AtomicBool::new(true),
+            routing: ArcSwap::from_pointee(RoutingTable::default()),
+            routing_stale: AtomicBool::new(true),
             rebuild: Mutex::new(()),
-            cursor: AtomicUsize::new(0),
+            round_robin: crate::balancer::Balancer::new(crate::balancer::Policy::RoundRobin),
         }
     }
 
@@ -173,6 +212,10 @@ impl Registry {
                 agent.last_seen = now_wall;
                 record.last_seen_at = now;
                 record.revision += 1;
+                // A node that registers has (re)started: it is neither leaving
+                // nor known to be down any more.
+                record.draining = false;
+                record.backend_unreachable = false;
                 let committed = self.store.submit(Change::Upsert {
                     agent: Box::new(record.agent.clone()),
                 });
@@ -201,12 +244,7 @@ impl Registry {
                 let committed = self.store.submit(Change::Upsert {
                     agent: Box::new(agent.clone()),
                 });
-                let record = AgentRecord {
-                    agent,
-                    last_seen_at: now,
-                    revision: 1,
-                    touched: false,
-                };
+                let record = AgentRecord::new(agent, now, 1);
                 maps.by_id.insert(id, Arc::new(Mutex::new(record)));
                 maps.by_identity.insert(identity, id);
                 (
@@ -217,7 +255,7 @@ impl Registry {
                 )
             }
         };
-        self.mark_candidates_stale();
+        self.mark_routing_stale();
         if let Err(error) = committed.await {
             self.roll_back(rollback);
             return Err(RegistryError::Store(error));
@@ -249,12 +287,20 @@ impl Registry {
             routing_changed = true;
             tracing::info!(agent_id = %id, "Agent back Online.");
         }
+        // A heartbeat that does not say the LLM server is down puts a node that
+        // failed a request back in rotation.
+        let server_down = report.as_ref().and_then(|r| r.llm_server_up) == Some(false);
+        if record.backend_unreachable && !server_down {
+            record.backend_unreachable = false;
+            routing_changed = true;
+            tracing::info!(agent_id = %id, "Agent's LLM server answers again; back in rotation.");
+        }
         if let Some(report) = report {
             routing_changed |= merge_report(&mut record.agent, report);
         }
         drop(record);
         if routing_changed {
-            self.mark_candidates_stale();
+            self.mark_routing_stale();
         }
         Ok(())
     }
@@ -288,7 +334,7 @@ impl Registry {
             });
             (agent, committed, previous)
         };
-        self.mark_candidates_stale();
+        self.mark_routing_stale();
         if let Err(error) = committed.await {
             self.roll_back(Rollback::Restore(slot, Box::new(previous)));
             return Err(RegistryError::Store(error));
@@ -313,7 +359,7 @@ impl Registry {
             }
             (slot, self.store.submit(Change::Delete { id }))
         };
-        self.mark_candidates_stale();
+        self.mark_routing_stale();
         if let Err(error) = committed.await {
             self.roll_back(Rollback::Reinsert(slot));
             return Err(RegistryError::Store(error));
@@ -322,22 +368,63 @@ impl Registry {
         Ok(())
     }
 
-    pub fn get(&self, id: Uuid) -> Result<Agent, RegistryError> {
+    pub fn get(&self, id: Uuid) -> Result<AgentView, RegistryError> {
         let slot = self.slot(id)?;
-        let agent = lock(&slot).agent.clone();
-        Ok(agent)
+        let view = lock(&slot).view();
+        Ok(view)
     }
 
     /// Every agent, oldest registration first, optionally only one status.
-    pub fn list(&self, status: Option<AgentStatus>) -> Vec<Agent> {
+    pub fn list(&self, status: Option<AgentStatus>) -> Vec<AgentView> {
         let slots: Vec<_> = self.read_maps().by_id.values().cloned().collect();
-        let mut agents: Vec<Agent> = slots
+        let mut agents: Vec<AgentView> = slots
             .iter()
-            .map(|slot| lock(slot).agent.clone())
-            .filter(|agent| status.is_none_or(|wanted| agent.status == wanted))
+            .filter_map(|slot| {
+                let record = lock(slot);
+                status
+                    .is_none_or(|wanted| record.agent.status == wanted)
+                    .then(|| record.view())
+            })
             .collect();
-        agents.sort_by(|a, b| a.registered_at.cmp(&b.registered_at).then(a.id.cmp(&b.id)));
+        agents.sort_by(|a, b| {
+            a.agent
+                .registered_at
+                .cmp(&b.agent.registered_at)
+                .then(a.agent.id.cmp(&b.agent.id))
+        });
         agents
+    }
+
+    /// The node is leaving: it gets no new requests from now on. Its
+    /// in-flight requests go on; the answer says how many there are.
+    pub fn drain(&self, id: Uuid) -> Result<DrainResponse, RegistryError> {
+        let slot = self.slot(id)?;
+        let mut record = lock(&slot);
+        if !record.draining {
+            record.draining = true;
+            tracing::info!(agent_id = %id, "Agent draining: no new requests.");
+        }
+        let answer = DrainResponse {
+            id,
+            draining: true,
+            in_flight: record.in_flight.load(Ordering::Relaxed),
+        };
+        drop(record);
+        self.mark_routing_stale();
+        Ok(answer)
+    }
+
+    /// A request to this node's LLM server failed before its first byte:
+    /// out of rotation at once, until a heartbeat says the server answers.
+    pub fn mark_backend_unreachable(&self, id: Uuid) {
+        let Ok(slot) = self.slot(id) else { return };
+        let mut record = lock(&slot);
+        if !record.backend_unreachable {
+            record.backend_unreachable = true;
+            tracing::warn!(agent_id = %id, address = %format!("{}:{}", record.agent.ip_address, record.agent.port), "LLM server failed a request; out of rotation until it answers again.");
+        }
+        drop(record);
+        self.mark_routing_stale();
     }
 
     pub fn len(&self) -> usize {
@@ -348,22 +435,22 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Online agents as routing sees them; rebuilt only after a change that
+    /// Routable agents indexed for routing; rebuilt only after a change that
     /// matters to routing, so that picking a node costs no scan.
-    pub fn candidates(&self) -> Arc<Vec<Candidate>> {
-        if self.candidates_stale.load(Ordering::Acquire) {
+    pub fn routing_table(&self) -> Arc<RoutingTable> {
+        if self.routing_stale.load(Ordering::Acquire) {
             let _one_rebuilder = lock(&self.rebuild);
-            if self.candidates_stale.swap(false, Ordering::AcqRel) {
-                self.candidates.store(Arc::new(self.build_candidates()));
+            if self.routing_stale.swap(false, Ordering::AcqRel) {
+                self.routing.store(Arc::new(self.build_routing_table()));
             }
         }
-        self.candidates.load_full()
+        self.routing.load_full()
     }
 
-    /// The seed's round-robin choice of an Online agent.
+    /// The seed's round-robin choice of an Online (and routable) agent.
     pub fn select_available_agent(&self) -> Option<Candidate> {
-        let candidates = self.candidates();
-        crate::balancer::round_robin(&candidates, &self.cursor).cloned()
+        let table = self.routing_table();
+        self.round_robin.pick_any(&table).cloned()
     }
 
     /// Marks Offline every Online agent silent for longer than the timeout,
@@ -383,7 +470,7 @@ impl Registry {
             }
         }
         if changed > 0 {
-            self.mark_candidates_stale();
+            self.mark_routing_stale();
         }
         changed
     }
@@ -418,39 +505,44 @@ impl Registry {
             .ok_or(RegistryError::NotFound(id))
     }
 
-    fn mark_candidates_stale(&self) {
-        self.candidates_stale.store(true, Ordering::Release);
+    fn mark_routing_stale(&self) {
+        self.routing_stale.store(true, Ordering::Release);
     }
 
-    fn build_candidates(&self) -> Vec<Candidate> {
+    fn build_routing_table(&self) -> RoutingTable {
         let slots: Vec<_> = self.read_maps().by_id.values().cloned().collect();
-        let mut candidates: Vec<Candidate> = slots
-            .iter()
-            .filter_map(|slot| {
-                let record = lock(slot);
-                let agent = &record.agent;
-                if agent.status != AgentStatus::Online {
-                    return None;
+        let mut candidates = Vec::new();
+        let mut unavailable_models = Vec::new();
+        for slot in &slots {
+            let record = lock(slot);
+            let agent = &record.agent;
+            let models = agent.report.models.as_ref().unwrap_or(&agent.models);
+            if !record.is_routable() {
+                if agent.status == AgentStatus::Online {
+                    unavailable_models.extend(models.iter().cloned());
                 }
-                let ip: IpAddr = agent.ip_address.parse().ok()?;
-                let models = agent.report.models.as_ref().unwrap_or(&agent.models);
-                Some(Candidate {
-                    id: agent.id,
-                    address: std::net::SocketAddr::new(ip, agent.port),
-                    backend: agent.backend,
-                    models: models.clone().into(),
-                    loaded_models: agent
-                        .report
-                        .loaded_models
-                        .clone()
-                        .unwrap_or_default()
-                        .into(),
-                })
-            })
-            .collect();
+                continue;
+            }
+            let Ok(ip) = agent.ip_address.parse::<IpAddr>() else {
+                continue;
+            };
+            candidates.push(Candidate {
+                id: agent.id,
+                address: std::net::SocketAddr::new(ip, agent.port),
+                backend: agent.backend,
+                models: models.clone().into(),
+                loaded_models: agent
+                    .report
+                    .loaded_models
+                    .clone()
+                    .unwrap_or_default()
+                    .into(),
+                in_flight: Arc::clone(&record.in_flight),
+            });
+        }
         // A stable order keeps round-robin fair across rebuilds.
         candidates.sort_by_key(|candidate| candidate.id);
-        candidates
+        RoutingTable::build(candidates, unavailable_models)
     }
 
     fn roll_back(&self, rollback: Rollback) {
@@ -492,7 +584,7 @@ impl Registry {
                 }
             }
         }
-        self.mark_candidates_stale();
+        self.mark_routing_stale();
     }
 
     fn read_maps(&self) -> RwLockReadGuard<'_, Maps> {

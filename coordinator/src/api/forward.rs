@@ -1,0 +1,108 @@
+//! What the Ollama and OpenAI routes share: read the model from the body,
+//! forward through the proxy, and shape errors the way each API's official
+//! client expects them.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::balancer::{ApiKind, NoRoute};
+use crate::proxy::{no_route_status, Proxy, ProxyError};
+
+/// Forwards one client request; every failure answers in the route's shape.
+pub async fn forward(
+    proxy: &Arc<Proxy>,
+    api: ApiKind,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return error(
+                api,
+                rejection.status(),
+                "invalid_request",
+                &rejection.body_text(),
+            )
+        }
+    };
+    let model = match model_of(&body) {
+        Ok(model) => model,
+        Err(message) => return error(api, StatusCode::BAD_REQUEST, "invalid_request", &message),
+    };
+    let path_and_query = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+    match proxy
+        .forward(api, path_and_query, headers, body, &model)
+        .await
+    {
+        Ok(response) => response,
+        Err(ProxyError::NoRoute(no_route)) => {
+            let message = match no_route {
+                NoRoute::UnknownModel => format!("model '{model}' not found on any node"),
+                NoRoute::ModelUnavailable => format!("no node can serve model '{model}' right now"),
+                NoRoute::NoNodes => "no node is online".to_owned(),
+            };
+            let code = match no_route {
+                NoRoute::UnknownModel => "model_not_found",
+                NoRoute::ModelUnavailable | NoRoute::NoNodes => "no_available_node",
+            };
+            error(api, no_route_status(&no_route), code, &message)
+        }
+        Err(ProxyError::AllFailed { attempts }) => error(
+            api,
+            StatusCode::BAD_GATEWAY,
+            "upstream_failed",
+            &format!("{attempts} node(s) failed to answer"),
+        ),
+    }
+}
+
+/// The requested model: `model`, or `name` as older Ollama clients send to
+/// `/api/show`. Other fields are skipped without being built.
+fn model_of(body: &[u8]) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct ModelField {
+        model: Option<String>,
+        name: Option<String>,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err("the request needs a JSON body naming a model".to_owned());
+    }
+    let fields: ModelField = serde_json::from_slice(body)
+        .map_err(|error| format!("the body is not a JSON object: {error}"))?;
+    fields
+        .model
+        .or(fields.name)
+        .filter(|model| !model.trim().is_empty())
+        .ok_or_else(|| "the body names no model".to_owned())
+}
+
+/// An error in the shape the route's official client parses: Ollama's
+/// `{"error": "..."}`, or OpenAI's error object.
+pub fn error(api: ApiKind, status: StatusCode, code: &str, message: &str) -> Response {
+    let body = match api {
+        ApiKind::Ollama => json!({ "error": message }),
+        ApiKind::OpenAi => json!({
+            "error": {
+                "message": message,
+                "type": if status.is_server_error() { "server_error" } else { "invalid_request_error" },
+                "param": null,
+                "code": code,
+            }
+        }),
+    };
+    (status, Json(body)).into_response()
+}
+
+/// A JSON answer the router assembles itself.
+pub fn json_response(value: serde_json::Value) -> Response<Body> {
+    Json(value).into_response()
+}

@@ -1,0 +1,41 @@
+//! The OpenAI-compatible API: generation routes forwarded to any node, and
+//! `/v1/models` answered from the registry.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, Uri};
+use axum::response::Response;
+use serde_json::json;
+
+use super::forward::{forward, json_response};
+use crate::balancer::ApiKind;
+use crate::proxy::Proxy;
+use crate::registry::Registry;
+
+/// `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`.
+pub async fn proxy(
+    State(proxy): State<Arc<Proxy>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    forward(&proxy, ApiKind::OpenAi, &uri, &headers, body).await
+}
+
+/// `GET /v1/models`: every model some routable node serves, once.
+pub async fn models(State(registry): State<Arc<Registry>>) -> Response {
+    let table = registry.routing_table();
+    let names: BTreeSet<&str> = table
+        .serving(ApiKind::OpenAi)
+        .flat_map(|c| c.models.iter().map(String::as_str))
+        .collect();
+    let data: Vec<_> = names
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-router"}))
+        .collect();
+    json_response(json!({ "object": "list", "data": data }))
+}
