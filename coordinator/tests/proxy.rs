@@ -1,0 +1,196 @@
+//! Failover and timeouts of the proxy against misbehaving nodes that the
+//! Python suite cannot easily stage: a node that accepts and never answers,
+//! a node that answers 500, a node that stalls mid-stream.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client, config, eventually, register, TestRouter};
+use serde_json::{json, Value};
+use testkit::{StandIn, StandInOptions};
+
+/// Registers a node directly, as its agent would, at a loopback address.
+async fn register_node(
+    client: &reqwest::Client,
+    router: &TestRouter,
+    name: &str,
+    port: u16,
+    models: &[&str],
+) -> String {
+    register(
+        client,
+        &router.url(""),
+        &json!({
+            "machine_name": name,
+            "ip_address": "127.0.0.1",
+            "port": port,
+            "runtime_version": "0.5.7",
+            "system_info": {"os": "Linux", "arch": "x86_64", "cpu_cores": 2, "total_memory": 1024},
+            "models": models,
+        }),
+    )
+    .await
+}
+
+async fn agent(client: &reqwest::Client, router: &TestRouter, id: &str) -> Value {
+    client
+        .get(router.url(&format!("/api/agents/{id}")))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
+}
+
+async fn generate(
+    client: &reqwest::Client,
+    router: &TestRouter,
+    stream: bool,
+) -> reqwest::Response {
+    client
+        .post(router.url("/api/generate"))
+        .json(&json!({"model": "m", "prompt": "x", "stream": stream}))
+        .send()
+        .await
+        .expect("generate")
+}
+
+#[tokio::test]
+async fn a_node_silent_before_its_first_byte_is_skipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.idle_timeout = Duration::from_millis(300);
+    let router = TestRouter::start(cfg).await;
+    let client = client();
+
+    // Accepts connections, reads nothing, answers nothing.
+    let black_hole = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind");
+    let black_hole_port = black_hole.local_addr().expect("addr").port();
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            held.push(socket);
+        }
+    });
+    let healthy = StandIn::spawn(StandInOptions::ollama("healthy", &["m"]))
+        .await
+        .expect("stand-in");
+    let silent_id = register_node(&client, &router, "silent", black_hole_port, &["m"]).await;
+    register_node(&client, &router, "healthy", healthy.address.port(), &["m"]).await;
+
+    for _ in 0..4 {
+        let response = generate(&client, &router, false).await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.expect("json");
+        assert!(body["response"].as_str().expect("text").contains("healthy"));
+    }
+    let silent = agent(&client, &router, &silent_id).await;
+    assert_eq!(
+        silent["routable"], false,
+        "out of rotation after its first timeout"
+    );
+    assert_eq!(silent["in_flight"], 0);
+}
+
+#[tokio::test]
+async fn a_node_answering_5xx_is_skipped_and_its_error_kept_when_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let client = client();
+
+    let failing = axum::Router::new().fallback(|| async {
+        (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": "out of memory"})),
+        )
+    });
+    let failing_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind");
+    let failing_port = failing_listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(failing_listener, failing).await });
+    let failing_id = register_node(&client, &router, "failing", failing_port, &["m"]).await;
+
+    // Alone, the node's own 5xx reaches the client.
+    let response = generate(&client, &router, false).await;
+    assert_eq!(response.status(), 500);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "out of memory");
+
+    // It is out of rotation now; with a healthy node beside it (and a
+    // heartbeat saying its server answers again) requests fail over.
+    let healthy = StandIn::spawn(StandInOptions::ollama("healthy", &["m"]))
+        .await
+        .expect("stand-in");
+    register_node(&client, &router, "healthy", healthy.address.port(), &["m"]).await;
+    let beat = client
+        .post(router.url(&format!("/api/agents/{failing_id}/heartbeat")))
+        .json(&json!({"llm_server_up": true}))
+        .send()
+        .await
+        .expect("heartbeat");
+    assert_eq!(beat.status(), 200);
+    assert_eq!(
+        agent(&client, &router, &failing_id).await["routable"],
+        true,
+        "a heartbeat brings it back"
+    );
+    for _ in 0..4 {
+        let response = generate(&client, &router, false).await;
+        assert_eq!(
+            response.status(),
+            200,
+            "the client sees no error while a node can serve"
+        );
+    }
+    assert_eq!(
+        agent(&client, &router, &failing_id).await["routable"],
+        false
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_stalls_is_cut_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.idle_timeout = Duration::from_millis(300);
+    let router = TestRouter::start(cfg).await;
+    let client = client();
+    let mut options = StandInOptions::ollama("stalling", &["m"]);
+    options.gated = true; // sends its first chunk, then waits for a release that never comes
+    let stalling = StandIn::spawn(options).await.expect("stand-in");
+    let id = register_node(
+        &client,
+        &router,
+        "stalling",
+        stalling.address.port(),
+        &["m"],
+    )
+    .await;
+
+    let response = generate(&client, &router, true).await;
+    assert_eq!(response.status(), 200, "the answer had started");
+    let mut stream = response.bytes_stream();
+    use futures::StreamExt;
+    let first = stream.next().await.expect("a first chunk").expect("bytes");
+    assert!(String::from_utf8_lossy(&first).contains("Hello"));
+    let mut cut = false;
+    while let Some(chunk) = stream.next().await {
+        if chunk.is_err() {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "the stream ends in an error, not a silent success");
+    let router_ref = &router;
+    let client_ref = &client;
+    let id_ref = &id;
+    eventually(Duration::from_secs(10), "the in-flight count to drop", || async move {
+        (agent(client_ref, router_ref, id_ref).await["in_flight"] == 0).then_some(())
+    })
+    .await;
+}
