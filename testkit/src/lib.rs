@@ -355,6 +355,17 @@ async fn unstreamed(shared: &Shared, body: Value) -> Response {
     Json(body).into_response()
 }
 
+/// The parsed body and its model, or the error answer the real server gives.
+fn generation_request(
+    shared: &Shared,
+    bytes: &[u8],
+    openai: bool,
+) -> Result<(Value, String), Response> {
+    let body = parse_body(bytes)?;
+    let model = check_model(shared, &body, openai)?.to_owned();
+    Ok((body, model))
+}
+
 fn wants_stream(body: &Value, default: bool) -> bool {
     body.get("stream")
         .and_then(Value::as_bool)
@@ -417,12 +428,8 @@ fn ollama_final_stats() -> Value {
 }
 
 async fn ollama_chat(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Response {
-    let body = match parse_body(&bytes) {
-        Ok(body) => body,
-        Err(response) => return response,
-    };
-    let model = match check_model(&shared, &body, false) {
-        Ok(model) => model.to_owned(),
+    let (body, model) = match generation_request(&shared, &bytes, false) {
+        Ok(request) => request,
         Err(response) => return response,
     };
     let chunks = answer_chunks(&shared.options);
@@ -447,12 +454,8 @@ async fn ollama_chat(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes
 }
 
 async fn ollama_generate(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Response {
-    let body = match parse_body(&bytes) {
-        Ok(body) => body,
-        Err(response) => return response,
-    };
-    let model = match check_model(&shared, &body, false) {
-        Ok(model) => model.to_owned(),
+    let (body, model) = match generation_request(&shared, &bytes, false) {
+        Ok(request) => request,
         Err(response) => return response,
     };
     let chunks = answer_chunks(&shared.options);
@@ -479,12 +482,8 @@ async fn ollama_generate(State(shared): State<Arc<Shared>>, bytes: axum::body::B
 }
 
 async fn ollama_embed(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes) -> Response {
-    let body = match parse_body(&bytes) {
-        Ok(body) => body,
-        Err(response) => return response,
-    };
-    let model = match check_model(&shared, &body, false) {
-        Ok(model) => model.to_owned(),
+    let (body, model) = match generation_request(&shared, &bytes, false) {
+        Ok(request) => request,
         Err(response) => return response,
     };
     let inputs: Vec<String> = match body.get("input") {
@@ -570,12 +569,8 @@ async fn openai_completions(
 }
 
 async fn openai_generation(shared: Arc<Shared>, bytes: axum::body::Bytes, chat: bool) -> Response {
-    let body = match parse_body(&bytes) {
-        Ok(body) => body,
-        Err(response) => return response,
-    };
-    let model = match check_model(&shared, &body, true) {
-        Ok(model) => model.to_owned(),
+    let (body, model) = match generation_request(&shared, &bytes, true) {
+        Ok(request) => request,
         Err(response) => return response,
     };
     let id = format!("cmpl-{}", shared.stats.requests.load(Ordering::SeqCst));
@@ -626,12 +621,8 @@ async fn openai_embeddings(
     State(shared): State<Arc<Shared>>,
     bytes: axum::body::Bytes,
 ) -> Response {
-    let body = match parse_body(&bytes) {
-        Ok(body) => body,
-        Err(response) => return response,
-    };
-    let model = match check_model(&shared, &body, true) {
-        Ok(model) => model.to_owned(),
+    let (body, model) = match generation_request(&shared, &bytes, true) {
+        Ok(request) => request,
         Err(response) => return response,
     };
     let inputs: Vec<String> = match body.get("input") {
