@@ -22,7 +22,7 @@ fn base(router: &TestRouter) -> String {
 async fn agents_survive_a_restart_and_get_a_grace_period() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(dir.path());
-    cfg.agent_timeout = Duration::from_secs(30);
+    cfg.agent_timeout = Duration::from_millis(600);
     let router = TestRouter::start(cfg.clone()).await;
     let client = client();
     let mut ids = Vec::new();
@@ -30,6 +30,8 @@ async fn agents_survive_a_restart_and_get_a_grace_period() {
         ids.push(register(&client, &base(&router), &registration(&format!("node-{n}"))).await);
     }
     router.stop().await.expect("clean stop");
+    // Longer than the timeout passes with no heartbeat at all.
+    tokio::time::sleep(Duration::from_millis(800)).await;
 
     let router = TestRouter::start(cfg).await;
     let agents = list(&client, &base(&router)).await;
@@ -42,8 +44,25 @@ async fn agents_survive_a_restart_and_get_a_grace_period() {
     assert_eq!(listed, ids);
     assert!(
         agents.iter().all(|a| a["status"] == "Online"),
-        "a restart does not mark the fleet Offline"
+        "a restart does not mark the fleet Offline, however old last_seen is"
     );
+    // The grace is one timeout: silent agents do go Offline after it.
+    let url = base(&router);
+    eventually(
+        Duration::from_secs(10),
+        "Offline after the grace period",
+        || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                list(&client, &url)
+                    .await
+                    .iter()
+                    .all(|a| a["status"] == "Offline")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
