@@ -1,0 +1,69 @@
+//! Choosing a node among 1,000 routable nodes, per policy. The target is
+//! at most 1 µs per pick.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::BackendKind;
+use coordinator::balancer::{ApiKind, Balancer, Policy, RoutingTable};
+use coordinator::registry::Candidate;
+use criterion::{criterion_group, criterion_main, Criterion};
+
+/// 1,000 Ollama nodes that all serve the benchmarked model (the worst case
+/// for least-busy, which looks at every holder), each with a few others.
+fn fleet(nodes: u32) -> RoutingTable {
+    let candidates = (0..nodes)
+        .map(|n| Candidate {
+            id: uuid::Uuid::from_u128(u128::from(n) + 1),
+            address: std::net::SocketAddr::from((
+                [127, (n >> 16) as u8, (n >> 8) as u8, n as u8],
+                11434,
+            )),
+            backend: BackendKind::Ollama,
+            models: vec![
+                "llama3.1:8b".to_owned(),
+                format!("private-{n}"),
+                "qwen2.5:7b".to_owned(),
+            ]
+            .into(),
+            loaded_models: Vec::<String>::new().into(),
+            // Busy nodes everywhere, so least-busy cannot stop early.
+            in_flight: Arc::new(AtomicU64::new(1 + u64::from(n % 7))),
+        })
+        .collect();
+    RoutingTable::build(candidates, Vec::new())
+}
+
+fn pick(c: &mut Criterion) {
+    let table = fleet(1_000);
+    for (name, policy) in [
+        ("round-robin", Policy::RoundRobin),
+        ("least-busy", Policy::LeastBusy),
+    ] {
+        let balancer = Balancer::new(policy);
+        c.bench_function(&format!("choose among 1000 nodes, {name}"), |b| {
+            b.iter(|| {
+                let chosen =
+                    balancer.choose(black_box(&table), ApiKind::Ollama, black_box("llama3.1:8b"));
+                black_box(chosen.map(|c| c.in_flight.load(Ordering::Relaxed)))
+            })
+        });
+        c.bench_function(
+            &format!("plan of 3 attempts among 1000 nodes, {name}"),
+            |b| {
+                b.iter(|| {
+                    black_box(balancer.plan(
+                        black_box(&table),
+                        ApiKind::Ollama,
+                        black_box("llama3.1:8b"),
+                        3,
+                    ))
+                })
+            },
+        );
+    }
+}
+
+criterion_group!(benches, pick);
+criterion_main!(benches);

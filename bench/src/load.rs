@@ -1,0 +1,187 @@
+//! A closed-loop HTTP/1.1 load generator: N keep-alive connections, each
+//! sending its next request as soon as the last answer is read whole, with
+//! every latency recorded in an HDR histogram (microseconds).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+/// Builds request number `n`.
+pub type MakeRequest = Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    /// Run for this long.
+    Duration(Duration),
+    /// Send this many requests in all.
+    Total(u64),
+}
+
+pub struct LoadResult {
+    pub requests: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    pub latency_us: Histogram<u64>,
+}
+
+impl LoadResult {
+    pub fn rate(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn p50_us(&self) -> f64 {
+        self.latency_us.value_at_quantile(0.5) as f64
+    }
+
+    pub fn p99_us(&self) -> f64 {
+        self.latency_us.value_at_quantile(0.99) as f64
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+pub fn post_json(path: &str, body: Vec<u8>) -> Request<Full<Bytes>> {
+    Request::post(path)
+        .header("host", "127.0.0.1")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Request::new(Full::new(Bytes::new())))
+}
+
+pub fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "127.0.0.1")
+        .body(Full::new(Bytes::new()))
+        .unwrap_or_else(|_| Request::new(Full::new(Bytes::new())))
+}
+
+/// Runs the load and merges what every connection saw.
+pub async fn run(
+    address: SocketAddr,
+    connections: usize,
+    limit: Limit,
+    make: MakeRequest,
+) -> LoadResult {
+    let issued = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = match limit {
+        Limit::Duration(duration) => Some(started + duration),
+        Limit::Total(_) => None,
+    };
+    let total = match limit {
+        Limit::Total(total) => total,
+        Limit::Duration(_) => u64::MAX,
+    };
+    let mut workers = Vec::new();
+    for _ in 0..connections {
+        let (issued, make) = (Arc::clone(&issued), Arc::clone(&make));
+        workers.push(tokio::spawn(async move {
+            connection_loop(address, deadline, total, issued, make).await
+        }));
+    }
+    let mut result = LoadResult {
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency_us: new_histogram(),
+    };
+    for worker in workers {
+        if let Ok((requests, errors, histogram)) = worker.await {
+            result.requests += requests;
+            result.errors += errors;
+            let _ = result.latency_us.add(histogram);
+        }
+    }
+    result.elapsed = started.elapsed();
+    result
+}
+
+async fn connect(
+    address: SocketAddr,
+) -> Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Some(sender)
+}
+
+async fn connection_loop(
+    address: SocketAddr,
+    deadline: Option<Instant>,
+    total: u64,
+    issued: Arc<AtomicU64>,
+    make: MakeRequest,
+) -> (u64, u64, Histogram<u64>) {
+    let mut histogram = new_histogram();
+    let (mut requests, mut errors) = (0u64, 0u64);
+    let mut sender = None;
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let n = issued.fetch_add(1, Ordering::Relaxed);
+        if n >= total {
+            break;
+        }
+        if sender.is_none() {
+            sender = connect(address).await;
+        }
+        let Some(current) = sender.as_mut() else {
+            errors += 1;
+            requests += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let request = make(n);
+        let begun = Instant::now();
+        let ok = match current.send_request(request).await {
+            Ok(response) => {
+                let success = response.status().is_success();
+                let body = response.into_body().collect().await;
+                success && body.is_ok()
+            }
+            Err(_) => false,
+        };
+        let _ = histogram.record(begun.elapsed().as_micros().max(1) as u64);
+        requests += 1;
+        if !ok {
+            errors += 1;
+            sender = None;
+        }
+    }
+    (requests, errors, histogram)
+}
+
+/// Time to the first body byte and to the end, for one streamed request.
+pub async fn first_byte_and_total(
+    address: SocketAddr,
+    request: Request<Full<Bytes>>,
+) -> Option<(Duration, Duration)> {
+    let mut sender = connect(address).await?;
+    let begun = Instant::now();
+    let response = sender.send_request(request).await.ok()?;
+    let mut body = response.into_body();
+    let mut first = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.ok()?;
+        if frame.data_ref().is_some_and(|d| !d.is_empty()) && first.is_none() {
+            first = Some(begun.elapsed());
+        }
+    }
+    Some((first?, begun.elapsed()))
+}

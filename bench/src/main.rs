@@ -1,0 +1,132 @@
+//! `llm-router-bench`: starts the release router, nginx (as the comparison
+//! proxy and as a fast fixed-response LLM server), stand-ins and agents on
+//! 127.0.0.1, drives each scenario of the performance issue, and prints every
+//! figure and ratio as the median of several runs. Leaves no process behind.
+
+mod load;
+mod procs;
+mod scenarios;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks llm-router against its targets and against nginx.")]
+struct Args {
+    /// Where the release binaries are.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Runs of the whole suite; figures are medians over runs.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds each throughput measurement lasts.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Agents registered for the heartbeat, memory and start-up scenarios.
+    #[arg(long, default_value_t = 100_000)]
+    fleet: u64,
+    /// Threads of the load generator (it shares the machine with the router).
+    #[arg(long, default_value_t = 1)]
+    client_threads: usize,
+    /// Only these scenarios (comma-separated: registry,proxy,failure,churn); all when empty.
+    #[arg(long, default_value = "")]
+    only: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .enable_all()
+        .build()?;
+    let selected: Vec<&str> = args
+        .only
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let wants = |name: &str| selected.is_empty() || selected.contains(&name);
+    let context = scenarios::Context {
+        binaries: procs::Binaries {
+            dir: args.bin_dir.clone(),
+        },
+        seconds: args.seconds,
+        fleet: args.fleet,
+    };
+    let mut runs: Vec<BTreeMap<&'static str, f64>> = Vec::new();
+    for run in 1..=args.runs {
+        eprintln!("== run {run} of {}", args.runs);
+        let work = tempfile::tempdir()?;
+        let mut figures = BTreeMap::new();
+        runtime.block_on(async {
+            if wants("registry") {
+                scenarios::registry(&context, work.path(), &mut figures).await?;
+            }
+            if wants("proxy") {
+                scenarios::proxy(&context, work.path(), &mut figures).await?;
+            }
+            if wants("failure") {
+                scenarios::failure(&context, work.path(), &mut figures).await?;
+            }
+            if wants("churn") {
+                scenarios::churn(&context, work.path(), &mut figures).await?;
+            }
+            anyhow::Ok(())
+        })?;
+        for (name, value) in &figures {
+            eprintln!("   {name:<32} {value:>14.3}");
+        }
+        runs.push(figures);
+    }
+    print_report(&runs);
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
+}
+
+fn print_report(runs: &[BTreeMap<&'static str, f64>]) {
+    let mut names: Vec<&'static str> = runs.iter().flat_map(|r| r.keys().copied()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let medians: BTreeMap<&str, f64> = names
+        .iter()
+        .map(|name| {
+            (
+                *name,
+                median(runs.iter().filter_map(|r| r.get(name).copied()).collect()),
+            )
+        })
+        .collect();
+    println!("\n| figure | median of {} runs | each run |", runs.len());
+    println!("|---|---:|---|");
+    for name in &names {
+        let each: Vec<String> = runs
+            .iter()
+            .filter_map(|r| r.get(name))
+            .map(|v| format!("{v:.1}"))
+            .collect();
+        println!("| {name} | {:.1} | {} |", medians[name], each.join(", "));
+    }
+    println!("\n| target | measured | met |");
+    println!("|---|---|---|");
+    for check in scenarios::targets() {
+        let value = medians.get(check.figure).copied();
+        let verdict = match value {
+            Some(v) if (check.met)(v) => "yes",
+            Some(_) => "NO",
+            None => "not run",
+        };
+        let shown = value.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} {}", check.unit));
+        println!("| {} | {shown} | {verdict} |", check.description);
+    }
+}

@@ -1,0 +1,236 @@
+//! Starting and stopping what the benchmarks measure: our release binaries,
+//! the stand-in, and nginx. Every child is killed when its handle drops, so
+//! a run leaves no process behind.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut command: Command, log_dir: &Path) -> anyhow::Result<Self> {
+        let log = log_dir.join(format!("{name}-{}.log", rand::random::<u32>()));
+        let file = std::fs::File::create(&log)?;
+        let child = command
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc {
+            child,
+            log,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Waits for the "listening on ADDRESS" line our binaries print.
+    pub fn wait_listening(&mut self) -> anyhow::Result<SocketAddr> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(rest) = text.split("listening on ").nth(1) {
+                let word = rest.split_whitespace().next().unwrap_or_default();
+                return Ok(word.trim_start_matches("http://").parse()?);
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("{} exited ({status}): {text}", self.name);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not start: {text}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(self.pid(), signal);
+    }
+
+    /// Resident memory, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|line| line.starts_with("VmRSS:"))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where the release binaries are.
+pub struct Binaries {
+    pub dir: PathBuf,
+}
+
+impl Binaries {
+    pub fn router(
+        &self,
+        data_dir: &Path,
+        extra: &[&str],
+        log_dir: &Path,
+    ) -> anyhow::Result<(Proc, SocketAddr)> {
+        let mut command = Command::new(self.dir.join("llm-router"));
+        command
+            .args(["--host", "127.0.0.1", "--port", "0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn,coordinator=info");
+        let mut proc = Proc::spawn("router", command, log_dir)?;
+        let address = proc.wait_listening()?;
+        Ok((proc, address))
+    }
+
+    pub fn standin(
+        &self,
+        name: &str,
+        args: &[&str],
+        log_dir: &Path,
+    ) -> anyhow::Result<(Proc, SocketAddr)> {
+        let mut command = Command::new(self.dir.join("llm-standin"));
+        command.args(["--name", name]).args(args);
+        let mut proc = Proc::spawn(name, command, log_dir)?;
+        let address = proc.wait_listening()?;
+        Ok((proc, address))
+    }
+
+    pub fn agent(
+        &self,
+        router: SocketAddr,
+        backend: SocketAddr,
+        name: &str,
+        interval: &str,
+        log_dir: &Path,
+    ) -> anyhow::Result<Proc> {
+        let mut command = Command::new(self.dir.join("llm-router-agent"));
+        command
+            .args(["--router-url", &format!("http://{router}")])
+            .args(["--backend-url", &format!("http://{backend}")])
+            .args(["--machine-name", name, "--heartbeat-interval", interval]);
+        Proc::spawn(name, command, log_dir)
+    }
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// nginx from Debian's packages: one server block answering every request
+/// with a fixed non-streamed Ollama generate answer (the fast LLM server),
+/// and one reverse proxy to it with pooled upstream connections (what we
+/// compare the router with).
+pub struct Nginx {
+    _proc: Proc,
+    pub server: SocketAddr,
+    pub proxy: SocketAddr,
+}
+
+pub const FIXED_ANSWER: &str = r#"{"model":"bench","created_at":"2026-01-01T00:00:00Z","response":"Hello from nginx","done":true}"#;
+
+impl Nginx {
+    pub fn start(work_dir: &Path) -> anyhow::Result<Self> {
+        let binary = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("nginx is not installed (scripts/bench.sh installs it)")?;
+        let server = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let dir = work_dir.join("nginx");
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let config = format!(
+            r#"worker_processes auto;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    keepalive_requests 1000000;
+    upstream llm {{ server {server}; keepalive 512; }}
+    server {{
+        listen {server};
+        location / {{
+            default_type application/json;
+            return 200 '{FIXED_ANSWER}';
+        }}
+    }}
+    server {{
+        listen {proxy};
+        location / {{
+            proxy_pass http://llm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"#,
+            dir = dir.display()
+        );
+        let config_path = dir.join("nginx.conf");
+        std::fs::write(&config_path, config)?;
+        let mut command = Command::new(binary);
+        command.arg("-c").arg(&config_path).arg("-p").arg(&dir);
+        let proc = Proc::spawn("nginx", command, work_dir)?;
+        for address in [server, proxy] {
+            wait_for_port(address)?;
+        }
+        Ok(Nginx {
+            _proc: proc,
+            server,
+            proxy,
+        })
+    }
+}
+
+pub fn wait_for_port(address: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(address).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {address}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
