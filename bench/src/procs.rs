@@ -152,12 +152,15 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// nginx from Debian's packages: one server block answering every request
-/// with a fixed non-streamed Ollama generate answer (the fast LLM server),
-/// and one reverse proxy to it with pooled upstream connections (what we
-/// compare the router with).
+/// nginx from Debian's packages, as two instances (two sets of processes):
+/// a fast LLM server answering every request with a fixed non-streamed
+/// Ollama generate answer, and a reverse proxy to it with pooled upstream
+/// connections (what the router is compared with). Two instances, because
+/// inside one the proxy would reach the server without ever waking another
+/// process, a shortcut the router, a process of its own, cannot take.
 pub struct Nginx {
-    _proc: Proc,
+    _server_proc: Proc,
+    _proxy_proc: Proc,
     pub server: SocketAddr,
     pub proxy: SocketAddr,
 }
@@ -166,16 +169,51 @@ pub const FIXED_ANSWER: &str = r#"{"model":"bench","created_at":"2026-01-01T00:0
 
 impl Nginx {
     pub fn start(work_dir: &Path) -> anyhow::Result<Self> {
-        let binary = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .context("nginx is not installed (scripts/bench.sh installs it)")?;
         let server = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let dir = work_dir.join("nginx");
-        std::fs::create_dir_all(dir.join("tmp"))?;
-        let config = format!(
-            r#"worker_processes auto;
+        let server_block = format!(
+            r#"server {{
+        listen {server};
+        location / {{
+            default_type application/json;
+            return 200 '{FIXED_ANSWER}';
+        }}
+    }}"#
+        );
+        let proxy_block = format!(
+            r#"upstream llm {{ server {server}; keepalive 512; }}
+    server {{
+        listen {proxy};
+        location / {{
+            proxy_pass http://llm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"#
+        );
+        let server_proc = start_instance(work_dir, "nginx-server", &server_block)?;
+        let proxy_proc = start_instance(work_dir, "nginx-proxy", &proxy_block)?;
+        for address in [server, proxy] {
+            wait_for_port(address)?;
+        }
+        Ok(Nginx {
+            _server_proc: server_proc,
+            _proxy_proc: proxy_proc,
+            server,
+            proxy,
+        })
+    }
+}
+
+fn start_instance(work_dir: &Path, name: &str, blocks: &str) -> anyhow::Result<Proc> {
+    let binary = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("nginx is not installed (scripts/bench.sh installs it)")?;
+    let dir = work_dir.join(name);
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    let config = format!(
+        r#"worker_processes auto;
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
@@ -188,40 +226,16 @@ http {{
     uwsgi_temp_path {dir}/tmp/uwsgi;
     scgi_temp_path {dir}/tmp/scgi;
     keepalive_requests 1000000;
-    upstream llm {{ server {server}; keepalive 512; }}
-    server {{
-        listen {server};
-        location / {{
-            default_type application/json;
-            return 200 '{FIXED_ANSWER}';
-        }}
-    }}
-    server {{
-        listen {proxy};
-        location / {{
-            proxy_pass http://llm;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-    }}
+    {blocks}
 }}
 "#,
-            dir = dir.display()
-        );
-        let config_path = dir.join("nginx.conf");
-        std::fs::write(&config_path, config)?;
-        let mut command = Command::new(binary);
-        command.arg("-c").arg(&config_path).arg("-p").arg(&dir);
-        let proc = Proc::spawn("nginx", command, work_dir)?;
-        for address in [server, proxy] {
-            wait_for_port(address)?;
-        }
-        Ok(Nginx {
-            _proc: proc,
-            server,
-            proxy,
-        })
-    }
+        dir = dir.display()
+    );
+    let config_path = dir.join("nginx.conf");
+    std::fs::write(&config_path, config)?;
+    let mut command = Command::new(binary);
+    command.arg("-c").arg(&config_path).arg("-p").arg(&dir);
+    Proc::spawn(name, command, work_dir)
 }
 
 pub fn wait_for_port(address: SocketAddr) -> anyhow::Result<()> {

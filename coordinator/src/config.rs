@@ -58,6 +58,10 @@ pub struct Config {
     #[arg(long, env = "LLM_ROUTER_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_attempts: u16,
 
+    /// Event loops serving requests, each on its own thread (0: one per CPU core).
+    #[arg(long, env = "LLM_ROUTER_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
     /// Largest client request body on the LLM routes, in bytes (chat with images).
     #[arg(long, env = "LLM_ROUTER_MAX_REQUEST_BODY", default_value_t = 100 * 1024 * 1024)]
     pub max_request_body: usize,
@@ -72,6 +76,14 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("."))
                 .join(".llm-router")
         })
+    }
+
+    /// How many event loops serve, the caller's runtime included.
+    pub fn serving_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
     }
 
     pub fn proxy_options(&self) -> ProxyOptions {
@@ -96,6 +108,7 @@ impl Config {
             idle_timeout: Duration::from_secs(300),
             max_attempts: 3,
             max_request_body: 100 * 1024 * 1024,
+            threads: 1,
         }
     }
 }

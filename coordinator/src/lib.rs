@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod config;
 pub mod proxy;
 pub mod registry;
+mod serve;
 pub mod store;
 
 use std::future::Future;
@@ -17,8 +18,72 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use api::{app, AppState};
+/// The HTTP types in the public API (`Candidate::host_header`).
+pub use axum::http as axum_http;
 pub use config::Config;
 pub use registry::Registry;
+
+/// Starts `count` more event loops, each a single-threaded runtime on its
+/// own OS thread with its own listening socket on the same address, as nginx
+/// runs a worker per core: a client connection then lives on one thread from
+/// accept to close, with its requests, their node connections and their
+/// answers, and no request crosses threads. The caller's runtime is one more
+/// loop. When `listener` was bound with `SO_REUSEPORT` (as `main` binds it),
+/// the kernel spreads new connections evenly over the sockets; otherwise the
+/// loops share the one socket.
+fn spawn_event_loops(
+    listener: &TcpListener,
+    app: &axum::Router,
+    count: usize,
+    stop: &CancellationToken,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    use std::os::fd::AsFd;
+    let address = listener.local_addr()?;
+    let mut handles = Vec::with_capacity(count);
+    for n in 1..=count {
+        let shared = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
+        shared.set_nonblocking(true)?;
+        let (app, stop) = (app.clone(), stop.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("event-loop-{n}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => return tracing::error!(%error, "Could not start an event loop."),
+                };
+                let served = runtime.block_on(async move {
+                    let listener = match bind_reusing_port(address) {
+                        Ok(own) => own,
+                        Err(_) => TcpListener::from_std(shared)?,
+                    };
+                    serve::serve(listener, app, stop).await;
+                    std::io::Result::Ok(())
+                });
+                if let Err(error) = served {
+                    tracing::error!(%error, "An event loop failed.");
+                }
+            })?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+/// A listening socket with `SO_REUSEPORT`, so that several can share one
+/// address and the kernel balances connections over them.
+pub fn bind_reusing_port(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(address)?;
+    socket.listen(1024)
+}
 
 /// Serves on `listener` until `shutdown` completes; then stops accepting,
 /// lets open requests finish, flushes the store and returns.
@@ -57,9 +122,24 @@ pub async fn run(
         )),
         max_request_body: config.max_request_body,
     };
-    let served = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let app = app(state);
+    let stop_event_loops = CancellationToken::new();
+    let event_loops = spawn_event_loops(
+        &listener,
+        &app,
+        config.serving_threads() - 1,
+        &stop_event_loops,
+    )?;
+    let stop_serving = stop_event_loops.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stop_serving.cancel();
+    });
+    serve::serve(listener, app, stop_event_loops).await;
+    for event_loop in event_loops {
+        // Each stops accepting and lets its open requests finish.
+        let _ = tokio::task::spawn_blocking(move || event_loop.join()).await;
+    }
 
     tracing::info!("Shutting down: flushing the store.");
     // The proxy (and so its pooled connections) went with the app.
@@ -69,7 +149,6 @@ pub async fn run(
     // The writer thread ends once the last `Store` handle (the registry's) is gone.
     drop(registry);
     writer.join();
-    served?;
     final_snapshot.map_err(|error| anyhow::anyhow!("final snapshot: {error}"))?;
     Ok(())
 }

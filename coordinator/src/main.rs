@@ -4,14 +4,15 @@ use anyhow::Context;
 use clap::Parser;
 use coordinator::Config;
 
-#[tokio::main]
+/// The main thread's runtime is one event loop; `run` starts one more per
+/// remaining core (see `coordinator::run`).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     init_tracing();
-    let address = (config.host, config.port);
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("binding {}:{}", config.host, config.port))?;
+    let address = std::net::SocketAddr::new(config.host, config.port);
+    let listener =
+        coordinator::bind_reusing_port(address).with_context(|| format!("binding {address}"))?;
     coordinator::run(listener, config, shutdown_signal()).await
 }
 

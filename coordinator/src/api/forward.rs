@@ -38,9 +38,12 @@ pub async fn forward(
         Ok(model) => model,
         Err(message) => return error(api, StatusCode::BAD_REQUEST, "invalid_request", &message),
     };
-    let path_and_query = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+    let path_and_query = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| axum::http::uri::PathAndQuery::from_static("/"));
     match proxy
-        .forward(api, path_and_query, headers, body, &model)
+        .forward(api, &path_and_query, headers, body, &model)
         .await
     {
         Ok(response) => response,

@@ -300,6 +300,7 @@ mod tests {
                 .collect::<Vec<_>>()
                 .into(),
             in_flight: Arc::new(AtomicU64::new(0)),
+            host_header: axum::http::HeaderValue::from_static("127.0.0.1:11434"),
         }
     }
 

@@ -14,6 +14,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::upstream::PooledConnection;
+
 /// Counts one request in flight to a node. Dropping it is the only way the
 /// count goes down, so completion, error and client disconnect (which drops
 /// the response body) are one path and the count cannot drift.
@@ -45,22 +47,54 @@ pub enum UpstreamBodyError {
     Read(#[from] hyper::Error),
 }
 
-/// Dropping it (the client went away) drops the node's body, which closes
-/// that connection: the node sees the disconnect and stops generating.
+/// It drives the node's connection while it is read. Dropping it (the
+/// client went away) drops that connection, which closes it: the node sees
+/// the disconnect and stops generating.
 pub struct UpstreamBody {
     inner: Incoming,
+    connection: PooledConnection,
     idle_timeout: Duration,
-    idle: Pin<Box<Sleep>>,
+    /// Armed only once the node makes us wait: most answers are whole in
+    /// the first read and need no timer at all.
+    idle: Option<Pin<Box<Sleep>>>,
     _in_flight: InFlightGuard,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, idle_timeout: Duration, in_flight: InFlightGuard) -> Self {
+    pub fn new(
+        inner: Incoming,
+        connection: PooledConnection,
+        idle_timeout: Duration,
+        in_flight: InFlightGuard,
+    ) -> Self {
         UpstreamBody {
             inner,
+            connection,
             idle_timeout,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle: None,
             _in_flight: in_flight,
+        }
+    }
+
+    fn poll_inner(
+        &mut self,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(context) {
+            return Poll::Ready(frame);
+        }
+        // Nothing buffered: let the connection read, then look again.
+        self.connection.poll_drive(context);
+        Pin::new(&mut self.inner).poll_frame(context)
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // Read whole, the connection can serve again; cut short, it is
+        // dropped and so closed, which tells the node to stop.
+        if self.inner.is_end_stream() {
+            self.connection.release();
         }
     }
 }
@@ -74,18 +108,31 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let deadline = Instant::now() + this.idle_timeout;
-                this.idle.as_mut().reset(deadline);
-                Poll::Ready(frame.map(|result| result.map_err(UpstreamBodyError::Read)))
+        match this.poll_inner(cx) {
+            Poll::Ready(None) => {
+                this.connection.release();
+                Poll::Ready(None)
             }
-            Poll::Pending => match this.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    Poll::Ready(Some(Err(UpstreamBodyError::Idle(this.idle_timeout))))
+            Poll::Ready(Some(frame)) => {
+                // hyper stops polling a body whose end it knows (its length
+                // was given), so the connection goes back on the last frame.
+                if this.inner.is_end_stream() {
+                    this.connection.release();
+                } else if let Some(idle) = &mut this.idle {
+                    idle.as_mut().reset(Instant::now() + this.idle_timeout);
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                Poll::Ready(Some(frame.map_err(UpstreamBodyError::Read)))
+            }
+            Poll::Pending => {
+                let timeout = this.idle_timeout;
+                let idle = this
+                    .idle
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(UpstreamBodyError::Idle(timeout)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

@@ -3,20 +3,20 @@
 //! answer streamed back as the node produces it.
 
 mod body;
+mod upstream;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderName, Method, Request, Response, StatusCode};
+use axum::http::uri::PathAndQuery;
+use axum::http::{header, HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 pub use body::InFlightGuard;
 use body::UpstreamBody;
+use upstream::UpstreamPool;
 
 use crate::balancer::{ApiKind, Balancer, NoRoute, Policy};
 use crate::registry::{Candidate, Registry};
@@ -58,7 +58,7 @@ pub enum ProxyError {
 pub struct Proxy {
     registry: Arc<Registry>,
     balancer: Balancer,
-    client: Client<HttpConnector, Full<Bytes>>,
+    upstream: Arc<UpstreamPool>,
     options: ProxyOptions,
 }
 
@@ -74,16 +74,10 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 
 impl Proxy {
     pub fn new(registry: Arc<Registry>, options: ProxyOptions) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(options.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
         Proxy {
             registry,
             balancer: Balancer::new(options.policy),
-            client,
+            upstream: UpstreamPool::new(options.connect_timeout),
             options,
         }
     }
@@ -97,7 +91,7 @@ impl Proxy {
     pub async fn forward(
         &self,
         api: ApiKind,
-        path_and_query: &str,
+        path_and_query: &PathAndQuery,
         headers: &HeaderMap,
         body: Bytes,
         model: &str,
@@ -130,22 +124,19 @@ impl Proxy {
     async fn attempt(
         &self,
         candidate: &Candidate,
-        path_and_query: &str,
+        path_and_query: &PathAndQuery,
         headers: &HeaderMap,
         body: Bytes,
     ) -> Attempt {
         let in_flight = InFlightGuard::new(&candidate.in_flight);
-        let request = match upstream_request(candidate, path_and_query, headers, body) {
-            Ok(request) => request,
-            Err(error) => {
-                tracing::error!(agent_id = %candidate.id, %error, "Could not build the upstream request.");
-                return Attempt::Failed;
-            }
-        };
-        let sent =
-            tokio::time::timeout(self.options.idle_timeout, self.client.request(request)).await;
-        let response = match sent {
-            Ok(Ok(response)) => response,
+        let build = || upstream_request(candidate, path_and_query, headers, body.clone());
+        let sent = tokio::time::timeout(
+            self.options.idle_timeout,
+            self.upstream.send(candidate.address, build),
+        )
+        .await;
+        let (response, connection) = match sent {
+            Ok(Ok(answer)) => answer,
             Ok(Err(error)) => {
                 tracing::warn!(agent_id = %candidate.id, address = %candidate.address, %error, "Node failed before answering; trying the next.");
                 return Attempt::Failed;
@@ -156,11 +147,14 @@ impl Proxy {
             }
         };
         let (mut parts, incoming) = response.into_parts();
-        for name in &HOP_BY_HOP {
-            parts.headers.remove(name);
+        if parts.headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+            for name in &HOP_BY_HOP {
+                parts.headers.remove(name);
+            }
         }
         let body = Body::new(UpstreamBody::new(
             incoming,
+            connection,
             self.options.idle_timeout,
             in_flight,
         ));
@@ -180,35 +174,38 @@ enum Attempt {
     Failed,
 }
 
+/// The request as the node gets it: origin-form path, the node's own Host,
+/// the client's headers less the router's credentials and hop-by-hop ones.
 fn upstream_request(
     candidate: &Candidate,
-    path_and_query: &str,
+    path_and_query: &PathAndQuery,
     headers: &HeaderMap,
     body: Bytes,
-) -> Result<Request<Full<Bytes>>, axum::http::Error> {
-    let mut builder = Request::builder()
-        .method(Method::POST)
-        .uri(format!("http://{}{path_and_query}", candidate.address));
-    if let Some(upstream_headers) = builder.headers_mut() {
-        for (name, value) in headers {
-            // The router's own credentials and the connection's details stay here.
-            if name == header::HOST
-                || name == header::CONTENT_LENGTH
-                || name == header::AUTHORIZATION
-                || HOP_BY_HOP.contains(name)
-            {
-                continue;
-            }
-            upstream_headers.append(name, value.clone());
+) -> Request<Full<Bytes>> {
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = Uri::from(path_and_query.clone());
+    let upstream_headers = request.headers_mut();
+    upstream_headers.reserve(headers.len() + 1);
+    upstream_headers.insert(header::HOST, candidate.host_header.clone());
+    for (name, value) in headers {
+        // The router's own credentials and the connection's details stay here.
+        if name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::AUTHORIZATION
+            || HOP_BY_HOP.contains(name)
+        {
+            continue;
         }
-        if !upstream_headers.contains_key(header::CONTENT_TYPE) {
-            upstream_headers.insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-        }
+        upstream_headers.append(name, value.clone());
     }
-    builder.body(Full::new(body))
+    if !upstream_headers.contains_key(header::CONTENT_TYPE) {
+        upstream_headers.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+    }
+    request
 }
 
 /// Maps a `NoRoute` to its status code.

@@ -77,6 +77,8 @@ pub struct Candidate {
     pub loaded_models: Arc<[String]>,
     /// Requests the router has in flight to this node.
     pub in_flight: Arc<AtomicU64>,
+    /// `Host` for requests to it, made once here rather than per request.
+    pub host_header: axum::http::HeaderValue,
 }
 
 pub struct Registry {
@@ -526,9 +528,14 @@ impl Registry {
             let Ok(ip) = agent.ip_address.parse::<IpAddr>() else {
                 continue;
             };
+            let address = std::net::SocketAddr::new(ip, agent.port);
+            let Ok(host_header) = axum::http::HeaderValue::from_str(&address.to_string()) else {
+                continue;
+            };
             candidates.push(Candidate {
                 id: agent.id,
-                address: std::net::SocketAddr::new(ip, agent.port),
+                address,
+                host_header,
                 backend: agent.backend,
                 models: models.clone().into(),
                 loaded_models: agent

@@ -1,0 +1,222 @@
+//! Connections to nodes: pooled per node address, and driven by the task
+//! that uses them.
+//!
+//! hyper's usual client spawns a task per connection and hands every request
+//! and answer across a channel to it: two task wake-ups per request, often on
+//! the other core. Here the request's own task polls the connection while it
+//! waits for the answer's head, and the answer's body keeps polling it while
+//! the body streams; when the body ends the connection goes back to the pool.
+//! A body dropped early (the client went away) drops the connection, which
+//! closes it, so the node sees the disconnect and stops generating.
+//!
+//! Idle connections are kept per thread: the router serves each client
+//! connection on one thread from accept to close (one event loop per core),
+//! and a node connection stays with the thread whose event loop owns it.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{Connection, SendRequest};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+type Io = TokioIo<TcpStream>;
+
+/// Idle connections kept per node; more than the busiest node needs at once
+/// is wasted file descriptors.
+const MAX_IDLE_PER_NODE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("connecting: timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("the node closed the connection before answering")]
+    Closed,
+}
+
+/// One HTTP/1.1 connection to a node: the request half and the connection
+/// future that does its I/O.
+pub struct UpstreamConnection {
+    sender: SendRequest<Full<Bytes>>,
+    connection: Connection<Io, Full<Bytes>>,
+    /// Taken from the pool rather than opened for this request.
+    reused: bool,
+}
+
+thread_local! {
+    static IDLE: RefCell<HashMap<SocketAddr, Vec<UpstreamConnection>>> = RefCell::new(HashMap::new());
+}
+
+pub struct UpstreamPool {
+    connect_timeout: Duration,
+}
+
+impl UpstreamPool {
+    pub fn new(connect_timeout: Duration) -> Arc<Self> {
+        Arc::new(UpstreamPool { connect_timeout })
+    }
+
+    /// Sends the request `build` makes to `address` and returns the answer's
+    /// head; its body comes with the connection that must keep being polled
+    /// to read it.
+    pub async fn send(
+        self: &Arc<Self>,
+        address: SocketAddr,
+        build: impl Fn() -> Request<Full<Bytes>>,
+    ) -> Result<(Response<Incoming>, PooledConnection), UpstreamError> {
+        let connection = match self.checkout(address) {
+            Some(connection) => connection,
+            None => self.connect(address).await?,
+        };
+        match self.send_on(address, connection, build()).await {
+            // A pooled connection the node closed meanwhile may show it only
+            // when used; that says nothing of the node, so the request goes
+            // again, once, on a new connection.
+            Err((UpstreamError::Http(_) | UpstreamError::Closed, true)) => {
+                let fresh = self.connect(address).await?;
+                self.send_on(address, fresh, build())
+                    .await
+                    .map_err(|(error, _)| error)
+            }
+            other => other.map_err(|(error, _)| error),
+        }
+    }
+
+    async fn send_on(
+        self: &Arc<Self>,
+        address: SocketAddr,
+        mut connection: UpstreamConnection,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(Response<Incoming>, PooledConnection), (UpstreamError, bool)> {
+        let reused = connection.reused;
+        let UpstreamConnection {
+            sender,
+            connection: driver,
+            ..
+        } = &mut connection;
+        // Wait until the connection takes a request, driving it meanwhile.
+        drive_until(driver, sender.ready())
+            .await
+            .map_err(|error| (error, reused))?;
+        let answer = sender.send_request(request);
+        let response = drive_until(driver, answer)
+            .await
+            .map_err(|error| (error, reused))?;
+        Ok((
+            response,
+            PooledConnection {
+                connection: Some(connection),
+                pool: Arc::clone(self),
+                address,
+            },
+        ))
+    }
+
+    fn checkout(&self, address: SocketAddr) -> Option<UpstreamConnection> {
+        IDLE.with_borrow_mut(|idle| {
+            let connections = idle.get_mut(&address)?;
+            while let Some(mut connection) = connections.pop() {
+                // One poll shows a close the node made while we were not looking.
+                let mut context = Context::from_waker(std::task::Waker::noop());
+                let closed = Pin::new(&mut connection.connection)
+                    .poll(&mut context)
+                    .is_ready();
+                if !closed && !connection.sender.is_closed() {
+                    connection.reused = true;
+                    return Some(connection);
+                }
+            }
+            None
+        })
+    }
+
+    fn checkin(&self, address: SocketAddr, connection: UpstreamConnection) {
+        if connection.sender.is_closed() {
+            return;
+        }
+        IDLE.with_borrow_mut(|idle| {
+            let connections = idle.entry(address).or_default();
+            if connections.len() < MAX_IDLE_PER_NODE {
+                connections.push(connection);
+            }
+        });
+    }
+
+    async fn connect(&self, address: SocketAddr) -> Result<UpstreamConnection, UpstreamError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))?
+            .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        Ok(UpstreamConnection {
+            sender,
+            connection,
+            reused: false,
+        })
+    }
+}
+
+/// Polls `future` to completion while also polling the connection that
+/// makes it progress. The connection ending first is an error.
+async fn drive_until<T>(
+    driver: &mut Connection<Io, Full<Bytes>>,
+    future: impl Future<Output = Result<T, hyper::Error>>,
+) -> Result<T, UpstreamError> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|context| {
+        if let Poll::Ready(result) = future.as_mut().poll(context) {
+            return Poll::Ready(result.map_err(UpstreamError::Http));
+        }
+        match Pin::new(&mut *driver).poll(context) {
+            Poll::Ready(Ok(())) => Poll::Ready(Err(UpstreamError::Closed)),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(UpstreamError::Http(error))),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// A connection in use by one answer's body. `poll` drives it; `release`
+/// returns it to the pool once the body has ended; dropping it closes it.
+pub struct PooledConnection {
+    connection: Option<UpstreamConnection>,
+    pool: Arc<UpstreamPool>,
+    address: SocketAddr,
+}
+
+impl PooledConnection {
+    /// Lets the connection do its I/O. Once it has ended it is not polled again.
+    pub fn poll_drive(&mut self, context: &mut Context<'_>) {
+        if let Some(connection) = &mut self.connection {
+            if Pin::new(&mut connection.connection)
+                .poll(context)
+                .is_ready()
+            {
+                self.connection = None;
+            }
+        }
+    }
+
+    /// The body ended: the connection can serve another request.
+    pub fn release(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            self.pool.checkin(self.address, connection);
+        }
+    }
+}
