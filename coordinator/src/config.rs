@@ -92,6 +92,7 @@ impl Config {
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
             max_attempts: usize::from(self.max_attempts),
+            max_request_body: self.max_request_body,
         }
     }
 

@@ -120,7 +120,6 @@ pub async fn run(
             Arc::clone(&registry),
             config.proxy_options(),
         )),
-        max_request_body: config.max_request_body,
     };
     let app = app(state);
     let stop_event_loops = CancellationToken::new();

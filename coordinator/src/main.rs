@@ -4,6 +4,9 @@ use anyhow::Context;
 use clap::Parser;
 use coordinator::Config;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The main thread's runtime is one event loop; `run` starts one more per
 /// remaining core (see `coordinator::run`).
 #[tokio::main(flavor = "current_thread")]

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -16,32 +16,42 @@ use crate::balancer::{ApiKind, NoRoute};
 use crate::proxy::{no_route_status, Proxy, ProxyError};
 
 /// Forwards one client request; every failure answers in the route's shape.
-pub async fn forward(
-    proxy: &Arc<Proxy>,
-    api: ApiKind,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
+/// The request is taken whole, so that its head is read in place rather
+/// than cloned for extractors.
+pub async fn forward(proxy: &Arc<Proxy>, api: ApiKind, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, proxy.max_request_body()).await {
         Ok(body) => body,
-        Err(rejection) => {
-            return error(
-                api,
-                rejection.status(),
-                "invalid_request",
-                &rejection.body_text(),
-            )
+        Err(read_error) => {
+            let too_large = std::error::Error::source(&read_error)
+                .is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                error(
+                    api,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the request body is too large",
+                )
+            } else {
+                error(
+                    api,
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "the request body could not be read",
+                )
+            };
         }
     };
     let model = match model_of(&body) {
         Ok(model) => model,
         Err(message) => return error(api, StatusCode::BAD_REQUEST, "invalid_request", &message),
     };
-    let path_and_query = uri
+    let path_and_query = parts
+        .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| axum::http::uri::PathAndQuery::from_static("/"));
+    let headers = &parts.headers;
     match proxy
         .forward(api, &path_and_query, headers, body, &model)
         .await

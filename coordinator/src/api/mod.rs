@@ -24,8 +24,6 @@ pub const REGISTRY_BODY_LIMIT: usize = 64 * 1024;
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub proxy: Arc<Proxy>,
-    /// The largest client request body the LLM routes take (chat with images).
-    pub max_request_body: usize,
 }
 
 impl FromRef<AppState> for Arc<Registry> {
@@ -66,7 +64,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/completions", post(openai::proxy))
         .route("/v1/embeddings", post(openai::proxy))
         .route("/v1/models", get(openai::models))
-        .layer(DefaultBodyLimit::max(state.max_request_body));
+        // The proxy reads bodies itself, up to its own limit.
+        .layer(DefaultBodyLimit::disable());
     Router::new()
         .route("/health", get(health))
         .merge(registry_routes)

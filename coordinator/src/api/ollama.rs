@@ -4,10 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
-use axum::http::{HeaderMap, Uri};
+use axum::extract::{Request, State};
 use axum::response::Response;
 use common::{AgentStatus, BackendKind};
 use serde_json::json;
@@ -18,13 +15,8 @@ use crate::proxy::Proxy;
 use crate::registry::Registry;
 
 /// `POST /api/chat`, `/api/generate`, `/api/embed`, `/api/embeddings`, `/api/show`.
-pub async fn proxy(
-    State(proxy): State<Arc<Proxy>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    forward(&proxy, ApiKind::Ollama, &uri, &headers, body).await
+pub async fn proxy(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
+    forward(&proxy, ApiKind::Ollama, request).await
 }
 
 fn model_entry(name: &str) -> serde_json::Value {

@@ -4,10 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
-use axum::http::{HeaderMap, Uri};
+use axum::extract::{Request, State};
 use axum::response::Response;
 use serde_json::json;
 
@@ -17,13 +14,8 @@ use crate::proxy::Proxy;
 use crate::registry::Registry;
 
 /// `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`.
-pub async fn proxy(
-    State(proxy): State<Arc<Proxy>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    forward(&proxy, ApiKind::OpenAi, &uri, &headers, body).await
+pub async fn proxy(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
+    forward(&proxy, ApiKind::OpenAi, request).await
 }
 
 /// `GET /v1/models`: every model some routable node serves, once.

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use common::BackendKind;
 
@@ -51,7 +52,8 @@ pub enum NoRoute {
 /// routing; never mutated after.
 #[derive(Debug, Default)]
 pub struct RoutingTable {
-    candidates: Vec<Candidate>,
+    /// Shared, so that a request's plan costs one count per node.
+    candidates: Vec<Arc<Candidate>>,
     models: HashMap<String, ModelGroups>,
     /// Models held by Online nodes that cannot take requests now.
     unavailable_models: HashSet<String>,
@@ -111,7 +113,7 @@ impl RoutingTable {
         }
         RoutingTable {
             any_count: candidates.len(),
-            candidates,
+            candidates: candidates.into_iter().map(Arc::new).collect(),
             models,
             unavailable_models: unavailable_models.into_iter().collect(),
             ollama,
@@ -119,7 +121,7 @@ impl RoutingTable {
     }
 
     /// Every routable node.
-    pub fn candidates(&self) -> &[Candidate] {
+    pub fn candidates(&self) -> &[Arc<Candidate>] {
         &self.candidates
     }
 
@@ -127,6 +129,7 @@ impl RoutingTable {
     pub fn serving(&self, api: ApiKind) -> impl Iterator<Item = &Candidate> {
         self.candidates
             .iter()
+            .map(Arc::as_ref)
             .filter(move |c| api.serves(c.backend))
     }
 
@@ -190,7 +193,7 @@ impl Balancer {
 
     /// Any routable node by this policy, whatever it serves (the seed's
     /// `select_available_agent`).
-    pub fn pick_any<'t>(&self, table: &'t RoutingTable) -> Option<&'t Candidate> {
+    pub fn pick_any<'t>(&self, table: &'t RoutingTable) -> Option<&'t Arc<Candidate>> {
         let candidates = &table.candidates;
         let position = self.pick_position(candidates.len(), |p| load_of(&candidates[p]))?;
         candidates.get(position)
@@ -219,7 +222,7 @@ impl Balancer {
         api: ApiKind,
         model: &str,
         max_attempts: usize,
-    ) -> Result<Vec<Candidate>, NoRoute> {
+    ) -> Result<Vec<Arc<Candidate>>, NoRoute> {
         let (loaded, cold) = table.groups(api, model)?;
         let (preferred, fallback) = if loaded.is_empty() {
             (cold, &[][..])
@@ -233,7 +236,7 @@ impl Balancer {
         Ok(rotated
             .chain(fallback)
             .take(max_attempts.max(1))
-            .map(|&i| table.candidates[i as usize].clone())
+            .map(|&i| Arc::clone(&table.candidates[i as usize]))
             .collect())
     }
 
@@ -359,7 +362,7 @@ mod tests {
                 .plan(&table, ApiKind::Ollama, "m", 5)
                 .expect("plan");
             assert_eq!(
-                plan.iter().map(port_of).collect::<Vec<_>>(),
+                plan.iter().map(|c| port_of(c)).collect::<Vec<_>>(),
                 [3, 2],
                 "the cold node is the fallback"
             );
@@ -452,7 +455,7 @@ mod tests {
             .plan(&table, ApiKind::Ollama, "m", 3)
             .expect("plan");
         assert_eq!(plan.len(), 3);
-        let distinct: HashSet<u8> = plan.iter().map(port_of).collect();
+        let distinct: HashSet<u8> = plan.iter().map(|c| port_of(c)).collect();
         assert_eq!(distinct.len(), 3, "no node twice");
     }
 }

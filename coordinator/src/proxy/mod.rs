@@ -31,6 +31,8 @@ pub struct ProxyOptions {
     pub idle_timeout: Duration,
     /// Nodes tried for one request before giving up.
     pub max_attempts: usize,
+    /// The largest client request body, in bytes (chat with images).
+    pub max_request_body: usize,
 }
 
 impl Default for ProxyOptions {
@@ -40,6 +42,7 @@ impl Default for ProxyOptions {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
             max_attempts: 3,
+            max_request_body: 100 * 1024 * 1024,
         }
     }
 }
@@ -84,6 +87,10 @@ impl Proxy {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    pub fn max_request_body(&self) -> usize {
+        self.options.max_request_body
     }
 
     /// Sends the request to a node that serves `model` on `api`, failing

@@ -450,7 +450,7 @@ impl Registry {
     }
 
     /// The seed's round-robin choice of an Online (and routable) agent.
-    pub fn select_available_agent(&self) -> Option<Candidate> {
+    pub fn select_available_agent(&self) -> Option<Arc<Candidate>> {
         let table = self.routing_table();
         self.round_robin.pick_any(&table).cloned()
     }
