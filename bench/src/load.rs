@@ -151,11 +151,22 @@ async fn connection_loop(
         let begun = Instant::now();
         let ok = match current.send_request(request).await {
             Ok(response) => {
-                let success = response.status().is_success();
-                let body = response.into_body().collect().await;
-                success && body.is_ok()
+                let status = response.status();
+                let body = response.into_body().collect().await.map(|b| b.to_bytes());
+                if !status.is_success() && errors < 3 {
+                    let text = body
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).into_owned());
+                    eprintln!("   request failed: {status} {}", text.unwrap_or_default());
+                }
+                status.is_success() && body.is_ok()
             }
-            Err(_) => false,
+            Err(error) => {
+                if errors < 3 {
+                    eprintln!("   request failed: {error}");
+                }
+                false
+            }
         };
         let _ = histogram.record(begun.elapsed().as_micros().max(1) as u64);
         requests += 1;

@@ -59,19 +59,28 @@ fn main() -> anyhow::Result<()> {
     for run in 1..=args.runs {
         eprintln!("== run {run} of {}", args.runs);
         let work = tempfile::tempdir()?;
+        // BENCH_KEEP=1 keeps every log and data dir for a look afterwards.
+        let work_path = work.path().to_path_buf();
+        let work = if std::env::var_os("BENCH_KEEP").is_some() {
+            eprintln!("   keeping {}", work_path.display());
+            std::mem::forget(work);
+            None
+        } else {
+            Some(work)
+        };
         let mut figures = BTreeMap::new();
         runtime.block_on(async {
             if wants("registry") {
-                scenarios::registry(&context, work.path(), &mut figures).await?;
+                scenarios::registry(&context, &work_path, &mut figures).await?;
             }
             if wants("proxy") {
-                scenarios::proxy(&context, work.path(), &mut figures).await?;
+                scenarios::proxy(&context, &work_path, &mut figures).await?;
             }
             if wants("failure") {
-                scenarios::failure(&context, work.path(), &mut figures).await?;
+                scenarios::failure(&context, &work_path, &mut figures).await?;
             }
             if wants("churn") {
-                scenarios::churn(&context, work.path(), &mut figures).await?;
+                scenarios::churn(&context, &work_path, &mut figures).await?;
             }
             anyhow::Ok(())
         })?;
@@ -79,6 +88,7 @@ fn main() -> anyhow::Result<()> {
             eprintln!("   {name:<32} {value:>14.3}");
         }
         runs.push(figures);
+        drop(work);
     }
     print_report(&runs);
     Ok(())

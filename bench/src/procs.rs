@@ -86,8 +86,16 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so that a process with children of its own (nginx's
+    /// master and its workers) takes them down with it; SIGKILL if it has
+    /// not exited within a few seconds.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(nix::sys::signal::Signal::SIGTERM);
+            if self.wait_exit(Duration::from_secs(10)).is_err() {
+                let _ = self.child.kill();
+            }
+        }
         let _ = self.child.wait();
     }
 }

@@ -194,3 +194,36 @@ async fn a_stream_that_stalls_is_cut_after_the_idle_timeout() {
     })
     .await;
 }
+
+/// Two event loops and a slow first build of the routing table: every one
+/// of a burst of first requests must be routed on a complete table (a race
+/// once let a second loop use the empty table while the first built it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_never_see_an_empty_routing_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.threads = 2;
+    let router = TestRouter::start(cfg).await;
+    let client = client();
+    let node = StandIn::spawn(StandInOptions::ollama("node", &["m"]))
+        .await
+        .expect("stand-in");
+    for round in 0..3 {
+        // Many agents make each rebuild take a while.
+        let registrations =
+            (0..700).map(|n| {
+                let (client, router) = (&client, &router);
+                let port = node.address.port();
+                async move {
+                    register_node(client, router, &format!("r{round}-n{n}"), port, &["m"]).await
+                }
+            });
+        futures::future::join_all(registrations).await;
+        let burst = (0..64).map(|_| async { generate(&client, &router, false).await.status() });
+        let statuses = futures::future::join_all(burst).await;
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "round {round}: {statuses:?}"
+        );
+    }
+}

@@ -59,6 +59,8 @@ pub struct RoutingTable {
     unavailable_models: HashSet<String>,
     any_count: usize,
     ollama: Vec<u32>,
+    /// How many routing changes the registry had counted when this was built.
+    generation: u64,
 }
 
 /// Indices into `candidates` of the nodes that have one model, split by
@@ -117,7 +119,17 @@ impl RoutingTable {
             models,
             unavailable_models: unavailable_models.into_iter().collect(),
             ollama,
+            generation: 0,
         }
+    }
+
+    pub fn with_generation(mut self, generation: u64) -> Self {
+        self.generation = generation;
+        self
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Every routable node.

@@ -14,7 +14,7 @@ mod sweeper;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -86,9 +86,9 @@ pub struct Registry {
     agent_timeout: Duration,
     store: Store,
     /// Routable agents indexed for routing, rebuilt lazily after
-    /// `routing_stale` is set.
+    /// a change that matters to routing (counted in `routing_changes`).
     routing: ArcSwap<RoutingTable>,
-    routing_stale: AtomicBool,
+    routing_changes: AtomicU64,
     rebuild: Mutex<()>,
     /// The seed's round-robin selection.
     round_robin: crate::balancer::Balancer,
@@ -174,7 +174,8 @@ impl Registry {
             agent_timeout,
             store,
             routing: ArcSwap::from_pointee(RoutingTable::default()),
-            routing_stale: AtomicBool::new(true),
+            // Above the empty table's 0, so the first reader builds one.
+            routing_changes: AtomicU64::new(1),
             rebuild: Mutex::new(()),
             round_robin: crate::balancer::Balancer::new(crate::balancer::Policy::RoundRobin),
         }
@@ -439,14 +440,26 @@ impl Registry {
 
     /// Routable agents indexed for routing; rebuilt only after a change that
     /// matters to routing, so that picking a node costs no scan.
+    ///
+    /// A table records the count of routing changes it was built after; a
+    /// reader whose table is older than the latest change waits for (or
+    /// makes) a newer one, so no request is routed on a table that misses a
+    /// change made before the request began.
     pub fn routing_table(&self) -> Arc<RoutingTable> {
-        if self.routing_stale.load(Ordering::Acquire) {
-            let _one_rebuilder = lock(&self.rebuild);
-            if self.routing_stale.swap(false, Ordering::AcqRel) {
-                self.routing.store(Arc::new(self.build_routing_table()));
-            }
+        let table = self.routing.load_full();
+        if table.generation() == self.routing_changes.load(Ordering::Acquire) {
+            return table;
         }
-        self.routing.load_full()
+        let _one_rebuilder = lock(&self.rebuild);
+        let table = self.routing.load_full();
+        let changes = self.routing_changes.load(Ordering::Acquire);
+        if table.generation() == changes {
+            return table;
+        }
+        // Read before the scan: a change during it makes this table old.
+        let fresh = Arc::new(self.build_routing_table().with_generation(changes));
+        self.routing.store(Arc::clone(&fresh));
+        fresh
     }
 
     /// The seed's round-robin choice of an Online (and routable) agent.
@@ -508,7 +521,7 @@ impl Registry {
     }
 
     fn mark_routing_stale(&self) {
-        self.routing_stale.store(true, Ordering::Release);
+        self.routing_changes.fetch_add(1, Ordering::AcqRel);
     }
 
     fn build_routing_table(&self) -> RoutingTable {

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The benchmark suite, one command: installs nginx from Debian's packages if
+# it is missing, builds the release binaries, runs the load generator (every
+# figure as the median of several runs; see BENCHMARKS.md) and the criterion
+# micro-benchmarks, and checks that it left no process behind.
+#
+#   bash scripts/bench.sh                  # 3 runs, 5 s per measurement
+#   RUNS=5 bash scripts/bench.sh --only proxy
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  echo "==> Installing nginx from Debian's packages"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null 2>&1 \
+    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi
+
+ours() { pgrep -c -x 'nginx|llm-router|llm-standin|llm-router-agent' || true; }
+before=$(ours)
+
+echo "==> Building release binaries"
+cargo build --release --locked --bins -q
+
+echo "==> Load generator ($(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB)"
+./target/release/llm-router-bench --runs "${RUNS:-3}" --seconds "${MEASURE_SECONDS:-5}" "$@"
+
+echo "==> Micro-benchmarks (criterion)"
+cargo bench --locked -p bench --bench pick 2>&1 | grep -E '^(choose|plan)|time:'
+
+after=$(ours)
+if [ "$after" -gt "$before" ]; then
+  echo "the benchmarks left $((after - before)) process(es) behind" >&2
+  exit 1
+fi
+echo "==> No process left behind."
