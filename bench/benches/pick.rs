@@ -21,13 +21,15 @@ fn fleet(nodes: u32) -> RoutingTable {
                 11434,
             )),
             backend: BackendKind::Ollama,
-            models: vec![
+            models: [
                 "llama3.1:8b".to_owned(),
                 format!("private-{n}"),
                 "qwen2.5:7b".to_owned(),
             ]
-            .into(),
-            loaded_models: Vec::<String>::new().into(),
+            .iter()
+            .map(|m| Arc::from(m.as_str()))
+            .collect(),
+            loaded_models: Arc::from([]),
             // Busy nodes everywhere, so least-busy cannot stop early.
             in_flight: Arc::new(AtomicU64::new(1 + u64::from(n % 7))),
             host_header: coordinator::axum_http::HeaderValue::from_static("127.0.0.1:11434"),

@@ -262,8 +262,10 @@ pub async fn registry(context: &Context, work: &Path, figures: &mut Figures) -> 
         .await;
         check_clean("filling the fleet", &rest)?;
     }
+    figures.insert("rss_fleet_registered_mb", router.rss_bytes() as f64 / 1e6);
     let (_, listed) = call(address, get("/api/agents")).await?;
     let listed: Vec<Value> = serde_json::from_slice(&listed)?;
+    figures.insert("rss_fleet_after_list_mb", router.rss_bytes() as f64 / 1e6);
     if listed.len() as u64 != context.fleet {
         bail!(
             "{} agents listed, {} registered",
@@ -331,6 +333,9 @@ pub async fn registry(context: &Context, work: &Path, figures: &mut Figures) -> 
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     figures.insert("startup_fleet_ms", milliseconds(begun.elapsed()));
+    // Loading's transient buffers are freed within a moment; both counts.
+    figures.insert("rss_at_start_peak_mb", restarted.rss_bytes() as f64 / 1e6);
+    tokio::time::sleep(Duration::from_secs(2)).await;
     figures.insert("rss_after_restart_mb", restarted.rss_bytes() as f64 / 1e6);
     let (_, listed) = call(address, get("/api/agents?status=Online")).await?;
     let online = serde_json::from_slice::<Vec<Value>>(&listed)?.len() as u64;

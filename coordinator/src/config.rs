@@ -33,9 +33,13 @@ pub struct Config {
     #[arg(long, env = "AGENT_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
     pub agent_timeout: Duration,
 
-    /// Seconds between writes of agents' last_seen to disk (and between snapshots).
+    /// Seconds between writes of agents' last_seen to disk (to the journal).
     #[arg(long, env = "LLM_ROUTER_FLUSH_INTERVAL", default_value = "5", value_parser = parse_seconds)]
     pub flush_interval: Duration,
+
+    /// Seconds between foldings of the journal into agents.json (sooner when it grows large).
+    #[arg(long, env = "LLM_ROUTER_SNAPSHOT_INTERVAL", default_value = "60", value_parser = parse_seconds)]
+    pub snapshot_interval: Duration,
 
     /// How to pick among the nodes that serve a model.
     #[arg(
@@ -104,6 +108,7 @@ impl Config {
             data_dir: Some(data_dir.into()),
             agent_timeout: Duration::from_secs(60),
             flush_interval: Duration::from_secs(5),
+            snapshot_interval: Duration::from_secs(60),
             balancer: Policy::RoundRobin,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),

@@ -95,7 +95,7 @@ pub async fn run(
     let data_dir = config.data_dir();
     let (store, writer, agents, report) = store::open(store::StoreOptions {
         data_dir: data_dir.clone(),
-        snapshot_interval: config.flush_interval,
+        snapshot_interval: config.snapshot_interval,
     })?;
     tracing::info!(
         data_dir = %data_dir.display(),
@@ -105,12 +105,7 @@ pub async fn run(
     );
     let registry = Arc::new(Registry::new(agents, config.agent_timeout, store));
 
-    let stop_tasks = CancellationToken::new();
-    let sweeper = tokio::spawn(registry::run_sweeper(
-        Arc::clone(&registry),
-        config.flush_interval,
-        stop_tasks.clone(),
-    ));
+    let sweeper = registry::Sweeper::start(Arc::clone(&registry), config.flush_interval)?;
 
     let address = listener.local_addr()?;
     tracing::info!(%address, "llm-router listening on http://{address}");
@@ -142,8 +137,7 @@ pub async fn run(
 
     tracing::info!("Shutting down: flushing the store.");
     // The proxy (and so its pooled connections) went with the app.
-    stop_tasks.cancel();
-    let _ = sweeper.await;
+    let _ = tokio::task::spawn_blocking(move || sweeper.stop()).await;
     let final_snapshot = registry.store().snapshot_now().await;
     // The writer thread ends once the last `Store` handle (the registry's) is gone.
     drop(registry);

@@ -35,7 +35,7 @@ pub async fn tags(State(registry): State<Arc<Registry>>) -> Response {
     let table = registry.routing_table();
     let names: BTreeSet<&str> = table
         .serving(ApiKind::Ollama)
-        .flat_map(|c| c.models.iter().map(String::as_str))
+        .flat_map(|c| c.models.iter().map(|m| &**m))
         .collect();
     let models: Vec<_> = names.into_iter().map(model_entry).collect();
     json_response(json!({ "models": models }))
@@ -46,7 +46,7 @@ pub async fn ps(State(registry): State<Arc<Registry>>) -> Response {
     let table = registry.routing_table();
     let names: BTreeSet<&str> = table
         .serving(ApiKind::Ollama)
-        .flat_map(|c| c.loaded_models.iter().map(String::as_str))
+        .flat_map(|c| c.loaded_models.iter().map(|m| &**m))
         .collect();
     let expires = (chrono::Utc::now() + chrono::Duration::minutes(5))
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);

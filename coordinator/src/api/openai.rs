@@ -23,7 +23,7 @@ pub async fn models(State(registry): State<Arc<Registry>>) -> Response {
     let table = registry.routing_table();
     let names: BTreeSet<&str> = table
         .serving(ApiKind::OpenAi)
-        .flat_map(|c| c.models.iter().map(String::as_str))
+        .flat_map(|c| c.models.iter().map(|m| &**m))
         .collect();
     let data: Vec<_> = names
         .into_iter()

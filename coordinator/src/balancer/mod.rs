@@ -94,11 +94,11 @@ impl RoutingTable {
             }
             let mut seen = HashSet::new();
             for model in candidate.models.iter() {
-                if !seen.insert(model.as_str()) {
+                if !seen.insert(&**model) {
                     continue;
                 }
                 let loaded = candidate.loaded_models.iter().any(|m| m == model);
-                let groups = models.entry(model.clone()).or_default();
+                let groups = models.entry(model.to_string()).or_default();
                 if loaded {
                     groups.any_loaded.push(index);
                 } else {
@@ -304,16 +304,8 @@ mod tests {
             id: uuid::Uuid::from_u128(u128::from(n)),
             address: std::net::SocketAddr::from(([127, 0, 0, n], 11434)),
             backend,
-            models: models
-                .iter()
-                .map(|m| (*m).to_owned())
-                .collect::<Vec<_>>()
-                .into(),
-            loaded_models: loaded
-                .iter()
-                .map(|m| (*m).to_owned())
-                .collect::<Vec<_>>()
-                .into(),
+            models: models.iter().map(|m| Arc::from(*m)).collect(),
+            loaded_models: loaded.iter().map(|m| Arc::from(*m)).collect(),
             in_flight: Arc::new(AtomicU64::new(0)),
             host_header: axum::http::HeaderValue::from_static("127.0.0.1:11434"),
         }

@@ -10,6 +10,7 @@
 //! `std` locks, not `tokio` ones, because every critical section is short
 //! and synchronous.
 
+mod record;
 mod sweeper;
 
 use std::collections::HashMap;
@@ -28,7 +29,10 @@ use uuid::Uuid;
 use crate::balancer::RoutingTable;
 use crate::store::{Change, Store, StoreError, Touch};
 
-pub use sweeper::run_sweeper;
+pub use record::{ModelList, NodeFacts};
+pub use sweeper::Sweeper;
+
+use record::{intern, intern_models};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -73,8 +77,8 @@ pub struct Candidate {
     pub id: Uuid,
     pub address: std::net::SocketAddr,
     pub backend: BackendKind,
-    pub models: Arc<[String]>,
-    pub loaded_models: Arc<[String]>,
+    pub models: ModelList,
+    pub loaded_models: ModelList,
     /// Requests the router has in flight to this node.
     pub in_flight: Arc<AtomicU64>,
     /// `Host` for requests to it, made once here rather than per request.
@@ -104,7 +108,7 @@ struct Maps {
 /// Everything the router knows of one agent.
 #[derive(Debug, Clone)]
 struct AgentRecord {
-    agent: Agent,
+    agent: NodeFacts,
     /// Monotonic time of the last sign of life: what liveness is decided on.
     last_seen_at: Instant,
     /// Bumped by every durable change, so that a failed commit rolls back
@@ -122,7 +126,7 @@ struct AgentRecord {
 }
 
 impl AgentRecord {
-    fn new(agent: Agent, last_seen_at: Instant, revision: u64) -> Self {
+    fn new(agent: NodeFacts, last_seen_at: Instant, revision: u64) -> Self {
         AgentRecord {
             agent,
             last_seen_at,
@@ -143,7 +147,7 @@ impl AgentRecord {
 
     fn view(&self) -> AgentView {
         AgentView {
-            agent: self.agent.clone(),
+            agent: self.agent.to_wire(),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             draining: self.draining,
             routable: self.is_routable(),
@@ -155,11 +159,11 @@ impl Registry {
     /// Builds the registry from the agents the store loaded. Each gets one
     /// full `agent_timeout` of grace from now, so a router restart does not
     /// mark the fleet Offline.
-    pub fn new(loaded: Vec<Agent>, agent_timeout: Duration, store: Store) -> Self {
+    pub fn new(loaded: Vec<NodeFacts>, agent_timeout: Duration, store: Store) -> Self {
         let now = Instant::now();
         let mut maps = Maps::default();
         for agent in loaded {
-            let identity = (agent.machine_name.clone(), agent.port);
+            let identity = (agent.machine_name.to_string(), agent.port);
             if let Some(previous) = maps.by_identity.insert(identity, agent.id) {
                 // Cannot come from our own writes; keep the later record.
                 tracing::warn!(agent_id = %previous, "Two stored agents share a name and port; keeping the later one.");
@@ -206,10 +210,13 @@ impl Registry {
                 let mut record = lock(&slot);
                 let previous = record.clone();
                 let agent = &mut record.agent;
-                agent.ip_address = registration.ip_address.to_string();
-                agent.runtime_version = registration.runtime_version;
-                agent.system_info = registration.system_info;
-                agent.models = registration.models;
+                agent.ip_address = registration.ip_address;
+                agent.runtime_version = intern(&registration.runtime_version);
+                agent.os = intern(&registration.system_info.os);
+                agent.arch = intern(&registration.system_info.arch);
+                agent.cpu_cores = registration.system_info.cpu_cores;
+                agent.total_memory = registration.system_info.total_memory;
+                agent.models = intern_models(&registration.models);
                 agent.backend = registration.backend;
                 agent.status = AgentStatus::Online;
                 agent.last_seen = now_wall;
@@ -220,7 +227,7 @@ impl Registry {
                 record.draining = false;
                 record.backend_unreachable = false;
                 let committed = self.store.submit(Change::Upsert {
-                    agent: Box::new(record.agent.clone()),
+                    agent: Box::new(record.agent.to_stored()),
                 });
                 (
                     id,
@@ -230,22 +237,25 @@ impl Registry {
                 )
             } else {
                 let id = Uuid::new_v4();
-                let agent = Agent {
+                let agent = NodeFacts {
                     id,
-                    machine_name: registration.machine_name,
-                    ip_address: registration.ip_address.to_string(),
+                    machine_name: registration.machine_name.into_boxed_str(),
+                    ip_address: registration.ip_address,
                     port: registration.port,
-                    runtime_version: registration.runtime_version,
+                    runtime_version: intern(&registration.runtime_version),
                     status: AgentStatus::Online,
                     registered_at: now_wall,
                     last_seen: now_wall,
-                    system_info: registration.system_info,
-                    models: registration.models,
+                    os: intern(&registration.system_info.os),
+                    arch: intern(&registration.system_info.arch),
+                    cpu_cores: registration.system_info.cpu_cores,
+                    total_memory: registration.system_info.total_memory,
+                    models: intern_models(&registration.models),
                     backend: registration.backend,
-                    report: HeartbeatReport::default(),
+                    report: record::Report::default(),
                 };
                 let committed = self.store.submit(Change::Upsert {
-                    agent: Box::new(agent.clone()),
+                    agent: Box::new(agent.to_stored()),
                 });
                 let record = AgentRecord::new(agent, now, 1);
                 maps.by_id.insert(id, Arc::new(Mutex::new(record)));
@@ -299,7 +309,7 @@ impl Registry {
             tracing::info!(agent_id = %id, "Agent's LLM server answers again; back in rotation.");
         }
         if let Some(report) = report {
-            routing_changed |= merge_report(&mut record.agent, report);
+            routing_changed |= record.agent.report.merge(report);
         }
         drop(record);
         if routing_changed {
@@ -316,26 +326,28 @@ impl Registry {
             let previous = record.clone();
             let agent = &mut record.agent;
             if let Some(ip) = update.ip_address {
-                agent.ip_address = ip.to_string();
+                agent.ip_address = ip;
             }
             if let Some(version) = update.runtime_version {
-                agent.runtime_version = version;
+                agent.runtime_version = intern(&version);
             }
             if let Some(system_info) = update.system_info {
-                agent.system_info = system_info;
+                agent.os = intern(&system_info.os);
+                agent.arch = intern(&system_info.arch);
+                agent.cpu_cores = system_info.cpu_cores;
+                agent.total_memory = system_info.total_memory;
             }
             if let Some(models) = update.models {
-                agent.models = models;
+                agent.models = intern_models(&models);
             }
             if let Some(backend) = update.backend {
                 agent.backend = backend;
             }
             record.revision += 1;
-            let agent = record.agent.clone();
             let committed = self.store.submit(Change::Upsert {
-                agent: Box::new(agent.clone()),
+                agent: Box::new(record.agent.to_stored()),
             });
-            (agent, committed, previous)
+            (record.agent.to_wire(), committed, previous)
         };
         self.mark_routing_stale();
         if let Err(error) = committed.await {
@@ -355,7 +367,7 @@ impl Registry {
             };
             let identity = {
                 let record = lock(&slot);
-                (record.agent.machine_name.clone(), record.agent.port)
+                (record.agent.machine_name.to_string(), record.agent.port)
             };
             if maps.by_identity.get(&identity) == Some(&id) {
                 maps.by_identity.remove(&identity);
@@ -506,6 +518,7 @@ impl Registry {
             })
             .collect();
         self.store.touch(touches);
+        record::prune_interned();
     }
 
     pub fn store(&self) -> &Store {
@@ -531,17 +544,14 @@ impl Registry {
         for slot in &slots {
             let record = lock(slot);
             let agent = &record.agent;
-            let models = agent.report.models.as_ref().unwrap_or(&agent.models);
-            if !record.is_routable() {
+            let models = agent.serving_models();
+            if !record.is_routable() || agent.ip_address.is_unspecified() {
                 if agent.status == AgentStatus::Online {
-                    unavailable_models.extend(models.iter().cloned());
+                    unavailable_models.extend(models.iter().map(|m| m.to_string()));
                 }
                 continue;
             }
-            let Ok(ip) = agent.ip_address.parse::<IpAddr>() else {
-                continue;
-            };
-            let address = std::net::SocketAddr::new(ip, agent.port);
+            let address = std::net::SocketAddr::new(agent.ip_address, agent.port);
             let Ok(host_header) = axum::http::HeaderValue::from_str(&address.to_string()) else {
                 continue;
             };
@@ -550,13 +560,12 @@ impl Registry {
                 address,
                 host_header,
                 backend: agent.backend,
-                models: models.clone().into(),
+                models: Arc::clone(models),
                 loaded_models: agent
                     .report
                     .loaded_models
                     .clone()
-                    .unwrap_or_default()
-                    .into(),
+                    .unwrap_or_else(|| Arc::from([])),
                 in_flight: Arc::clone(&record.in_flight),
             });
         }
@@ -577,7 +586,7 @@ impl Registry {
                     if let Some(slot) = maps.by_id.remove(&id) {
                         let record = lock(&slot);
                         maps.by_identity
-                            .remove(&(record.agent.machine_name.clone(), record.agent.port));
+                            .remove(&(record.agent.machine_name.to_string(), record.agent.port));
                     }
                 }
             }
@@ -593,7 +602,7 @@ impl Registry {
                     let record = lock(&slot);
                     (
                         record.agent.id,
-                        (record.agent.machine_name.clone(), record.agent.port),
+                        (record.agent.machine_name.to_string(), record.agent.port),
                     )
                 };
                 if let std::collections::hash_map::Entry::Vacant(vacant) =
@@ -630,33 +639,4 @@ enum Rollback {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
-}
-
-/// Folds a heartbeat's report into the agent; absent fields keep their last
-/// value. Returns whether anything routing looks at changed.
-fn merge_report(agent: &mut Agent, report: HeartbeatReport) -> bool {
-    let current = &mut agent.report;
-    let mut routing_changed = false;
-    if report.models.is_some() && report.models != current.models {
-        current.models = report.models;
-        routing_changed = true;
-    }
-    if report.loaded_models.is_some() && report.loaded_models != current.loaded_models {
-        current.loaded_models = report.loaded_models;
-        routing_changed = true;
-    }
-    if report.llm_server_up.is_some() && report.llm_server_up != current.llm_server_up {
-        current.llm_server_up = report.llm_server_up;
-        routing_changed = true;
-    }
-    if report.requests_in_flight.is_some() {
-        current.requests_in_flight = report.requests_in_flight;
-    }
-    if report.cpu_usage_percent.is_some() {
-        current.cpu_usage_percent = report.cpu_usage_percent;
-    }
-    if report.memory_used.is_some() {
-        current.memory_used = report.memory_used;
-    }
-    routing_changed
 }

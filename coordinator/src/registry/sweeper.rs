@@ -1,35 +1,51 @@
-//! The background task that turns silent agents Offline and hands the store
-//! their `last_seen` now and then.
+//! The background thread that turns silent agents Offline and hands the
+//! store their `last_seen` every flush interval.
+//!
+//! It is an OS thread rather than a task: a sweep over a large fleet takes
+//! milliseconds, which on an event loop would stall every request queued
+//! behind it.
 
+use std::sync::mpsc;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use tokio_util::sync::CancellationToken;
 
 use super::Registry;
 
-/// Sweeps at least every second (more often with a short timeout) and
-/// flushes liveness to the store every `flush_interval`, until `shutdown`;
-/// then flushes once more so that the final snapshot has the latest times.
-pub async fn run_sweeper(
-    registry: Arc<Registry>,
-    flush_interval: Duration,
-    shutdown: CancellationToken,
-) {
-    let sweep_every =
-        (registry.agent_timeout() / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
-    let mut sweep_tick = tokio::time::interval(sweep_every);
-    sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut flush_tick = tokio::time::interval(flush_interval);
-    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = sweep_tick.tick() => {
-                registry.sweep(Instant::now());
-            }
-            _ = flush_tick.tick() => registry.flush_liveness(),
-        }
+/// The running sweeper; `stop` ends it after one last flush of liveness, so
+/// that the final snapshot has the latest times.
+pub struct Sweeper {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Sweeper {
+    /// Sweeps at least every 500 ms (more often with a short timeout) and
+    /// flushes liveness to the store every `flush_interval`.
+    pub fn start(registry: Arc<Registry>, flush_interval: Duration) -> std::io::Result<Self> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let sweep_every = (registry.agent_timeout() / 4)
+            .clamp(Duration::from_millis(50), Duration::from_millis(500));
+        let thread = std::thread::Builder::new()
+            .name("sweeper".into())
+            .spawn(move || {
+                let mut next_flush = Instant::now() + flush_interval;
+                // Waiting on the channel doubles as a sleep that `stop` cuts short.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(sweep_every) {
+                    let now = Instant::now();
+                    registry.sweep(now);
+                    if now >= next_flush {
+                        registry.flush_liveness();
+                        next_flush = now + flush_interval;
+                    }
+                }
+                registry.flush_liveness();
+            })?;
+        Ok(Sweeper { stop, thread })
     }
-    registry.flush_liveness();
+
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
 }

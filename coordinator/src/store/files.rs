@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use common::Agent;
 
+use crate::registry::NodeFacts;
+
 use super::{Change, StoreError};
 
 pub const SNAPSHOT_FILE: &str = "agents.json";
@@ -48,7 +50,7 @@ impl DataFiles {
     /// Opens (creating if need be) the data dir, loads the snapshot, replays
     /// the journal. A dir that cannot be created, read or written is an error:
     /// the router must not run on a silently empty registry.
-    pub fn open(dir: &Path) -> Result<(Self, Vec<Agent>, LoadReport), StoreError> {
+    pub fn open(dir: &Path) -> Result<(Self, Vec<NodeFacts>, LoadReport), StoreError> {
         let dir_error = |source| StoreError::DataDir {
             path: dir.to_path_buf(),
             source,
@@ -86,6 +88,10 @@ impl DataFiles {
         self.journal_records
     }
 
+    pub fn journal_bytes(&self) -> u64 {
+        self.journal_len
+    }
+
     /// Appends the changes in one write and one fsync. On failure the journal
     /// is cut back to its previous length, so nothing is half-written.
     pub fn append(&mut self, changes: &[Change]) -> Result<(), StoreError> {
@@ -115,15 +121,18 @@ impl DataFiles {
 
     /// Writes `agents.json` atomically, keeps the previous one as `.bak`, then
     /// empties the journal (whose records the snapshot now holds).
-    pub fn write_snapshot(&mut self, agents: &[&Agent]) -> Result<(), StoreError> {
+    pub fn write_snapshot(&mut self, agents: &[&NodeFacts]) -> Result<(), StoreError> {
         let snapshot = self.dir.join(SNAPSHOT_FILE);
         let temp = self.dir.join(SNAPSHOT_TEMP);
-        let text = serde_json::to_vec_pretty(agents).map_err(|e| StoreError::Snapshot(e.into()))?;
+        // Streamed one agent at a time: a large fleet's snapshot is never
+        // held whole in memory.
         let write_temp = || -> std::io::Result<()> {
-            let mut file = File::create(&temp)?;
-            file.write_all(&text)?;
+            let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&temp)?);
+            serde_json::to_writer_pretty(&mut file, &StoredAgents(agents))?;
             file.write_all(b"\n")?;
-            file.sync_all()
+            file.into_inner()
+                .map_err(|error| error.into_error())?
+                .sync_all()
         };
         if let Err(error) = write_temp() {
             let _ = fs::remove_file(&temp);
@@ -150,6 +159,43 @@ impl DataFiles {
     }
 }
 
+/// The snapshot's array, each agent converted to its stored form as it is
+/// written.
+struct StoredAgents<'a>(&'a [&'a NodeFacts]);
+
+impl serde::Serialize for StoredAgents<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|facts| facts.to_stored()))
+    }
+}
+
+/// The snapshot's array read into compact records one agent at a time, so
+/// that a large fleet never exists in memory as a list of wire records too.
+struct FactsArray(Vec<NodeFacts>);
+
+impl<'de> serde::Deserialize<'de> for FactsArray {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FactsArray;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("an array of agents")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<FactsArray, A::Error> {
+                let mut facts = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(agent) = seq.next_element::<Agent>()? {
+                    facts.push(NodeFacts::from_wire(agent));
+                }
+                Ok(FactsArray(facts))
+            }
+        }
+        deserializer.deserialize_seq(Visitor)
+    }
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -157,11 +203,11 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// Agents by id, remembering first-seen order so that the list is stable.
 struct LoadedAgents {
     order: Vec<uuid::Uuid>,
-    by_id: std::collections::HashMap<uuid::Uuid, Agent>,
+    by_id: std::collections::HashMap<uuid::Uuid, NodeFacts>,
 }
 
 impl LoadedAgents {
-    fn new(agents: Vec<Agent>) -> Self {
+    fn new(agents: Vec<NodeFacts>) -> Self {
         let mut loaded = LoadedAgents {
             order: Vec::with_capacity(agents.len()),
             by_id: std::collections::HashMap::with_capacity(agents.len()),
@@ -172,9 +218,10 @@ impl LoadedAgents {
         loaded
     }
 
-    fn upsert(&mut self, agent: Agent) {
-        if self.by_id.insert(agent.id, agent.clone()).is_none() {
-            self.order.push(agent.id);
+    fn upsert(&mut self, agent: NodeFacts) {
+        let id = agent.id;
+        if self.by_id.insert(id, agent).is_none() {
+            self.order.push(id);
         }
     }
 
@@ -182,7 +229,14 @@ impl LoadedAgents {
         self.by_id.remove(id);
     }
 
-    fn into_values_ordered(mut self) -> Vec<Agent> {
+    fn touch(&mut self, touch: &super::Touch) {
+        if let Some(agent) = self.by_id.get_mut(&touch.id) {
+            agent.last_seen = touch.last_seen;
+            agent.status = touch.status;
+        }
+    }
+
+    fn into_values_ordered(mut self) -> Vec<NodeFacts> {
         self.order
             .iter()
             .filter_map(|id| self.by_id.remove(id))
@@ -235,9 +289,11 @@ fn load_snapshot(dir: &Path, report: &mut LoadReport) -> std::io::Result<LoadedA
 
 /// `None` when the file does not exist; an I/O error other than that is the
 /// caller's (a data dir it cannot read).
-fn read_agents(path: &Path) -> std::io::Result<Option<Result<Vec<Agent>, serde_json::Error>>> {
+fn read_agents(path: &Path) -> std::io::Result<Option<Result<Vec<NodeFacts>, serde_json::Error>>> {
     match fs::read(path) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes))),
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice::<FactsArray>(&bytes).map(|array| array.0),
+        )),
         Err(error) if error.kind() == ErrorKind::NotFound => Ok(None),
         Err(error) => Err(error),
     }
@@ -250,11 +306,17 @@ fn replay_journal(bytes: &[u8], agents: &mut LoadedAgents, report: &mut LoadRepo
         }
         match serde_json::from_slice::<Change>(line) {
             Ok(Change::Upsert { agent }) => {
-                agents.upsert(*agent);
+                agents.upsert(NodeFacts::from_wire(*agent));
                 report.journal_replayed += 1;
             }
             Ok(Change::Delete { id }) => {
                 agents.delete(&id);
+                report.journal_replayed += 1;
+            }
+            Ok(Change::Seen { agents: seen }) => {
+                for touch in seen {
+                    agents.touch(&touch);
+                }
                 report.journal_replayed += 1;
             }
             Err(error) => {

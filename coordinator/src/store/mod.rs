@@ -24,14 +24,16 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use common::{Agent, AgentStatus};
+
+use crate::registry::NodeFacts;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use files::LoadReport;
 
-/// How many journal records make the writer fold them into a snapshot at once.
-const JOURNAL_RECORDS_BEFORE_SNAPSHOT: usize = 50_000;
+/// A journal this large is folded into a snapshot at once.
+const JOURNAL_BYTES_BEFORE_SNAPSHOT: u64 = 64 * 1024 * 1024;
 /// How many queued commands one group commit takes at most.
 const MAX_BATCH: usize = 8_192;
 
@@ -52,16 +54,19 @@ pub enum StoreError {
 }
 
 /// One durable change. Journal lines are these, so replay is idempotent:
-/// an upsert carries the whole record, a delete only the id.
+/// an upsert carries the whole record, a delete only the id, a `seen` the
+/// liveness of the agents that moved since the last one.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Change {
     Upsert { agent: Box<Agent> },
     Delete { id: Uuid },
+    Seen { agents: Vec<Touch> },
 }
 
-/// Liveness facts flushed now and then; not journaled, only snapshotted.
-#[derive(Debug, Clone)]
+/// Liveness facts flushed every few seconds: journaled compactly, so that
+/// heartbeats never make the store rewrite the whole snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Touch {
     pub id: Uuid,
     pub last_seen: DateTime<Utc>,
@@ -101,9 +106,12 @@ pub struct StoreOptions {
 /// starts the writer. Returns the agents found and what loading noticed.
 pub fn open(
     options: StoreOptions,
-) -> Result<(Store, StoreWriter, Vec<Agent>, LoadReport), StoreError> {
+) -> Result<(Store, StoreWriter, Vec<NodeFacts>, LoadReport), StoreError> {
     let (files, agents, report) = files::DataFiles::open(&options.data_dir)?;
-    let committed: HashMap<Uuid, Agent> = agents.iter().map(|a| (a.id, a.clone())).collect();
+    let committed: HashMap<Uuid, NodeFacts> = agents
+        .iter()
+        .map(|facts| (facts.id, facts.clone()))
+        .collect();
     let (commands, receiver) = mpsc::channel();
     let mut writer = Writer {
         files,
@@ -180,7 +188,9 @@ impl StoreWriter {
 
 struct Writer {
     files: files::DataFiles,
-    committed: HashMap<Uuid, Agent>,
+    /// The committed records, in the registry's compact form (their shared
+    /// strings are the registry's own).
+    committed: HashMap<Uuid, NodeFacts>,
     receiver: mpsc::Receiver<Command>,
     snapshot_interval: Duration,
     snapshot_dirty: bool,
@@ -228,7 +238,8 @@ impl Writer {
                     changes.push(change);
                     commit_acks.push(ack);
                 }
-                Command::Touch(touches) => self.apply_touches(touches),
+                // Liveness needs no acknowledgement: it rides with the batch.
+                Command::Touch(agents) => changes.push(Change::Seen { agents }),
                 Command::Snapshot { ack } => snapshot_acks.push(ack),
             }
         }
@@ -243,7 +254,7 @@ impl Writer {
                         "Journal batch committed."
                     );
                     for change in changes {
-                        self.apply(change);
+                        apply(&mut self.committed, change);
                     }
                     for ack in commit_acks {
                         let _ = ack.send(Ok(()));
@@ -260,7 +271,7 @@ impl Writer {
 
         let pending = self.snapshot_dirty || self.files.journal_records() > 0;
         let due = pending && self.last_snapshot.elapsed() >= self.snapshot_interval;
-        let journal_full = self.files.journal_records() >= JOURNAL_RECORDS_BEFORE_SNAPSHOT;
+        let journal_full = self.files.journal_bytes() >= JOURNAL_BYTES_BEFORE_SNAPSHOT;
         let asked = !snapshot_acks.is_empty() && pending;
         if asked || due || journal_full {
             let result = self.write_snapshot().map_err(Arc::new);
@@ -278,36 +289,34 @@ impl Writer {
         }
     }
 
-    fn apply(&mut self, change: Change) {
-        match change {
-            Change::Upsert { agent } => {
-                self.committed.insert(agent.id, *agent);
-            }
-            Change::Delete { id } => {
-                self.committed.remove(&id);
-            }
-        }
-        self.snapshot_dirty = true;
-    }
-
-    fn apply_touches(&mut self, touches: Vec<Touch>) {
-        for touch in touches {
-            // An agent deleted since the touch was taken stays deleted.
-            if let Some(agent) = self.committed.get_mut(&touch.id) {
-                agent.last_seen = touch.last_seen;
-                agent.status = touch.status;
-                self.snapshot_dirty = true;
-            }
-        }
-    }
-
     fn write_snapshot(&mut self) -> Result<(), StoreError> {
-        let mut agents: Vec<&Agent> = self.committed.values().collect();
+        let mut agents: Vec<&NodeFacts> = self.committed.values().collect();
         agents.sort_by(|a, b| a.registered_at.cmp(&b.registered_at).then(a.id.cmp(&b.id)));
         self.files.write_snapshot(&agents)?;
         self.snapshot_dirty = false;
         self.last_snapshot = Instant::now();
         Ok(())
+    }
+}
+
+/// Applies one journal record to the writer's copy once it is durable.
+fn apply(agents: &mut HashMap<Uuid, NodeFacts>, change: Change) {
+    match change {
+        Change::Upsert { agent } => {
+            agents.insert(agent.id, NodeFacts::from_wire(*agent));
+        }
+        Change::Delete { id } => {
+            agents.remove(&id);
+        }
+        Change::Seen { agents: seen } => {
+            for touch in seen {
+                // An agent deleted since the touch was taken stays deleted.
+                if let Some(agent) = agents.get_mut(&touch.id) {
+                    agent.last_seen = touch.last_seen;
+                    agent.status = touch.status;
+                }
+            }
+        }
     }
 }
 

@@ -1,0 +1,283 @@
+//! How the registry holds one agent: compact, with the strings a fleet
+//! repeats (versions, OS, architecture, model lists) interned and shared.
+//! A fleet of 100,000 nodes mostly runs a handful of versions and model
+//! lists; holding them once keeps the registry's memory flat as it grows.
+//! `common::Agent` is made from this only at the edge (API answers, store).
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use chrono::{DateTime, Utc};
+use common::{Agent, AgentStatus, BackendKind, HeartbeatReport, SystemInfo};
+use uuid::Uuid;
+
+/// A shared, immutable list of model names.
+pub type ModelList = Arc<[Arc<str>]>;
+
+/// What the registry knows of one node (its durable part).
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    pub id: Uuid,
+    pub machine_name: Box<str>,
+    pub ip_address: IpAddr,
+    pub port: u16,
+    pub runtime_version: Arc<str>,
+    pub status: AgentStatus,
+    pub registered_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub os: Arc<str>,
+    pub arch: Arc<str>,
+    pub cpu_cores: u32,
+    pub total_memory: u64,
+    pub models: ModelList,
+    pub backend: BackendKind,
+    pub report: Report,
+}
+
+/// The latest heartbeat's report, merged field by field.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    pub models: Option<ModelList>,
+    pub loaded_models: Option<ModelList>,
+    pub requests_in_flight: Option<u32>,
+    pub llm_server_up: Option<bool>,
+    pub cpu_usage_percent: Option<f32>,
+    pub memory_used: Option<u64>,
+}
+
+impl NodeFacts {
+    /// From the stored form (loading) or a new registration's pieces.
+    pub fn from_wire(agent: Agent) -> Self {
+        NodeFacts {
+            id: agent.id,
+            machine_name: agent.machine_name.into_boxed_str(),
+            // Stored addresses were validated when registered; an unreadable
+            // one (a hand-edited file) makes the node unroutable, not the
+            // router unable to start.
+            ip_address: agent
+                .ip_address
+                .parse()
+                .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            port: agent.port,
+            runtime_version: intern(&agent.runtime_version),
+            status: agent.status,
+            registered_at: agent.registered_at,
+            last_seen: agent.last_seen,
+            os: intern(&agent.system_info.os),
+            arch: intern(&agent.system_info.arch),
+            cpu_cores: agent.system_info.cpu_cores,
+            total_memory: agent.system_info.total_memory,
+            models: intern_models(&agent.models),
+            backend: agent.backend,
+            report: Report::from_wire(agent.report),
+        }
+    }
+
+    /// The wire form, for API answers.
+    pub fn to_wire(&self) -> Agent {
+        Agent {
+            report: self.report.to_wire(),
+            ..self.to_stored()
+        }
+    }
+
+    /// The stored form: everything but the heartbeat's report, which the
+    /// next heartbeat after a restart brings back.
+    pub fn to_stored(&self) -> Agent {
+        Agent {
+            id: self.id,
+            machine_name: self.machine_name.to_string(),
+            ip_address: self.ip_address.to_string(),
+            port: self.port,
+            runtime_version: self.runtime_version.to_string(),
+            status: self.status,
+            registered_at: self.registered_at,
+            last_seen: self.last_seen,
+            system_info: SystemInfo {
+                os: self.os.to_string(),
+                arch: self.arch.to_string(),
+                cpu_cores: self.cpu_cores,
+                total_memory: self.total_memory,
+            },
+            models: to_strings(&self.models),
+            backend: self.backend,
+            report: HeartbeatReport::default(),
+        }
+    }
+
+    /// The models routing should use: the latest report's, else the registered ones.
+    pub fn serving_models(&self) -> &ModelList {
+        self.report.models.as_ref().unwrap_or(&self.models)
+    }
+}
+
+impl Report {
+    fn from_wire(report: HeartbeatReport) -> Self {
+        Report {
+            models: report.models.as_deref().map(intern_models),
+            loaded_models: report.loaded_models.as_deref().map(intern_models),
+            requests_in_flight: report.requests_in_flight,
+            llm_server_up: report.llm_server_up,
+            cpu_usage_percent: report.cpu_usage_percent,
+            memory_used: report.memory_used,
+        }
+    }
+
+    fn to_wire(&self) -> HeartbeatReport {
+        HeartbeatReport {
+            models: self.models.as_deref().map(to_strings),
+            loaded_models: self.loaded_models.as_deref().map(to_strings),
+            requests_in_flight: self.requests_in_flight,
+            llm_server_up: self.llm_server_up,
+            cpu_usage_percent: self.cpu_usage_percent,
+            memory_used: self.memory_used,
+        }
+    }
+
+    /// Folds a heartbeat's report in; absent fields keep their last value.
+    /// Returns whether anything routing looks at changed.
+    pub fn merge(&mut self, report: HeartbeatReport) -> bool {
+        let mut routing_changed = false;
+        if let Some(models) = report.models {
+            if !same_models(self.models.as_ref(), &models) {
+                self.models = Some(intern_models(&models));
+                routing_changed = true;
+            }
+        }
+        if let Some(models) = report.loaded_models {
+            if !same_models(self.loaded_models.as_ref(), &models) {
+                self.loaded_models = Some(intern_models(&models));
+                routing_changed = true;
+            }
+        }
+        if report.llm_server_up.is_some() && report.llm_server_up != self.llm_server_up {
+            self.llm_server_up = report.llm_server_up;
+            routing_changed = true;
+        }
+        if report.requests_in_flight.is_some() {
+            self.requests_in_flight = report.requests_in_flight;
+        }
+        if report.cpu_usage_percent.is_some() {
+            self.cpu_usage_percent = report.cpu_usage_percent;
+        }
+        if report.memory_used.is_some() {
+            self.memory_used = report.memory_used;
+        }
+        routing_changed
+    }
+}
+
+fn same_models(current: Option<&ModelList>, incoming: &[String]) -> bool {
+    current.is_some_and(|list| {
+        list.len() == incoming.len() && list.iter().zip(incoming).all(|(a, b)| **a == **b)
+    })
+}
+
+fn to_strings(list: &[Arc<str>]) -> Vec<String> {
+    list.iter().map(|name| name.to_string()).collect()
+}
+
+/// Interned values. Held here for as long as some agent uses them; `prune`
+/// lets go of the rest.
+#[derive(Default)]
+struct Interner {
+    strings: Mutex<HashSet<Arc<str>>>,
+    lists: Mutex<HashSet<ModelList>>,
+}
+
+fn interner() -> &'static Interner {
+    static INTERNER: OnceLock<Interner> = OnceLock::new();
+    INTERNER.get_or_init(Interner::default)
+}
+
+pub fn intern(text: &str) -> Arc<str> {
+    let mut strings = interner()
+        .strings
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    if let Some(existing) = strings.get(text) {
+        return Arc::clone(existing);
+    }
+    let value: Arc<str> = Arc::from(text);
+    strings.insert(Arc::clone(&value));
+    value
+}
+
+pub fn intern_models(models: &[String]) -> ModelList {
+    let list: ModelList = models.iter().map(|m| intern(m)).collect();
+    let mut lists = interner()
+        .lists
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    if let Some(existing) = lists.get(&list) {
+        return Arc::clone(existing);
+    }
+    lists.insert(Arc::clone(&list));
+    list
+}
+
+/// Drops interned values no agent uses any more (held only by the interner).
+pub fn prune_interned() {
+    let interner = interner();
+    interner
+        .lists
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .retain(|list| Arc::strong_count(list) > 1);
+    interner
+        .strings
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .retain(|text| Arc::strong_count(text) > 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_values_are_shared() {
+        let a = intern_models(&["llama3:8b".to_owned(), "qwen2:7b".to_owned()]);
+        let b = intern_models(&["llama3:8b".to_owned(), "qwen2:7b".to_owned()]);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&intern("Linux"), &intern("Linux")));
+    }
+
+    #[test]
+    fn wire_round_trip_keeps_every_field() {
+        let agent = Agent {
+            id: Uuid::new_v4(),
+            machine_name: "gpu-1".into(),
+            ip_address: "127.0.0.2".into(),
+            port: 11434,
+            runtime_version: "0.5.7".into(),
+            status: AgentStatus::Online,
+            registered_at: Utc::now(),
+            last_seen: Utc::now(),
+            system_info: SystemInfo {
+                os: "Linux".into(),
+                arch: "x86_64".into(),
+                cpu_cores: 8,
+                total_memory: 1 << 34,
+            },
+            models: vec!["a".into(), "b".into()],
+            backend: BackendKind::Ollama,
+            report: HeartbeatReport {
+                models: Some(vec!["a".into()]),
+                loaded_models: Some(vec![]),
+                requests_in_flight: Some(2),
+                llm_server_up: Some(true),
+                cpu_usage_percent: Some(1.5),
+                memory_used: Some(7),
+            },
+        };
+        assert_eq!(NodeFacts::from_wire(agent.clone()).to_wire(), agent);
+        let stored = NodeFacts::from_wire(agent.clone()).to_stored();
+        assert_eq!(
+            stored.report,
+            HeartbeatReport::default(),
+            "the report is not stored"
+        );
+    }
+}
