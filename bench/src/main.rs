@@ -27,6 +27,11 @@ struct Args {
     /// Agents registered for the heartbeat, memory and start-up scenarios.
     #[arg(long, default_value_t = 100_000)]
     fleet: u64,
+    /// Connections the heartbeat and /health loads use: the closed-loop
+    /// load at which heartbeats pass 50,000/s on 2 cores shared with this
+    /// generator; more only queues (see BENCHMARKS.md).
+    #[arg(long, default_value_t = 48)]
+    heartbeat_connections: usize,
     /// Threads of the load generator (it shares the machine with the router).
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
@@ -54,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         },
         seconds: args.seconds,
         fleet: args.fleet,
+        heartbeat_connections: args.heartbeat_connections,
     };
     let mut runs: Vec<BTreeMap<&'static str, f64>> = Vec::new();
     for run in 1..=args.runs {

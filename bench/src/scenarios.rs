@@ -23,6 +23,7 @@ pub struct Context {
     pub binaries: Binaries,
     pub seconds: f64,
     pub fleet: u64,
+    pub heartbeat_connections: usize,
 }
 
 impl Context {
@@ -284,7 +285,7 @@ pub async fn registry(context: &Context, work: &Path, figures: &mut Figures) -> 
     let heartbeat_ids = Arc::clone(&ids);
     let heartbeats = load::run(
         address,
-        64,
+        context.heartbeat_connections,
         context.measure_for(),
         Arc::new(move |n| {
             let id = &heartbeat_ids[(n as usize).wrapping_mul(7_919) % heartbeat_ids.len()];
@@ -298,7 +299,7 @@ pub async fn registry(context: &Context, work: &Path, figures: &mut Figures) -> 
     check_clean("heartbeats", &heartbeats)?;
     let health = load::run(
         address,
-        64,
+        context.heartbeat_connections,
         context.measure_for(),
         Arc::new(|_| get("/health")),
     )

@@ -510,11 +510,8 @@ impl Registry {
             .iter()
             .filter_map(|slot| {
                 let mut record = lock(slot);
-                std::mem::take(&mut record.touched).then(|| Touch {
-                    id: record.agent.id,
-                    last_seen: record.agent.last_seen,
-                    status: record.agent.status,
-                })
+                std::mem::take(&mut record.touched)
+                    .then(|| Touch(record.agent.id, record.agent.last_seen, record.agent.status))
             })
             .collect();
         self.store.touch(touches);

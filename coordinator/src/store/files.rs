@@ -229,10 +229,10 @@ impl LoadedAgents {
         self.by_id.remove(id);
     }
 
-    fn touch(&mut self, touch: &super::Touch) {
-        if let Some(agent) = self.by_id.get_mut(&touch.id) {
-            agent.last_seen = touch.last_seen;
-            agent.status = touch.status;
+    fn touch(&mut self, super::Touch(id, last_seen, status): &super::Touch) {
+        if let Some(agent) = self.by_id.get_mut(id) {
+            agent.last_seen = *last_seen;
+            agent.status = *status;
         }
     }
 

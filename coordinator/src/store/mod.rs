@@ -64,14 +64,15 @@ pub enum Change {
     Seen { agents: Vec<Touch> },
 }
 
-/// Liveness facts flushed every few seconds: journaled compactly, so that
-/// heartbeats never make the store rewrite the whole snapshot.
+/// Liveness facts flushed every few seconds: journaled compactly, as
+/// `[id, last_seen in epoch milliseconds, status]`, so that heartbeats never
+/// make the store rewrite the whole snapshot nor format 100,000 dates.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Touch {
-    pub id: Uuid,
-    pub last_seen: DateTime<Utc>,
-    pub status: AgentStatus,
-}
+pub struct Touch(
+    pub Uuid,
+    #[serde(with = "chrono::serde::ts_milliseconds")] pub DateTime<Utc>,
+    pub AgentStatus,
+);
 
 enum Command {
     Commit {
@@ -309,11 +310,11 @@ fn apply(agents: &mut HashMap<Uuid, NodeFacts>, change: Change) {
             agents.remove(&id);
         }
         Change::Seen { agents: seen } => {
-            for touch in seen {
+            for Touch(id, last_seen, status) in seen {
                 // An agent deleted since the touch was taken stays deleted.
-                if let Some(agent) = agents.get_mut(&touch.id) {
-                    agent.last_seen = touch.last_seen;
-                    agent.status = touch.status;
+                if let Some(agent) = agents.get_mut(&id) {
+                    agent.last_seen = last_seen;
+                    agent.status = status;
                 }
             }
         }
