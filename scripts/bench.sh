@@ -16,7 +16,8 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
 fi
 
-ours() { pgrep -c -x 'nginx|llm-router|llm-standin|llm-router-agent' || true; }
+# Process names as the kernel keeps them (15 characters at most).
+ours() { pgrep -c -x 'nginx|llm-router|llm-standin|llm-router-agen' || true; }
 before=$(ours)
 
 echo "==> Building release binaries"

@@ -2,7 +2,7 @@
 //! API), and the policies that pick among the candidates for one request.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::BackendKind;
@@ -67,14 +67,39 @@ pub struct RoutingTable {
 /// whether they hold it in memory already.
 #[derive(Debug, Default)]
 struct ModelGroups {
-    any_loaded: Vec<u32>,
-    any_cold: Vec<u32>,
-    ollama_loaded: Vec<u32>,
-    ollama_cold: Vec<u32>,
+    any_loaded: Group,
+    any_cold: Group,
+    ollama_loaded: Group,
+    ollama_cold: Group,
 }
 
+/// Nodes that can take one kind of request: their indices, and beside them
+/// their in-flight counters, so that least-busy scans one list of counters
+/// rather than hopping through every candidate.
+#[derive(Debug, Default)]
+struct Group {
+    members: Vec<u32>,
+    in_flight: Vec<Arc<AtomicU64>>,
+}
+
+impl Group {
+    fn push(&mut self, index: u32, candidate: &Candidate) {
+        self.members.push(index);
+        self.in_flight.push(Arc::clone(&candidate.in_flight));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+const NO_GROUP: &Group = &Group {
+    members: Vec::new(),
+    in_flight: Vec::new(),
+};
+
 impl ModelGroups {
-    fn for_api(&self, api: ApiKind) -> (&[u32], &[u32]) {
+    fn for_api(&self, api: ApiKind) -> (&Group, &Group) {
         match api {
             ApiKind::Ollama => (&self.ollama_loaded, &self.ollama_cold),
             ApiKind::OpenAi => (&self.any_loaded, &self.any_cold),
@@ -100,15 +125,15 @@ impl RoutingTable {
                 let loaded = candidate.loaded_models.iter().any(|m| m == model);
                 let groups = models.entry(model.to_string()).or_default();
                 if loaded {
-                    groups.any_loaded.push(index);
+                    groups.any_loaded.push(index, candidate);
                 } else {
-                    groups.any_cold.push(index);
+                    groups.any_cold.push(index, candidate);
                 }
                 if is_ollama {
                     if loaded {
-                        groups.ollama_loaded.push(index);
+                        groups.ollama_loaded.push(index, candidate);
                     } else {
-                        groups.ollama_cold.push(index);
+                        groups.ollama_cold.push(index, candidate);
                     }
                 }
             }
@@ -147,7 +172,7 @@ impl RoutingTable {
 
     /// The groups for a model; a name without a tag also finds `name:latest`,
     /// as Ollama itself does.
-    fn groups(&self, api: ApiKind, model: &str) -> Result<(&[u32], &[u32]), NoRoute> {
+    fn groups(&self, api: ApiKind, model: &str) -> Result<(&Group, &Group), NoRoute> {
         let found = self.lookup(model).map(|groups| groups.for_api(api));
         if let Some((loaded, cold)) = found {
             if !loaded.is_empty() || !cold.is_empty() {
@@ -203,12 +228,11 @@ impl Balancer {
         self.policy
     }
 
-    /// Any routable node by this policy, whatever it serves (the seed's
-    /// `select_available_agent`).
+    /// Any routable node in turn, whatever it serves (the seed's
+    /// `select_available_agent`, round-robin by definition).
     pub fn pick_any<'t>(&self, table: &'t RoutingTable) -> Option<&'t Arc<Candidate>> {
-        let candidates = &table.candidates;
-        let position = self.pick_position(candidates.len(), |p| load_of(&candidates[p]))?;
-        candidates.get(position)
+        let position = self.rotate(table.candidates.len())?;
+        table.candidates.get(position)
     }
 
     /// The node for one request: among those holding the model in memory
@@ -221,8 +245,8 @@ impl Balancer {
     ) -> Result<&'t Candidate, NoRoute> {
         let (loaded, cold) = table.groups(api, model)?;
         let group = if loaded.is_empty() { cold } else { loaded };
-        let position = self.pick_in_group(table, group).ok_or(NoRoute::NoNodes)?;
-        Ok(&table.candidates[group[position] as usize])
+        let position = self.pick_in_group(group).ok_or(NoRoute::NoNodes)?;
+        Ok(&table.candidates[group.members[position] as usize])
     }
 
     /// The nodes to try for one request, in order, at most `max_attempts`:
@@ -237,59 +261,63 @@ impl Balancer {
     ) -> Result<Vec<Arc<Candidate>>, NoRoute> {
         let (loaded, cold) = table.groups(api, model)?;
         let (preferred, fallback) = if loaded.is_empty() {
-            (cold, &[][..])
+            (cold, NO_GROUP)
         } else {
             (loaded, cold)
         };
-        let first = self
-            .pick_in_group(table, preferred)
-            .ok_or(NoRoute::NoNodes)?;
-        let rotated = preferred[first..].iter().chain(&preferred[..first]);
+        let first = self.pick_in_group(preferred).ok_or(NoRoute::NoNodes)?;
+        let members = &preferred.members;
+        let rotated = members[first..].iter().chain(&members[..first]);
         Ok(rotated
-            .chain(fallback)
+            .chain(&fallback.members)
             .take(max_attempts.max(1))
             .map(|&i| Arc::clone(&table.candidates[i as usize]))
             .collect())
     }
 
-    fn pick_in_group(&self, table: &RoutingTable, group: &[u32]) -> Option<usize> {
-        self.pick_position(group.len(), |p| {
-            load_of(&table.candidates[group[p] as usize])
-        })
+    fn pick_in_group(&self, group: &Group) -> Option<usize> {
+        match self.policy {
+            Policy::RoundRobin => self.rotate(group.members.len()),
+            Policy::LeastBusy => self.least_busy(&group.in_flight),
+        }
     }
 
-    /// A position in `0..len` by the policy; `load` gives a position's
-    /// requests in flight.
-    fn pick_position(&self, len: usize, load: impl Fn(usize) -> u64) -> Option<usize> {
-        if len == 0 {
+    /// The position of the smallest count, scanning from a rotating start
+    /// (so that ties spread evenly) over the slice itself: no modulo, no
+    /// bounds check per step, which keeps a thousand nodes near half a
+    /// microsecond.
+    fn least_busy(&self, counters: &[Arc<AtomicU64>]) -> Option<usize> {
+        if counters.is_empty() {
             return None;
         }
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
-        match self.policy {
-            Policy::RoundRobin => Some(start),
-            Policy::LeastBusy => {
-                // Scanning from a rotating start spreads ties evenly.
-                let mut best = start;
-                let mut best_load = u64::MAX;
-                for offset in 0..len {
-                    let position = (start + offset) % len;
-                    let position_load = load(position);
-                    if position_load < best_load {
-                        best = position;
-                        best_load = position_load;
-                        if position_load == 0 {
-                            break;
-                        }
-                    }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % counters.len();
+        let (head, tail) = counters.split_at(start);
+        let (mut best, mut best_load) = (start, u64::MAX);
+        for (offset, counter) in tail.iter().enumerate() {
+            let load = counter.load(Ordering::Relaxed);
+            if load < best_load {
+                (best, best_load) = (start + offset, load);
+                if load == 0 {
+                    return Some(best);
                 }
-                Some(best)
             }
         }
+        for (position, counter) in head.iter().enumerate() {
+            let load = counter.load(Ordering::Relaxed);
+            if load < best_load {
+                (best, best_load) = (position, load);
+                if load == 0 {
+                    break;
+                }
+            }
+        }
+        Some(best)
     }
-}
 
-fn load_of(candidate: &Candidate) -> u64 {
-    candidate.in_flight.load(Ordering::Relaxed)
+    /// The next position in `0..len` in turn: the seed's atomic cursor.
+    fn rotate(&self, len: usize) -> Option<usize> {
+        (len > 0).then(|| self.cursor.fetch_add(1, Ordering::Relaxed) % len)
+    }
 }
 
 #[cfg(test)]
