@@ -209,17 +209,7 @@ impl Registry {
                 // refresh, never between lookup and commit.
                 let mut record = lock(&slot);
                 let previous = record.clone();
-                let agent = &mut record.agent;
-                agent.ip_address = registration.ip_address;
-                agent.runtime_version = intern(&registration.runtime_version);
-                agent.os = intern(&registration.system_info.os);
-                agent.arch = intern(&registration.system_info.arch);
-                agent.cpu_cores = registration.system_info.cpu_cores;
-                agent.total_memory = registration.system_info.total_memory;
-                agent.models = intern_models(&registration.models);
-                agent.backend = registration.backend;
-                agent.status = AgentStatus::Online;
-                agent.last_seen = now_wall;
+                record.agent.refresh(&registration, now_wall);
                 record.last_seen_at = now;
                 record.revision += 1;
                 // A node that registers has (re)started: it is neither leaving
@@ -237,23 +227,7 @@ impl Registry {
                 )
             } else {
                 let id = Uuid::new_v4();
-                let agent = NodeFacts {
-                    id,
-                    machine_name: registration.machine_name.into_boxed_str(),
-                    ip_address: registration.ip_address,
-                    port: registration.port,
-                    runtime_version: intern(&registration.runtime_version),
-                    status: AgentStatus::Online,
-                    registered_at: now_wall,
-                    last_seen: now_wall,
-                    os: intern(&registration.system_info.os),
-                    arch: intern(&registration.system_info.arch),
-                    cpu_cores: registration.system_info.cpu_cores,
-                    total_memory: registration.system_info.total_memory,
-                    models: intern_models(&registration.models),
-                    backend: registration.backend,
-                    report: record::Report::default(),
-                };
+                let agent = NodeFacts::registered(id, &registration, now_wall);
                 let committed = self.store.submit(Change::Upsert {
                     agent: Box::new(agent.to_stored()),
                 });

@@ -12,6 +12,8 @@ use chrono::{DateTime, Utc};
 use common::{Agent, AgentStatus, BackendKind, HeartbeatReport, SystemInfo};
 use uuid::Uuid;
 
+use super::Registration;
+
 /// A shared, immutable list of model names.
 pub type ModelList = Arc<[Arc<str>]>;
 
@@ -72,6 +74,44 @@ impl NodeFacts {
             backend: agent.backend,
             report: Report::from_wire(agent.report),
         }
+    }
+
+    /// A node registering for the first time.
+    pub fn registered(id: Uuid, registration: &Registration, now: DateTime<Utc>) -> Self {
+        let mut facts = NodeFacts {
+            id,
+            machine_name: registration.machine_name.as_str().into(),
+            ip_address: registration.ip_address,
+            port: registration.port,
+            runtime_version: intern(""),
+            status: AgentStatus::Online,
+            registered_at: now,
+            last_seen: now,
+            os: intern(""),
+            arch: intern(""),
+            cpu_cores: 0,
+            total_memory: 0,
+            models: intern_models(&[]),
+            backend: registration.backend,
+            report: Report::default(),
+        };
+        facts.refresh(registration, now);
+        facts
+    }
+
+    /// A registration of a known node (a restart): everything but its
+    /// identity and registration time is taken anew, and it is Online.
+    pub fn refresh(&mut self, registration: &Registration, now: DateTime<Utc>) {
+        self.ip_address = registration.ip_address;
+        self.runtime_version = intern(&registration.runtime_version);
+        self.os = intern(&registration.system_info.os);
+        self.arch = intern(&registration.system_info.arch);
+        self.cpu_cores = registration.system_info.cpu_cores;
+        self.total_memory = registration.system_info.total_memory;
+        self.models = intern_models(&registration.models);
+        self.backend = registration.backend;
+        self.status = AgentStatus::Online;
+        self.last_seen = now;
     }
 
     /// The wire form, for API answers.
