@@ -16,8 +16,7 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
 fi
 
-# Process names as the kernel keeps them (15 characters at most).
-ours() { pgrep -c -x 'nginx|llm-router|llm-standin|llm-router-agen' || true; }
+ours() { { pgrep -x nginx; pgrep -x llm-router; pgrep -x llm-standin; pgrep -f llm-router-agent; } | wc -l; }
 before=$(ours)
 
 echo "==> Building release binaries"

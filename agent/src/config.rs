@@ -32,6 +32,15 @@ pub struct AgentConfig {
     #[arg(long, env = "LLM_ROUTER_ADVERTISE_IP")]
     pub advertise_ip: Option<IpAddr>,
 
+    /// Log lines as text for people, or JSON for log pipelines.
+    #[arg(
+        long,
+        env = "LLM_ROUTER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
     /// Seconds to wait on shutdown for the router's requests to this node to finish.
     #[arg(long, env = "LLM_ROUTER_DRAIN_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
     pub drain_timeout: Duration,
@@ -59,6 +68,12 @@ fn non_empty_env(name: &str) -> Option<String> {
     std::env::var(name)
         .ok()
         .filter(|value| !value.trim().is_empty())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Adds `http://` when missing and drops a trailing slash.

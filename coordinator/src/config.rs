@@ -5,17 +5,11 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
-
 use crate::balancer::Policy;
 use crate::proxy::ProxyOptions;
 
-#[derive(Debug, Clone, Parser)]
-#[command(
-    name = "llm-router",
-    version,
-    about = "One endpoint in front of a fleet of LLM servers."
-)]
+/// The server's options; the command line around them is `cli::Cli`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "LLM_ROUTER_HOST", default_value = "0.0.0.0")]
@@ -61,6 +55,15 @@ pub struct Config {
     /// Nodes tried for one request before the client gets an error.
     #[arg(long, env = "LLM_ROUTER_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_attempts: u16,
+
+    /// Log lines as text for people, or JSON for log pipelines.
+    #[arg(
+        long,
+        env = "LLM_ROUTER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
 
     /// Event loops serving requests, each on its own thread (0: one per CPU core).
     #[arg(long, env = "LLM_ROUTER_THREADS", default_value_t = 0)]
@@ -115,8 +118,15 @@ impl Config {
             max_attempts: 3,
             max_request_body: 100 * 1024 * 1024,
             threads: 1,
+            log_format: LogFormat::Text,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Seconds as a positive number, fractions allowed ("60", "0.5").

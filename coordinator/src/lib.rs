@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod balancer;
+pub mod cli;
 pub mod config;
 pub mod proxy;
 pub mod registry;
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub use api::{app, AppState};
 /// The HTTP types in the public API (`Candidate::host_header`).
 pub use axum::http as axum_http;
-pub use config::Config;
+pub use config::{Config, LogFormat};
 pub use registry::Registry;
 
 /// Starts `count` more event loops, each a single-threaded runtime on its

@@ -1,8 +1,10 @@
-//! The `llm-router` binary: parse the config, start logging, bind, run.
+//! The `llm-router` binary: parse the command line; without a command,
+//! start logging, bind and serve; with one, talk to a running router.
 
 use anyhow::Context;
 use clap::Parser;
-use coordinator::Config;
+use coordinator::cli::Cli;
+use coordinator::LogFormat;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -11,22 +13,30 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// remaining core (see `coordinator::run`).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    init_tracing();
+    let cli = Cli::parse();
+    if let Some(command) = cli.command {
+        return coordinator::cli::run_command(command).await;
+    }
+    let config = cli.serve;
+    init_tracing(config.log_format);
     let address = std::net::SocketAddr::new(config.host, config.port);
     let listener =
         coordinator::bind_reusing_port(address).with_context(|| format!("binding {address}"))?;
     coordinator::run(listener, config, shutdown_signal()).await
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn"));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 /// Completes on ctrl-c or SIGTERM.

@@ -27,6 +27,7 @@ impl RunningAgent {
             machine_name: Some(name.to_owned()),
             advertise_ip: None,
             drain_timeout: Duration::from_secs(5),
+            log_format: agent::config::LogFormat::Text,
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(agent::run(config, stop.clone()));

@@ -88,6 +88,10 @@ pub fn config(data_dir: &Path) -> Config {
 pub struct RouterProcess {
     pub child: tokio::process::Child,
     pub address: SocketAddr,
+    /// Every log line, gathered as the router writes them.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The task gathering them; it ends when the router's stderr closes.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RouterProcess {
@@ -104,10 +108,17 @@ impl RouterProcess {
             .expect("spawn llm-router");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = std::sync::Arc::clone(&log);
         let address = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await.expect("read log") {
+                seen.lock().expect("log").push(line.clone());
                 if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let address = rest.split_whitespace().next().expect("address");
+                    // Text logs end the address with a space, JSON ones with a quote.
+                    let address: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                        .collect();
                     return address.parse::<SocketAddr>().expect("socket address");
                 }
             }
@@ -116,8 +127,26 @@ impl RouterProcess {
         .await
         .expect("llm-router did not start in time");
         // Keep draining the log so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        RouterProcess { child, address }
+        let gathered = std::sync::Arc::clone(&log);
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                gathered.lock().expect("log").push(line);
+            }
+        });
+        RouterProcess {
+            child,
+            address,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    /// The whole log of a router that has exited: waits for the end of it.
+    pub async fn finished_log(&mut self) -> Vec<String> {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.await;
+        }
+        self.log.lock().expect("log").clone()
     }
 
     pub fn url(&self, path: &str) -> String {

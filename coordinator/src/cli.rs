@@ -1,0 +1,280 @@
+//! The `llm-router` command line: the bare command serves; `agents` and
+//! `status` talk to a running router over its HTTP API, as tables for
+//! people or `--json` for scripts.
+
+use std::fmt::Write as _;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use common::{AgentStatus, AgentView, ErrorBody};
+
+use crate::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "llm-router",
+    version,
+    about = "One endpoint in front of a fleet of LLM servers. Without a command, serves.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub serve: Config,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List, show or remove the agents of a running router.
+    Agents {
+        #[command(subcommand)]
+        action: AgentsAction,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Whether a running router answers, and its agents by status.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsAction {
+    /// Every agent, oldest first.
+    List,
+    /// One agent, with everything the router knows of it.
+    Show { id: String },
+    /// Forget an agent (it registers again, with a new id, if it is alive).
+    Remove { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The running router.
+    #[arg(
+        long,
+        global = true,
+        env = "LLM_ROUTER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub router_url: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Runs one command against a running router, printing to stdout.
+pub async fn run_command(command: Command) -> anyhow::Result<()> {
+    let output = match command {
+        Command::Agents { action, client } => {
+            let api = Api::new(&client.router_url);
+            let output = match action {
+                AgentsAction::List => {
+                    let agents: Vec<AgentView> = api.get_json("/api/agents").await?;
+                    if client.json {
+                        serde_json::to_string_pretty(&agents)?
+                    } else {
+                        agents_table(&agents)
+                    }
+                }
+                AgentsAction::Show { id } => {
+                    let agent: serde_json::Value =
+                        api.get_json(&format!("/api/agents/{id}")).await?;
+                    serde_json::to_string_pretty(&agent)?
+                }
+                AgentsAction::Remove { id } => {
+                    api.delete(&format!("/api/agents/{id}")).await?;
+                    if client.json {
+                        serde_json::json!({ "removed": id }).to_string()
+                    } else {
+                        format!("removed {id}")
+                    }
+                }
+            };
+            output
+        }
+        Command::Status { client } => {
+            let api = Api::new(&client.router_url);
+            let agents: Vec<AgentView> = api.get_json("/api/agents").await?;
+            let status = Summary::of(&agents);
+            if client.json {
+                serde_json::to_string_pretty(&status.to_json())?
+            } else {
+                status.to_text(&client.router_url)
+            }
+        }
+    };
+    println!("{output}");
+    Ok(())
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(base: &str) -> Self {
+        Api {
+            base: base.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let response = self
+            .send(self.http.get(format!("{}{path}", self.base)))
+            .await?;
+        Ok(response.json().await?)
+    }
+
+    async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await?;
+        Ok(())
+    }
+
+    /// Sends, and turns an error answer into its message.
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the router at {}", self.base))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let message =
+            serde_json::from_str::<ErrorBody>(&text).map_or(text, |body| body.error.message);
+        bail!("the router answered {status}: {message}")
+    }
+}
+
+/// Agents as a table; times as given (RFC 3339, UTC).
+fn agents_table(agents: &[AgentView]) -> String {
+    let header = [
+        "ID",
+        "NAME",
+        "ADDRESS",
+        "STATUS",
+        "LAST SEEN",
+        "IN FLIGHT",
+        "MODELS",
+    ];
+    let rows: Vec<[String; 7]> = agents
+        .iter()
+        .map(|view| {
+            let agent = &view.agent;
+            let status = match (agent.status, view.draining, view.routable) {
+                (AgentStatus::Offline, _, _) => "Offline",
+                (AgentStatus::Online, true, _) => "Draining",
+                (AgentStatus::Online, false, false) => "Online (server down)",
+                (AgentStatus::Online, false, true) => "Online",
+            };
+            let models = agent
+                .report
+                .models
+                .as_ref()
+                .unwrap_or(&agent.models)
+                .join(",");
+            [
+                agent.id.to_string(),
+                agent.machine_name.clone(),
+                format!("{}:{}", agent.ip_address, agent.port),
+                status.to_owned(),
+                agent
+                    .last_seen
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                view.in_flight.to_string(),
+                models,
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", text.join("  ").trim_end());
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    out.trim_end().to_owned()
+}
+
+/// Counts for `status`.
+struct Summary {
+    total: usize,
+    online: usize,
+    offline: usize,
+    routable: usize,
+    in_flight: u64,
+    models: Vec<String>,
+}
+
+impl Summary {
+    fn of(agents: &[AgentView]) -> Self {
+        let mut models: Vec<String> = agents
+            .iter()
+            .filter(|view| view.routable)
+            .flat_map(|view| {
+                view.agent
+                    .report
+                    .models
+                    .clone()
+                    .unwrap_or_else(|| view.agent.models.clone())
+            })
+            .collect();
+        models.sort();
+        models.dedup();
+        Summary {
+            total: agents.len(),
+            online: agents
+                .iter()
+                .filter(|v| v.agent.status == AgentStatus::Online)
+                .count(),
+            offline: agents
+                .iter()
+                .filter(|v| v.agent.status == AgentStatus::Offline)
+                .count(),
+            routable: agents.iter().filter(|v| v.routable).count(),
+            in_flight: agents.iter().map(|v| v.in_flight).sum(),
+            models,
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "healthy": true,
+            "agents": {"total": self.total, "online": self.online, "offline": self.offline, "routable": self.routable},
+            "requests_in_flight": self.in_flight,
+            "models": self.models,
+        })
+    }
+
+    fn to_text(&self, url: &str) -> String {
+        format!(
+            "router:    {url} (answering)\nagents:    {} ({} Online, {} Offline, {} taking requests)\nin flight: {}\nmodels:    {}",
+            self.total,
+            self.online,
+            self.offline,
+            self.routable,
+            self.in_flight,
+            if self.models.is_empty() { "none".to_owned() } else { self.models.join(", ") }
+        )
+    }
+}

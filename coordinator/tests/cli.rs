@@ -1,0 +1,147 @@
+//! The `llm-router` command line against a running router: `agents list`,
+//! `show`, `remove` and `status`, as tables and as JSON; and JSON logs.
+
+mod common;
+
+use std::process::Output;
+
+use common::{client, config, register, registration, TestRouter};
+use serde_json::Value;
+
+async fn llm_router(args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .args(args)
+        .env_remove("LLM_ROUTER_URL")
+        .output()
+        .await
+        .expect("run llm-router")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn agents_list_show_remove_and_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let url = router.url("");
+    let http = client();
+    let first = register(&http, &url, &registration("gpu-east")).await;
+    let second = register(&http, &url, &registration("gpu-west")).await;
+
+    let listed: Vec<Value> = serde_json::from_str(&stdout(
+        &llm_router(&["agents", "list", "--json", "--router-url", &url]).await,
+    ))
+    .expect("json");
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["machine_name"], "gpu-east");
+
+    let table = stdout(&llm_router(&["agents", "list", "--router-url", &url]).await);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("STATUS"),
+        "{table}"
+    );
+    assert_eq!(lines.len(), 3, "a header and a row per agent: {table}");
+    assert!(
+        lines[1].contains(&first) && lines[1].contains("gpu-east") && lines[1].contains("Online"),
+        "{table}"
+    );
+    assert!(lines[1].contains("127.0.0.2:11434"), "{table}");
+
+    let shown: Value = serde_json::from_str(&stdout(
+        &llm_router(&["agents", "show", &second, "--router-url", &url]).await,
+    ))
+    .expect("json");
+    assert_eq!(shown["id"], second.as_str());
+
+    let status: Value = serde_json::from_str(&stdout(
+        &llm_router(&["status", "--json", "--router-url", &url]).await,
+    ))
+    .expect("json");
+    assert_eq!(status["agents"]["total"], 2);
+    assert_eq!(status["agents"]["online"], 2);
+    assert_eq!(status["models"], serde_json::json!(["smollm2:135m"]));
+    let text = stdout(&llm_router(&["status", "--router-url", &url]).await);
+    assert!(text.contains("2 (2 Online, 0 Offline"), "{text}");
+
+    let removed = stdout(&llm_router(&["agents", "remove", &first, "--router-url", &url]).await);
+    assert!(removed.contains(&first));
+    let listed: Vec<Value> = serde_json::from_str(&stdout(
+        &llm_router(&["agents", "list", "--json", "--router-url", &url]).await,
+    ))
+    .expect("json");
+    assert_eq!(listed.len(), 1);
+
+    // Errors say what the router said, and fail.
+    let missing = llm_router(&["agents", "remove", &first, "--router-url", &url]).await;
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no agent with id"),
+        "{missing:?}"
+    );
+    let malformed = llm_router(&["agents", "show", "not-an-id", "--router-url", &url]).await;
+    assert!(!malformed.status.success());
+    assert!(
+        String::from_utf8_lossy(&malformed.stderr).contains("400"),
+        "{malformed:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_router_url_comes_from_the_environment_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .args(["status", "--json"])
+        .env("LLM_ROUTER_URL", router.url(""))
+        .output()
+        .await
+        .expect("run");
+    let status: Value = serde_json::from_str(&stdout(&output)).expect("json");
+    assert_eq!(status["agents"]["total"], 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_router_is_a_clear_error() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let output = llm_router(&["status", "--router-url", &format!("http://{closed}")]).await;
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("cannot reach the router"),
+        "{output:?}"
+    );
+}
+
+#[tokio::test]
+async fn json_logs_are_one_json_object_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = common::RouterProcess::spawn(dir.path(), &["--log-format", "json"]).await;
+    register(&client(), &router.url(""), &registration("logged")).await;
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let status = router.child.wait().await.expect("wait");
+    assert!(status.success());
+    let lines = router.finished_log().await;
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let event: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(event["fields"]["message"].is_string(), "{line}");
+        assert!(event["level"].is_string(), "{line}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("Agent registered.") && l.contains("agent_id")),
+        "{lines:?}"
+    );
+}
