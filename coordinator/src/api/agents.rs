@@ -88,7 +88,7 @@ pub async fn heartbeat(
         validate_report(report)?;
     }
     registry.heartbeat(id, report)?;
-    Ok(Json(serde_json::json!({ "status": "ok" })))
+    Ok(super::STATUS_OK)
 }
 
 pub async fn update(
