@@ -16,7 +16,7 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
 fi
 
-ours() { { pgrep -x nginx; pgrep -x llm-router; pgrep -x llm-standin; pgrep -f llm-router-agent; } | wc -l; }
+ours() { { pgrep -x nginx; pgrep -x llm-router; pgrep -x llm-standin; pgrep -f llm-router-agent; true; } | wc -l; }
 before=$(ours)
 
 echo "==> Building release binaries"
