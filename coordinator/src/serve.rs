@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) {
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new());
+    // Small answers go out as one buffer rather than a vectored write.
+    builder.writev(false);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

@@ -82,9 +82,11 @@ pub async fn forward(proxy: &Arc<Proxy>, api: ApiKind, request: Request) -> Resp
 /// `/api/show`. Other fields are skipped without being built.
 fn model_of(body: &[u8]) -> Result<String, String> {
     #[derive(Deserialize)]
-    struct ModelField {
-        model: Option<String>,
-        name: Option<String>,
+    struct ModelField<'a> {
+        #[serde(borrow)]
+        model: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow)]
+        name: Option<std::borrow::Cow<'a, str>>,
     }
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err("the request needs a JSON body naming a model".to_owned());
@@ -95,6 +97,7 @@ fn model_of(body: &[u8]) -> Result<String, String> {
         .model
         .or(fields.name)
         .filter(|model| !model.trim().is_empty())
+        .map(|model| model.into_owned())
         .ok_or_else(|| "the body names no model".to_owned())
 }
 

@@ -162,8 +162,11 @@ impl UpstreamPool {
             .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))?
             .map_err(UpstreamError::Connect)?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        // Requests go out as one buffer rather than a vectored write.
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(stream))
+            .await?;
         Ok(UpstreamConnection {
             sender,
             connection,
