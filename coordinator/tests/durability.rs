@@ -21,17 +21,19 @@ fn base(router: &TestRouter) -> String {
 #[tokio::test]
 async fn agents_survive_a_restart_and_get_a_grace_period() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path());
-    cfg.agent_timeout = Duration::from_millis(600);
-    let router = TestRouter::start(cfg.clone()).await;
+    // All Online when stored, however slow the machine is right now...
+    let router = TestRouter::start(config(dir.path())).await;
     let client = client();
     let mut ids = Vec::new();
     for n in 0..20 {
         ids.push(register(&client, &base(&router), &registration(&format!("node-{n}"))).await);
     }
     router.stop().await.expect("clean stop");
+    // ...then restarted with a timeout shorter than their silence.
+    let mut cfg = config(dir.path());
+    cfg.agent_timeout = Duration::from_secs(2);
     // Longer than the timeout passes with no heartbeat at all.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
 
     let router = TestRouter::start(cfg).await;
     let agents = list(&client, &base(&router)).await;

@@ -227,3 +227,45 @@ async fn concurrent_first_requests_never_see_an_empty_routing_table() {
         );
     }
 }
+
+/// Connections to a node are pooled and reused: twenty requests in a row,
+/// streamed and not, reach the node over one TCP connection. A relay in
+/// front of the stand-in counts the connections the router opens.
+#[tokio::test]
+async fn connections_to_a_node_are_pooled_and_reused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let client = client();
+    let node = StandIn::spawn(StandInOptions::ollama("pooled", &["m"]))
+        .await
+        .expect("stand-in");
+    let relay = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind");
+    let relay_port = relay.local_addr().expect("addr").port();
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&opened);
+    let target = node.address;
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = relay.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    register_node(&client, &router, "pooled", relay_port, &["m"]).await;
+    for n in 0..20 {
+        let response = generate(&client, &router, n % 2 == 0).await;
+        assert_eq!(response.status(), 200);
+        let body = response.text().await.expect("body");
+        assert!(body.contains("pooled"), "{body}");
+    }
+    assert_eq!(
+        opened.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one connection for every request"
+    );
+}

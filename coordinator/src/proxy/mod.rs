@@ -85,10 +85,6 @@ impl Proxy {
         }
     }
 
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
-    }
-
     pub fn max_request_body(&self) -> usize {
         self.options.max_request_body
     }

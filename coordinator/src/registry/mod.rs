@@ -416,14 +416,6 @@ impl Registry {
         self.mark_routing_stale();
     }
 
-    pub fn len(&self) -> usize {
-        self.read_maps().by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Routable agents indexed for routing; rebuilt only after a change that
     /// matters to routing, so that picking a node costs no scan.
     ///

@@ -178,19 +178,8 @@ impl Report {
     /// Folds a heartbeat's report in; absent fields keep their last value.
     /// Returns whether anything routing looks at changed.
     pub fn merge(&mut self, report: HeartbeatReport) -> bool {
-        let mut routing_changed = false;
-        if let Some(models) = report.models {
-            if !same_models(self.models.as_ref(), &models) {
-                self.models = Some(intern_models(&models));
-                routing_changed = true;
-            }
-        }
-        if let Some(models) = report.loaded_models {
-            if !same_models(self.loaded_models.as_ref(), &models) {
-                self.loaded_models = Some(intern_models(&models));
-                routing_changed = true;
-            }
-        }
+        let mut routing_changed = merge_models(&mut self.models, report.models);
+        routing_changed |= merge_models(&mut self.loaded_models, report.loaded_models);
         if report.llm_server_up.is_some() && report.llm_server_up != self.llm_server_up {
             self.llm_server_up = report.llm_server_up;
             routing_changed = true;
@@ -208,10 +197,18 @@ impl Report {
     }
 }
 
-fn same_models(current: Option<&ModelList>, incoming: &[String]) -> bool {
-    current.is_some_and(|list| {
-        list.len() == incoming.len() && list.iter().zip(incoming).all(|(a, b)| **a == **b)
-    })
+/// Takes a reported list when there is one and it differs; says whether it did.
+fn merge_models(current: &mut Option<ModelList>, reported: Option<Vec<String>>) -> bool {
+    let Some(reported) = reported else {
+        return false;
+    };
+    let same = current.as_ref().is_some_and(|list| {
+        list.len() == reported.len() && list.iter().zip(&reported).all(|(a, b)| **a == **b)
+    });
+    if !same {
+        *current = Some(intern_models(&reported));
+    }
+    !same
 }
 
 fn to_strings(list: &[Arc<str>]) -> Vec<String> {

@@ -12,7 +12,7 @@ use crate::registry::NodeFacts;
 
 use super::{Change, StoreError};
 
-pub const SNAPSHOT_FILE: &str = "agents.json";
+const SNAPSHOT_FILE: &str = "agents.json";
 const BACKUP_FILE: &str = "agents.json.bak";
 const JOURNAL_FILE: &str = "agents.journal";
 const SNAPSHOT_TEMP: &str = "agents.json.tmp";

@@ -16,7 +16,7 @@
 mod files;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -319,9 +319,4 @@ fn apply(agents: &mut HashMap<Uuid, NodeFacts>, change: Change) {
             }
         }
     }
-}
-
-/// The file names inside a data dir, for tests and operators.
-pub fn snapshot_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(files::SNAPSHOT_FILE)
 }
