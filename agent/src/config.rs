@@ -41,6 +41,14 @@ pub struct AgentConfig {
     )]
     pub log_format: LogFormat,
 
+    /// The router's join token, when it requires one to register.
+    #[arg(long, env = "LLM_ROUTER_AGENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// A file holding the join token (instead of --token).
+    #[arg(long, env = "LLM_ROUTER_AGENT_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<std::path::PathBuf>,
+
     /// Seconds to wait on shutdown for the router's requests to this node to finish.
     #[arg(long, env = "LLM_ROUTER_DRAIN_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
     pub drain_timeout: Duration,
@@ -57,6 +65,24 @@ impl AgentConfig {
             .or_else(|| non_empty_env("OLLAMA_HOST"))
             .unwrap_or_else(|| "http://127.0.0.1:11434".to_owned());
         normalize_url(&raw)
+    }
+
+    /// The join token: the flag or its variable, else the file's text.
+    pub fn join_token(&self) -> anyhow::Result<Option<String>> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => Some(token.trim().to_owned()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|error| anyhow::anyhow!("reading {}: {error}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        match token {
+            Some(token) if token.is_empty() => anyhow::bail!("the join token must not be empty"),
+            token => Ok(token),
+        }
     }
 
     pub fn router_url(&self) -> String {

@@ -9,6 +9,8 @@ use uuid::Uuid;
 pub enum RouterError {
     #[error("the router does not know this agent")]
     UnknownAgent,
+    #[error("the router refused this agent's credential")]
+    Unauthorized,
     #[error("the router answered {status}: {body}")]
     Rejected {
         status: reqwest::StatusCode,
@@ -21,52 +23,86 @@ pub enum RouterError {
 pub struct RouterClient {
     base_url: String,
     http: reqwest::Client,
+    /// The join token registration presents, when the router wants one.
+    join_token: Option<String>,
+}
+
+/// What a registration returns: the id, and the agent's own secret for
+/// every later call about it.
+pub struct Registration {
+    pub id: Uuid,
+    pub secret: Option<String>,
 }
 
 impl RouterClient {
-    pub fn new(base_url: String) -> Self {
+    pub fn new(base_url: String, join_token: Option<String>) -> Self {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(3))
             .build()
             .unwrap_or_default();
-        RouterClient { base_url, http }
+        RouterClient {
+            base_url,
+            http,
+            join_token,
+        }
     }
 
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
 
-    pub async fn register(&self, request: &RegisterRequest) -> Result<Uuid, RouterError> {
-        let response = self
-            .http
-            .post(format!("{}/api/agents/register", self.base_url))
-            .json(request)
-            .send()
-            .await?;
-        let response = check(response).await?;
-        Ok(response.json::<RegisterResponse>().await?.id)
+    pub async fn register(&self, request: &RegisterRequest) -> Result<Registration, RouterError> {
+        let response = with_bearer(
+            self.http
+                .post(format!("{}/api/agents/register", self.base_url))
+                .json(request),
+            self.join_token.as_deref(),
+        )
+        .send()
+        .await?;
+        let answer: RegisterResponse = check(response).await?.json().await?;
+        Ok(Registration {
+            id: answer.id,
+            secret: answer.agent_secret,
+        })
     }
 
-    pub async fn heartbeat(&self, id: Uuid, report: &HeartbeatReport) -> Result<(), RouterError> {
-        let response = self
-            .http
-            .post(format!("{}/api/agents/{id}/heartbeat", self.base_url))
-            .json(report)
-            .send()
-            .await?;
+    pub async fn heartbeat(
+        &self,
+        id: Uuid,
+        secret: Option<&str>,
+        report: &HeartbeatReport,
+    ) -> Result<(), RouterError> {
+        let response = with_bearer(
+            self.http
+                .post(format!("{}/api/agents/{id}/heartbeat", self.base_url))
+                .json(report),
+            secret,
+        )
+        .send()
+        .await?;
         check(response).await.map(drop)
+    }
+}
+
+fn with_bearer(request: reqwest::RequestBuilder, token: Option<&str>) -> reqwest::RequestBuilder {
+    match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
     }
 }
 
 impl RouterClient {
     /// Tells the router this node is leaving: no new requests.
-    pub async fn drain(&self, id: Uuid) -> Result<DrainResponse, RouterError> {
-        let response = self
-            .http
-            .post(format!("{}/api/agents/{id}/drain", self.base_url))
-            .send()
-            .await?;
+    pub async fn drain(&self, id: Uuid, secret: Option<&str>) -> Result<DrainResponse, RouterError> {
+        let response = with_bearer(
+            self.http
+                .post(format!("{}/api/agents/{id}/drain", self.base_url)),
+            secret,
+        )
+        .send()
+        .await?;
         Ok(check(response).await?.json().await?)
     }
 
@@ -89,6 +125,9 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, RouterE
     }
     if status == reqwest::StatusCode::NOT_FOUND {
         return Err(RouterError::UnknownAgent);
+    }
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        return Err(RouterError::Unauthorized);
     }
     let body = response.text().await.unwrap_or_default();
     Err(RouterError::Rejected { status, body })

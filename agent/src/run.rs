@@ -18,6 +18,8 @@ use crate::system::{host_name, HostProbe};
 /// What the router knows of us since the last registration.
 struct Registered {
     id: Uuid,
+    /// This agent's own credential, from the registration's answer.
+    secret: Option<String>,
     /// The LLM server as it was when we registered; a change means registering again.
     backend: Option<(BackendKind, String)>,
 }
@@ -25,7 +27,7 @@ struct Registered {
 /// Runs until `shutdown` is cancelled. Errors only on a configuration that
 /// cannot work (an unparsable URL); an unreachable router is waited out.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let router = RouterClient::new(config.router_url());
+    let router = RouterClient::new(config.router_url(), config.join_token()?);
     let backend = Backend::new(config.backend_url());
     let backend_url = reqwest::Url::parse(backend.base_url())?;
     let router_url = reqwest::Url::parse(router.base_url())?;
@@ -44,7 +46,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         let delay = match &registered {
             Some(current) if !backend_changed(current, state.as_ref()) => {
                 let report = heartbeat_report(state.as_ref(), &mut host);
-                match router.heartbeat(current.id, &report).await {
+                match router
+                    .heartbeat(current.id, current.secret.as_deref(), &report)
+                    .await
+                {
                     Ok(()) => {
                         backoff.reset();
                         config.heartbeat_interval
@@ -53,6 +58,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                         tracing::warn!(agent_id = %current.id, "The router no longer knows this agent; registering again.");
                         registered = None;
                         continue;
+                    }
+                    Err(RouterError::Unauthorized) => {
+                        // Another registration under our name took a new
+                        // secret, or the router's secrets were reset.
+                        tracing::warn!(agent_id = %current.id, "The router refused this agent's secret; registering again.");
+                        registered = None;
+                        backoff.next_delay()
                     }
                     Err(error) => {
                         let delay = backoff.next_delay();
@@ -77,10 +89,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                     Err(error) => Err(error),
                 };
                 match result {
-                    Ok(id) => {
+                    Ok(registration) => {
+                        let id = registration.id;
                         tracing::info!(agent_id = %id, llm_server_up = state.is_some(), "Registered with the router.");
                         registered = Some(Registered {
                             id,
+                            secret: registration.secret,
                             backend: state.as_ref().map(|s| (s.kind, s.version.clone())),
                         });
                         backoff.reset();
@@ -101,7 +115,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         }
     }
     if let Some(current) = registered {
-        drain(&router, current.id, config.drain_timeout).await;
+        drain(
+            &router,
+            current.id,
+            current.secret.as_deref(),
+            config.drain_timeout,
+        )
+        .await;
     }
     tracing::info!("Agent stopped.");
     Ok(())
@@ -110,9 +130,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 /// Tells the router we are leaving, then waits (at most `timeout`) for the
 /// requests it has in flight to this node to finish. A router that cannot
 /// be reached has nothing in flight to wait for.
-async fn drain(router: &RouterClient, id: Uuid, timeout: Duration) {
+async fn drain(router: &RouterClient, id: Uuid, secret: Option<&str>, timeout: Duration) {
     let started = tokio::time::Instant::now();
-    match router.drain(id).await {
+    match router.drain(id, secret).await {
         Ok(answer) => tracing::info!(agent_id = %id, in_flight = answer.in_flight, "Draining."),
         Err(error) => {
             tracing::warn!(%error, "Could not tell the router we are leaving; stopping now.");

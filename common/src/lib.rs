@@ -62,6 +62,11 @@ pub struct RegisterResponse {
     pub id: Uuid,
     /// Always `"registered"` (the seed's contract).
     pub status: String,
+    /// This agent's own credential for its heartbeats, updates, drain and
+    /// delete: at least 128 random bits, new at each registration. The router
+    /// keeps only its hash, so it cannot be shown again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_secret: Option<String>,
 }
 
 /// What a node reports with each heartbeat. Every field is optional: an
@@ -131,6 +136,10 @@ pub struct Agent {
     /// What the latest heartbeat reported (empty before the first one).
     #[serde(default)]
     pub report: HeartbeatReport,
+    /// SHA-256 of the agent's secret, in hex. Only in the stored form: API
+    /// answers never carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_hash: Option<String>,
 }
 
 /// One agent as the API shows it: the stored record plus what the router

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::auth::{self, Credentials, Secret};
 use crate::balancer::Policy;
 use crate::proxy::ProxyOptions;
 
@@ -72,6 +73,45 @@ pub struct Config {
     /// Largest client request body on the LLM routes, in bytes (chat with images).
     #[arg(long, env = "LLM_ROUTER_MAX_REQUEST_BODY", default_value_t = 100 * 1024 * 1024)]
     pub max_request_body: usize,
+
+    /// Most agents the registry holds; registering one more is refused (503).
+    #[arg(long, env = "LLM_ROUTER_MAX_AGENTS", default_value_t = 1_000_000)]
+    pub max_agents: usize,
+
+    /// Seconds a client may take to send a request's head; also how long an
+    /// idle connection is kept (above the agents' 30 s heartbeat interval).
+    #[arg(long, env = "LLM_ROUTER_HEADER_READ_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    pub header_read_timeout: Duration,
+
+    /// Seconds a client may take to send a request's whole body.
+    #[arg(long, env = "LLM_ROUTER_BODY_READ_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    pub body_read_timeout: Duration,
+
+    /// Join token: when set, registering needs it (Authorization: Bearer),
+    /// and each agent then needs the secret its registration returned.
+    #[arg(long, env = "LLM_ROUTER_AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<Secret>,
+
+    /// A file holding the join token (instead of --agent-token).
+    #[arg(long, env = "LLM_ROUTER_AGENT_TOKEN_FILE", conflicts_with = "agent_token")]
+    pub agent_token_file: Option<PathBuf>,
+
+    /// Client API keys, comma-separated: when set, the LLM routes need one.
+    #[arg(long, env = "LLM_ROUTER_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<Secret>,
+
+    /// A file of client API keys, one per line (added to --api-keys).
+    #[arg(long, env = "LLM_ROUTER_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Admin token: when set, updating, draining and deleting agents need it
+    /// (or, with a join token, the agent's own secret).
+    #[arg(long, env = "LLM_ROUTER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+
+    /// A file holding the admin token (instead of --admin-token).
+    #[arg(long, env = "LLM_ROUTER_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -100,6 +140,7 @@ impl Config {
             idle_timeout: self.idle_timeout,
             max_attempts: usize::from(self.max_attempts),
             max_request_body: self.max_request_body,
+            body_read_timeout: self.body_read_timeout,
         }
     }
 
@@ -119,7 +160,39 @@ impl Config {
             max_request_body: 100 * 1024 * 1024,
             threads: 1,
             log_format: LogFormat::Text,
+            max_agents: 1_000_000,
+            header_read_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
+            agent_token: None,
+            agent_token_file: None,
+            api_keys: Vec::new(),
+            api_keys_file: None,
+            admin_token: None,
+            admin_token_file: None,
         }
+    }
+
+    /// The credentials, read from flags, environment and files.
+    pub fn credentials(&self) -> anyhow::Result<Credentials> {
+        let join_token = match (&self.agent_token, &self.agent_token_file) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(path)) => Some(auth::read_secret_file(path)?),
+            (None, None) => None,
+        };
+        let admin_token = match (&self.admin_token, &self.admin_token_file) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(path)) => Some(auth::read_secret_file(path)?),
+            (None, None) => None,
+        };
+        let mut api_keys = self.api_keys.clone();
+        if let Some(path) = &self.api_keys_file {
+            api_keys.extend(auth::read_api_key_file(path)?);
+        }
+        Ok(Credentials::new(
+            join_token.as_ref(),
+            &api_keys,
+            admin_token.as_ref(),
+        ))
     }
 }
 

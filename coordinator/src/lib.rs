@@ -4,6 +4,7 @@
 //! start it through [`run`].
 
 pub mod api;
+pub mod auth;
 pub mod balancer;
 pub mod cli;
 pub mod config;
@@ -35,6 +36,7 @@ pub use registry::Registry;
 fn spawn_event_loops(
     listener: &TcpListener,
     app: &axum::Router,
+    options: serve::ServeOptions,
     count: usize,
     stop: &CancellationToken,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
@@ -60,7 +62,7 @@ fn spawn_event_loops(
                         Ok(own) => own,
                         Err(_) => TcpListener::from_std(shared)?,
                     };
-                    serve::serve(listener, app, stop).await;
+                    serve::serve(listener, app, options, stop).await;
                     std::io::Result::Ok(())
                 });
                 if let Err(error) = served {
@@ -86,6 +88,20 @@ pub fn bind_reusing_port(address: std::net::SocketAddr) -> std::io::Result<TcpLi
     socket.listen(1024)
 }
 
+/// Whoever can reach the port can register a node, and so receive prompts,
+/// unless a join token is configured: say so loudly when that is not only
+/// this machine.
+fn warn_if_open_to_the_network(ip: std::net::IpAddr, credentials: &auth::Credentials) {
+    if !ip.is_loopback() && !credentials.agents_authenticated() {
+        tracing::warn!(
+            listen_address = %ip,
+            "SECURITY: listening on a non-loopback address with no join token. \
+             Anyone who can reach this port can register a node and receive \
+             prompts. Set LLM_ROUTER_AGENT_TOKEN (or --agent-token) to require one."
+        );
+    }
+}
+
 /// Serves on `listener` until `shutdown` completes; then stops accepting,
 /// lets open requests finish, flushes the store and returns.
 pub async fn run(
@@ -93,6 +109,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let credentials = Arc::new(config.credentials()?);
     let data_dir = config.data_dir();
     let (store, writer, agents, report) = store::open(store::StoreOptions {
         data_dir: data_dir.clone(),
@@ -104,13 +121,21 @@ pub async fn run(
         loaded_from = ?report.loaded_from,
         "Registry loaded."
     );
-    let registry = Arc::new(Registry::new(agents, config.agent_timeout, store));
+    let registry = Arc::new(Registry::new(
+        agents,
+        config.agent_timeout,
+        config.max_agents,
+        store,
+    ));
 
     let sweeper = registry::Sweeper::start(Arc::clone(&registry), config.flush_interval)?;
 
     let address = listener.local_addr()?;
     tracing::info!(%address, "llm-router listening on http://{address}");
+    warn_if_open_to_the_network(address.ip(), &credentials);
     let state = AppState {
+        credentials,
+        body_read_timeout: config.body_read_timeout,
         registry: Arc::clone(&registry),
         proxy: Arc::new(proxy::Proxy::new(
             Arc::clone(&registry),
@@ -118,10 +143,14 @@ pub async fn run(
         )),
     };
     let app = app(state);
+    let serve_options = serve::ServeOptions {
+        header_read_timeout: config.header_read_timeout,
+    };
     let stop_event_loops = CancellationToken::new();
     let event_loops = spawn_event_loops(
         &listener,
         &app,
+        serve_options,
         config.serving_threads() - 1,
         &stop_event_loops,
     )?;
@@ -130,7 +159,7 @@ pub async fn run(
         shutdown.await;
         stop_serving.cancel();
     });
-    serve::serve(listener, app, stop_event_loops).await;
+    serve::serve(listener, app, serve_options, stop_event_loops).await;
     for event_loop in event_loops {
         // Each stops accepting and lets its open requests finish.
         let _ = tokio::task::spawn_blocking(move || event_loop.join()).await;

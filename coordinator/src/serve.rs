@@ -16,13 +16,31 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Connection settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// How long a client may take to send a request head. hyper starts the
+    /// clock when it waits for a head, so this also closes connections idle
+    /// between requests: a slow or silent client holds a connection no
+    /// longer than this.
+    pub header_read_timeout: Duration,
+}
+
 /// Serves `app` on `listener` until `stop` is cancelled, then waits for the
 /// open connections to finish what they are doing.
-pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    options: ServeOptions,
+    stop: CancellationToken,
+) {
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Small answers go out as one buffer rather than a vectored write.
     builder.writev(false);
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

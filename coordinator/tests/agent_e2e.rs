@@ -20,7 +20,18 @@ struct RunningAgent {
 
 impl RunningAgent {
     fn start(router_url: String, backend_url: String, name: &str) -> Self {
+        Self::start_with_token(router_url, backend_url, name, None)
+    }
+
+    fn start_with_token(
+        router_url: String,
+        backend_url: String,
+        name: &str,
+        token: Option<&str>,
+    ) -> Self {
         let config = AgentConfig {
+            token: token.map(str::to_owned),
+            token_file: None,
             router_url,
             backend_url: Some(backend_url),
             heartbeat_interval: Duration::from_millis(100),

@@ -361,7 +361,7 @@ async fn round_robin_selection_skips_offline_agents() {
     })
     .expect("store");
     let timeout = Duration::from_secs(60);
-    let registry = Arc::new(Registry::new(loaded, timeout, store));
+    let registry = Arc::new(Registry::new(loaded, timeout, 1_000_000, store));
     assert!(
         registry.select_available_agent().is_none(),
         "nobody to pick"
@@ -371,7 +371,7 @@ async fn round_robin_selection_skips_offline_agents() {
     for n in 0..3 {
         let mut registration = registry_registration(&format!("rr-{n}"));
         registration.ip_address = format!("127.0.0.{}", n + 2).parse().expect("ip");
-        let (id, _) = registry.register(registration).await.expect("register");
+        let (id, _, _) = registry.register(registration).await.expect("register");
         ids.push(id);
     }
     let picks: Vec<_> = (0..6)

@@ -15,6 +15,7 @@ use common::{
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::guard::{AuthorizedAgent, JoinAllowed, SelfOnly, SelfOrAdmin};
 use super::json::{AgentIdParam, JsonBody, OptionalJsonBody};
 use crate::registry::{AgentUpdate, RegisterOutcome, Registration, Registry};
 
@@ -25,10 +26,11 @@ const MAX_MODELS: usize = 4_096;
 
 pub async fn register(
     State(registry): State<Arc<Registry>>,
+    _: JoinAllowed,
     JsonBody(request): JsonBody<RegisterRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let registration = validate_registration(request)?;
-    let (id, outcome) = registry.register(registration).await?;
+    let (id, outcome, secret) = registry.register(registration).await?;
     let status = match outcome {
         RegisterOutcome::Created => StatusCode::CREATED,
         RegisterOutcome::Refreshed => StatusCode::OK,
@@ -38,6 +40,7 @@ pub async fn register(
         Json(RegisterResponse {
             id,
             status: "registered".to_owned(),
+            agent_secret: Some(secret.expose().to_owned()),
         }),
     ))
 }
@@ -81,7 +84,7 @@ pub async fn show(
 
 pub async fn heartbeat(
     State(registry): State<Arc<Registry>>,
-    AgentIdParam(id): AgentIdParam,
+    AuthorizedAgent(id, _): AuthorizedAgent<SelfOnly>,
     OptionalJsonBody(report): OptionalJsonBody<HeartbeatReport>,
 ) -> Result<impl IntoResponse, ApiError> {
     if let Some(report) = &report {
@@ -93,7 +96,7 @@ pub async fn heartbeat(
 
 pub async fn update(
     State(registry): State<Arc<Registry>>,
-    AgentIdParam(id): AgentIdParam,
+    AuthorizedAgent(id, _): AuthorizedAgent<SelfOrAdmin>,
     JsonBody(request): JsonBody<UpdateAgentRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let update = validate_update(request)?;
@@ -102,7 +105,7 @@ pub async fn update(
 
 pub async fn remove(
     State(registry): State<Arc<Registry>>,
-    AgentIdParam(id): AgentIdParam,
+    AuthorizedAgent(id, _): AuthorizedAgent<SelfOrAdmin>,
 ) -> Result<impl IntoResponse, ApiError> {
     registry.remove(id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -231,7 +234,7 @@ fn invalid(field: &str, problem: &str) -> ApiError {
 /// `POST /api/agents/:id/drain`: the node is leaving; no new requests.
 pub async fn drain(
     State(registry): State<Arc<Registry>>,
-    AgentIdParam(id): AgentIdParam,
+    AuthorizedAgent(id, _): AuthorizedAgent<SelfOrAdmin>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(registry.drain(id)?))
 }

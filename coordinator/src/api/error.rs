@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use common::{ErrorBody, ErrorDetail};
 
+use crate::auth::Refusal;
 use crate::registry::RegistryError;
 
 #[derive(Debug)]
@@ -46,7 +47,20 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        Self::new(refusal.status(), refusal.code(), refusal.message())
     }
 }
 
@@ -54,6 +68,14 @@ impl From<RegistryError> for ApiError {
     fn from(error: RegistryError) -> Self {
         match error {
             RegistryError::NotFound(id) => Self::not_found(format!("no agent with id {id}")),
+            RegistryError::WrongSecret => Refusal::Unauthenticated.into(),
+            RegistryError::Full(limit) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "agent_limit_reached",
+                format!(
+                    "the registry holds its limit of {limit} agents; remove one or raise --max-agents"
+                ),
+            ),
             RegistryError::Store(store_error) => {
                 // The cause stays in the log; the client learns only that the
                 // change was not made and may be retried.

@@ -20,9 +20,22 @@ use crate::proxy::{no_route_status, Proxy, ProxyError};
 /// than cloned for extractors.
 pub async fn forward(proxy: &Arc<Proxy>, api: ApiKind, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let body = match axum::body::to_bytes(body, proxy.max_request_body()).await {
-        Ok(body) => body,
-        Err(read_error) => {
+    let read = super::json::within(
+        proxy.body_read_timeout(),
+        axum::body::to_bytes(body, proxy.max_request_body()),
+    )
+    .await;
+    let body = match read {
+        Ok(Ok(body)) => body,
+        Err(_elapsed) => {
+            return error(
+                api,
+                StatusCode::REQUEST_TIMEOUT,
+                "body_read_timeout",
+                "the request body did not arrive in time",
+            )
+        }
+        Ok(Err(read_error)) => {
             let too_large = std::error::Error::source(&read_error)
                 .is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
             return if too_large {

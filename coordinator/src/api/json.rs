@@ -1,8 +1,12 @@
 //! Request extractors whose rejections are JSON `ApiError`s, so that a
 //! malformed body, id or query gets the same clear 4xx as any other mistake.
 
+use std::future::Future;
+use std::task::Poll;
+use std::time::Duration;
+
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
@@ -16,7 +20,16 @@ pub struct JsonBody<T>(pub T);
 /// A JSON body that may be absent (zero bytes or only white space).
 pub struct OptionalJsonBody<T>(pub Option<T>);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+/// How long a client may take to send a whole request body.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyReadTimeout(pub Duration);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+    BodyReadTimeout: FromRef<S>,
+{
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
@@ -31,7 +44,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJsonBody<T> {
+impl<S, T> FromRequest<S> for OptionalJsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+    BodyReadTimeout: FromRef<S>,
+{
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
@@ -43,9 +61,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJsonBody<T>
     }
 }
 
-async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
-    Bytes::from_request(request, state)
+async fn read_body<S>(request: Request, state: &S) -> Result<Bytes, ApiError>
+where
+    S: Send + Sync,
+    BodyReadTimeout: FromRef<S>,
+{
+    let BodyReadTimeout(limit) = BodyReadTimeout::from_ref(state);
+    within(limit, Bytes::from_request(request, state))
         .await
+        .map_err(|_elapsed| body_read_timed_out())?
         .map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
@@ -57,6 +81,30 @@ async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes,
                 ApiError::bad_request("unreadable_body", rejection.body_text())
             }
         })
+}
+
+/// Runs `future` for at most `limit`. Most request bodies arrive with their
+/// head, so the future is polled once before any timer is armed: the common
+/// case costs no timer at all.
+pub async fn within<F: Future>(
+    limit: Duration,
+    future: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut future = std::pin::pin!(future);
+    let first = std::future::poll_fn(|context| Poll::Ready(future.as_mut().poll(context))).await;
+    match first {
+        Poll::Ready(output) => Ok(output),
+        Poll::Pending => tokio::time::timeout(limit, future).await,
+    }
+}
+
+/// The answer when a client stops sending its body part way.
+pub fn body_read_timed_out() -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body_read_timeout",
+        "the request body did not arrive in time",
+    )
 }
 
 fn is_blank(bytes: &[u8]) -> bool {

@@ -3,27 +3,51 @@
 pub mod agents;
 pub mod error;
 pub mod forward;
+pub mod guard;
 pub mod json;
 pub mod ollama;
 pub mod openai;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::extract::{DefaultBodyLimit, FromRef, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 
+use crate::auth::Credentials;
+use crate::balancer::ApiKind;
 use crate::proxy::Proxy;
 use crate::registry::Registry;
+
+pub use json::BodyReadTimeout;
 
 /// Registry bodies are small; anything larger is a mistake or an attack.
 pub const REGISTRY_BODY_LIMIT: usize = 64 * 1024;
 
-/// What handlers share: the registry and the proxy in front of the nodes.
+/// What handlers share: the registry, the proxy in front of the nodes, who
+/// may do what, and how long a client may take to send a body.
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub proxy: Arc<Proxy>,
+    pub credentials: Arc<Credentials>,
+    pub body_read_timeout: Duration,
+}
+
+impl FromRef<AppState> for Arc<Credentials> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(&state.credentials)
+    }
+}
+
+impl FromRef<AppState> for BodyReadTimeout {
+    fn from_ref(state: &AppState) -> Self {
+        BodyReadTimeout(state.body_read_timeout)
+    }
 }
 
 impl FromRef<AppState> for Arc<Registry> {
@@ -50,8 +74,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/agents/{id}/heartbeat", post(agents::heartbeat))
         .route("/api/agents/{id}/drain", post(agents::drain))
         .layer(DefaultBodyLimit::max(REGISTRY_BODY_LIMIT));
-    let llm_routes = Router::new()
-        .route("/", get(ollama::root))
+    let mut llm_routes = Router::new()
         .route("/api/chat", post(ollama::proxy))
         .route("/api/generate", post(ollama::proxy))
         .route("/api/embed", post(ollama::proxy))
@@ -66,13 +89,49 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models", get(openai::models))
         // The proxy reads bodies itself, up to its own limit.
         .layer(DefaultBodyLimit::disable());
+    if state.credentials.clients_authenticated() {
+        llm_routes = llm_routes.route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state.credentials),
+            require_api_key,
+        ));
+    }
     Router::new()
         .route("/health", get(health))
+        // Ollama's liveness probe stays open, as `/health` does.
+        .route("/", get(ollama::root))
         .merge(registry_routes)
         .merge(llm_routes)
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)
+}
+
+/// The LLM routes when API keys are configured: a key, or an error in the
+/// shape of the route's API.
+async fn require_api_key(
+    State(credentials): State<Arc<Credentials>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match credentials.check_client(request.headers().get(AUTHORIZATION)) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => {
+            let api = if request.uri().path().starts_with("/v1/") {
+                ApiKind::OpenAi
+            } else {
+                ApiKind::Ollama
+            };
+            let mut response =
+                forward::error(api, refusal.status(), refusal.code(), refusal.message());
+            if refusal == crate::auth::Refusal::Unauthenticated {
+                response.headers_mut().insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+            }
+            response
+        }
+    }
 }
 
 async fn health() -> impl axum::response::IntoResponse {

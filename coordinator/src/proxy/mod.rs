@@ -33,6 +33,8 @@ pub struct ProxyOptions {
     pub max_attempts: usize,
     /// The largest client request body, in bytes (chat with images).
     pub max_request_body: usize,
+    /// How long a client may take to send its whole request body.
+    pub body_read_timeout: Duration,
 }
 
 impl Default for ProxyOptions {
@@ -43,6 +45,7 @@ impl Default for ProxyOptions {
             idle_timeout: Duration::from_secs(300),
             max_attempts: 3,
             max_request_body: 100 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -87,6 +90,10 @@ impl Proxy {
 
     pub fn max_request_body(&self) -> usize {
         self.options.max_request_body
+    }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        self.options.body_read_timeout
     }
 
     /// Sends the request to a node that serves `model` on `api`, failing

@@ -26,6 +26,7 @@ use common::{
 };
 use uuid::Uuid;
 
+use crate::auth::{Secret, TokenDigest};
 use crate::balancer::RoutingTable;
 use crate::store::{Change, Store, StoreError, Touch};
 
@@ -40,6 +41,12 @@ pub enum RegistryError {
     NotFound(Uuid),
     #[error(transparent)]
     Store(Arc<StoreError>),
+    /// The credential presented is not this agent's secret.
+    #[error("not this agent's secret")]
+    WrongSecret,
+    /// The registry holds `max_agents` already.
+    #[error("the registry is full: it holds its limit of {0} agents")]
+    Full(usize),
 }
 
 /// A registration after validation: what the API layer hands the registry.
@@ -88,6 +95,7 @@ pub struct Candidate {
 pub struct Registry {
     maps: RwLock<Maps>,
     agent_timeout: Duration,
+    max_agents: usize,
     store: Store,
     /// Routable agents indexed for routing, rebuilt lazily after
     /// a change that matters to routing (counted in `routing_changes`).
@@ -159,7 +167,12 @@ impl Registry {
     /// Builds the registry from the agents the store loaded. Each gets one
     /// full `agent_timeout` of grace from now, so a router restart does not
     /// mark the fleet Offline.
-    pub fn new(loaded: Vec<NodeFacts>, agent_timeout: Duration, store: Store) -> Self {
+    pub fn new(
+        loaded: Vec<NodeFacts>,
+        agent_timeout: Duration,
+        max_agents: usize,
+        store: Store,
+    ) -> Self {
         let now = Instant::now();
         let mut maps = Maps::default();
         for agent in loaded {
@@ -176,6 +189,7 @@ impl Registry {
         Registry {
             maps: RwLock::new(maps),
             agent_timeout,
+            max_agents,
             store,
             routing: ArcSwap::from_pointee(RoutingTable::default()),
             // Above the empty table's 0, so the first reader builds one.
@@ -190,13 +204,16 @@ impl Registry {
     }
 
     /// Registers a node, or refreshes it when `(machine_name, port)` is known:
-    /// a restarted node keeps its id. Returns once the change is durable.
+    /// a restarted node keeps its id. Either way the node gets a new secret
+    /// (returned here; only its digest is kept) and the old one stops
+    /// working. Returns once the change is durable.
     pub async fn register(
         &self,
         registration: Registration,
-    ) -> Result<(Uuid, RegisterOutcome), RegistryError> {
+    ) -> Result<(Uuid, RegisterOutcome, Secret), RegistryError> {
         let now_wall = Utc::now();
         let now = Instant::now();
+        let (secret, secret_digest) = crate::auth::new_agent_secret();
         let identity = (registration.machine_name.clone(), registration.port);
         let (id, outcome, committed, rollback) = {
             let mut maps = self.write_maps();
@@ -210,6 +227,7 @@ impl Registry {
                 let mut record = lock(&slot);
                 let previous = record.clone();
                 record.agent.refresh(&registration, now_wall);
+                record.agent.secret_digest = Some(secret_digest);
                 record.last_seen_at = now;
                 record.revision += 1;
                 // A node that registers has (re)started: it is neither leaving
@@ -226,8 +244,12 @@ impl Registry {
                     Rollback::Restore(slot.clone(), Box::new(previous)),
                 )
             } else {
+                if maps.by_id.len() >= self.max_agents {
+                    return Err(RegistryError::Full(self.max_agents));
+                }
                 let id = Uuid::new_v4();
-                let agent = NodeFacts::registered(id, &registration, now_wall);
+                let mut agent = NodeFacts::registered(id, &registration, now_wall);
+                agent.secret_digest = Some(secret_digest);
                 let committed = self.store.submit(Change::Upsert {
                     agent: Box::new(agent.to_stored()),
                 });
@@ -253,7 +275,23 @@ impl Registry {
                 tracing::info!(agent_id = %id, "Agent registered again; same id kept.")
             }
         }
-        Ok((id, outcome))
+        Ok((id, outcome, secret))
+    }
+
+    /// Checks that `presented` is the digest of this agent's secret, in
+    /// constant time. An agent with no secret on record (registered before
+    /// secrets existed) has to register again to get one.
+    pub fn verify_agent_secret(
+        &self,
+        id: Uuid,
+        presented: &TokenDigest,
+    ) -> Result<(), RegistryError> {
+        let slot = self.slot(id)?;
+        let record = lock(&slot);
+        match &record.agent.secret_digest {
+            Some(digest) if digest.matches(presented) => Ok(()),
+            _ => Err(RegistryError::WrongSecret),
+        }
     }
 
     /// Records a sign of life and what the node reports. No disk I/O: the

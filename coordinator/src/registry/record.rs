@@ -13,6 +13,7 @@ use common::{Agent, AgentStatus, BackendKind, HeartbeatReport, SystemInfo};
 use uuid::Uuid;
 
 use super::Registration;
+use crate::auth::TokenDigest;
 
 /// A shared, immutable list of model names.
 pub type ModelList = Arc<[Arc<str>]>;
@@ -35,6 +36,8 @@ pub struct NodeFacts {
     pub models: ModelList,
     pub backend: BackendKind,
     pub report: Report,
+    /// SHA-256 of the agent's secret (stored; never shown by the API).
+    pub secret_digest: Option<TokenDigest>,
 }
 
 /// The latest heartbeat's report, merged field by field.
@@ -73,6 +76,10 @@ impl NodeFacts {
             models: intern_models(&agent.models),
             backend: agent.backend,
             report: Report::from_wire(agent.report),
+            secret_digest: agent
+                .secret_hash
+                .as_deref()
+                .and_then(TokenDigest::from_hex),
         }
     }
 
@@ -94,6 +101,7 @@ impl NodeFacts {
             models: intern_models(&[]),
             backend: registration.backend,
             report: Report::default(),
+            secret_digest: None,
         };
         facts.refresh(registration, now);
         facts
@@ -118,6 +126,7 @@ impl NodeFacts {
     pub fn to_wire(&self) -> Agent {
         Agent {
             report: self.report.to_wire(),
+            secret_hash: None,
             ..self.to_stored()
         }
     }
@@ -143,6 +152,7 @@ impl NodeFacts {
             models: to_strings(&self.models),
             backend: self.backend,
             report: HeartbeatReport::default(),
+            secret_hash: self.secret_digest.map(TokenDigest::to_hex),
         }
     }
 
@@ -308,6 +318,7 @@ mod tests {
                 cpu_usage_percent: Some(1.5),
                 memory_used: Some(7),
             },
+            secret_hash: None,
         };
         assert_eq!(NodeFacts::from_wire(agent.clone()).to_wire(), agent);
         let stored = NodeFacts::from_wire(agent.clone()).to_stored();
@@ -316,5 +327,12 @@ mod tests {
             HeartbeatReport::default(),
             "the report is not stored"
         );
+        let digest = crate::auth::TokenDigest::of(b"a secret");
+        let mut facts = NodeFacts::from_wire(agent);
+        facts.secret_digest = Some(digest);
+        let stored = facts.to_stored();
+        assert_eq!(stored.secret_hash, Some(digest.to_hex()), "the digest is stored");
+        assert_eq!(facts.to_wire().secret_hash, None, "the API never shows it");
+        assert_eq!(NodeFacts::from_wire(stored).secret_digest, Some(digest));
     }
 }
