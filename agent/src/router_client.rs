@@ -95,7 +95,11 @@ fn with_bearer(request: reqwest::RequestBuilder, token: Option<&str>) -> reqwest
 
 impl RouterClient {
     /// Tells the router this node is leaving: no new requests.
-    pub async fn drain(&self, id: Uuid, secret: Option<&str>) -> Result<DrainResponse, RouterError> {
+    pub async fn drain(
+        &self,
+        id: Uuid,
+        secret: Option<&str>,
+    ) -> Result<DrainResponse, RouterError> {
         let response = with_bearer(
             self.http
                 .post(format!("{}/api/agents/{id}/drain", self.base_url)),

@@ -93,11 +93,20 @@ pub struct Config {
     pub agent_token: Option<Secret>,
 
     /// A file holding the join token (instead of --agent-token).
-    #[arg(long, env = "LLM_ROUTER_AGENT_TOKEN_FILE", conflicts_with = "agent_token")]
+    #[arg(
+        long,
+        env = "LLM_ROUTER_AGENT_TOKEN_FILE",
+        conflicts_with = "agent_token"
+    )]
     pub agent_token_file: Option<PathBuf>,
 
     /// Client API keys, comma-separated: when set, the LLM routes need one.
-    #[arg(long, env = "LLM_ROUTER_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "LLM_ROUTER_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub api_keys: Vec<Secret>,
 
     /// A file of client API keys, one per line (added to --api-keys).
@@ -110,7 +119,11 @@ pub struct Config {
     pub admin_token: Option<Secret>,
 
     /// A file holding the admin token (instead of --admin-token).
-    #[arg(long, env = "LLM_ROUTER_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    #[arg(
+        long,
+        env = "LLM_ROUTER_ADMIN_TOKEN_FILE",
+        conflicts_with = "admin_token"
+    )]
     pub admin_token_file: Option<PathBuf>,
 }
 

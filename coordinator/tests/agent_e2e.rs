@@ -238,3 +238,57 @@ async fn agent_keeps_beating_and_says_so_while_its_llm_server_is_down() {
     );
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn agent_with_the_join_token_registers_heartbeats_and_drains_with_its_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router_config = config(dir.path());
+    router_config.agent_token = Some(coordinator::auth::Secret::new("fleet-join-token"));
+    let router = TestRouter::start(router_config).await;
+    let standin = StandIn::spawn(StandInOptions::ollama("node-s", &["smollm2:135m"]))
+        .await
+        .expect("stand-in");
+    let outsider = RunningAgent::start_with_token(
+        router.url(""),
+        standin.url(),
+        "node-outsider",
+        Some("not-the-token"),
+    );
+    let agent = RunningAgent::start_with_token(
+        router.url(""),
+        standin.url(),
+        "node-s",
+        Some("fleet-join-token"),
+    );
+    let (client, base) = (client(), router.url(""));
+    // Heartbeats carry reports only when the secret is accepted.
+    let first = eventually(Duration::from_secs(10), "the agent reports", || {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let agent = agent_named(&client, &base, "node-s").await?;
+            agent["report"]["llm_server_up"]
+                .is_boolean()
+                .then_some(agent)
+        }
+    })
+    .await;
+    let later = eventually(Duration::from_secs(10), "more heartbeats land", || {
+        let (client, base, seen) = (client.clone(), base.clone(), first["last_seen"].clone());
+        async move {
+            let agent = agent_named(&client, &base, "node-s").await?;
+            (agent["last_seen"] != seen).then_some(agent)
+        }
+    })
+    .await;
+    assert_eq!(later["id"], first["id"]);
+    assert_eq!(later["status"], "Online");
+    // The drain on shutdown needs the secret too: it lands.
+    agent.stop().await;
+    let drained = agent_named(&client, &base, "node-s").await.expect("listed");
+    assert_eq!(drained["draining"], true, "the drain was accepted");
+    assert!(
+        agent_named(&client, &base, "node-outsider").await.is_none(),
+        "an agent with a wrong join token never gets in"
+    );
+    outsider.stop().await;
+}

@@ -76,10 +76,7 @@ impl NodeFacts {
             models: intern_models(&agent.models),
             backend: agent.backend,
             report: Report::from_wire(agent.report),
-            secret_digest: agent
-                .secret_hash
-                .as_deref()
-                .and_then(TokenDigest::from_hex),
+            secret_digest: agent.secret_hash.as_deref().and_then(TokenDigest::from_hex),
         }
     }
 
@@ -331,7 +328,11 @@ mod tests {
         let mut facts = NodeFacts::from_wire(agent);
         facts.secret_digest = Some(digest);
         let stored = facts.to_stored();
-        assert_eq!(stored.secret_hash, Some(digest.to_hex()), "the digest is stored");
+        assert_eq!(
+            stored.secret_hash,
+            Some(digest.to_hex()),
+            "the digest is stored"
+        );
         assert_eq!(facts.to_wire().secret_hash, None, "the API never shows it");
         assert_eq!(NodeFacts::from_wire(stored).secret_digest, Some(digest));
     }

@@ -96,8 +96,13 @@ pub struct RouterProcess {
 
 impl RouterProcess {
     pub async fn spawn(data_dir: &Path, extra_args: &[&str]) -> Self {
+        Self::spawn_on_host(data_dir, "127.0.0.1", extra_args).await
+    }
+
+    /// Listens on `host` (tests still reach it over loopback).
+    pub async fn spawn_on_host(data_dir: &Path, host: &str, extra_args: &[&str]) -> Self {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
-            .args(["--host", "127.0.0.1", "--port", "0", "--data-dir"])
+            .args(["--host", host, "--port", "0", "--data-dir"])
             .arg(data_dir)
             .args(extra_args)
             .env("RUST_LOG", "info")
