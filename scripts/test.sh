@@ -14,6 +14,16 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null
 fi
 
+# Debian packages the tests use: libfaketime (the clock-jump test moves the
+# router's wall clock with it).
+missing=()
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing+=(faketime)
+command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "Installing from Debian's packages: ${missing[*]}"
+  apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
 log "Building (release binaries too: the Python suite runs them)"
 cargo build --workspace --all-targets --locked
 cargo build --workspace --release --bins --locked

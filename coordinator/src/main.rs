@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let config = cli.serve;
     init_tracing(config.log_format);
+    survive_file_size_limit();
     let address = std::net::SocketAddr::new(config.host, config.port);
     let listener =
         coordinator::bind_reusing_port(address).with_context(|| format!("binding {address}"))?;
@@ -36,6 +37,21 @@ fn init_tracing(format: LogFormat) {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
         LogFormat::Json => logs.json().init(),
+    }
+}
+
+/// A write past the file-size limit (`ulimit -f`) raises SIGXFSZ, which
+/// kills a process by default. Catching it turns that write into an error
+/// (EFBIG) that the store handles like a full disk: 503, nothing
+/// half-written, and writes work again once the limit is raised.
+fn survive_file_size_limit() {
+    let signal =
+        tokio::signal::unix::SignalKind::from_raw(nix::sys::signal::Signal::SIGXFSZ as i32);
+    match tokio::signal::unix::signal(signal) {
+        // tokio keeps its handler installed for the process's life, even
+        // once the stream is dropped; the signal then only wakes nobody.
+        Ok(stream) => drop(stream),
+        Err(error) => tracing::warn!(%error, "Could not catch SIGXFSZ."),
     }
 }
 

@@ -120,7 +120,17 @@ pub fn open(
         receiver,
         snapshot_interval: options.snapshot_interval,
         snapshot_dirty: report.needs_snapshot(),
-        last_snapshot: Instant::now(),
+        // A load that replayed a journal (the last run did not stop cleanly)
+        // folds it into a snapshot at once, in the background: a router that
+        // keeps crashing must not let its journal, and so its start-up, grow
+        // without end.
+        last_snapshot: if report.needs_snapshot() {
+            Instant::now()
+                .checked_sub(options.snapshot_interval)
+                .unwrap_or_else(Instant::now)
+        } else {
+            Instant::now()
+        },
     };
     let thread = std::thread::Builder::new()
         .name("store-writer".into())

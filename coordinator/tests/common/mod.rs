@@ -101,8 +101,42 @@ impl RouterProcess {
 
     /// Listens on `host` (tests still reach it over loopback).
     pub async fn spawn_on_host(data_dir: &Path, host: &str, extra_args: &[&str]) -> Self {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
-            .args(["--host", host, "--port", "0", "--data-dir"])
+        Self::spawn_wrapped(&[], data_dir, host, extra_args).await
+    }
+
+    /// Listens on a given loopback port: a restart where agents expect it.
+    pub async fn spawn_at_port(data_dir: &Path, port: u16, extra_args: &[&str]) -> Self {
+        let port = port.to_string();
+        let mut args = vec!["--port", port.as_str()];
+        args.extend_from_slice(extra_args);
+        Self::spawn_wrapped(&[], data_dir, "127.0.0.1", &args).await
+    }
+
+    /// Starts the router through a wrapper command that execs it (such as
+    /// `prlimit --fsize=N --`), so that the pid is still the router's.
+    pub async fn spawn_wrapped(
+        wrapper: &[&str],
+        data_dir: &Path,
+        host: &str,
+        extra_args: &[&str],
+    ) -> Self {
+        let router = env!("CARGO_BIN_EXE_llm-router");
+        // Port 0 (a free one) unless the caller names one.
+        let extra_args: Vec<&str> = if extra_args.contains(&"--port") {
+            extra_args.to_vec()
+        } else {
+            [&["--port", "0"][..], extra_args].concat()
+        };
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = tokio::process::Command::new(program);
+                command.args(args).arg(router);
+                command
+            }
+            None => tokio::process::Command::new(router),
+        };
+        let mut child = command
+            .args(["--host", host, "--data-dir"])
             .arg(data_dir)
             .args(extra_args)
             .env("RUST_LOG", "info")
