@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// The LLM server port an agent registers when it names none (Ollama's).
@@ -13,7 +14,7 @@ pub const DEFAULT_LLM_PORT: u16 = 11434;
 pub const MAX_MACHINE_NAME_BYTES: usize = 253;
 
 /// Host facts the agent gathers once at start.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SystemInfo {
     pub os: String,
     pub arch: String,
@@ -23,7 +24,7 @@ pub struct SystemInfo {
 }
 
 /// Which HTTP API a node's LLM server speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// Ollama: serves `/api/*` and `/v1/*`.
@@ -34,7 +35,7 @@ pub enum BackendKind {
 }
 
 /// `POST /api/agents/register`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RegisterRequest {
     pub machine_name: String,
     /// The address at which the router reaches the node's LLM server.
@@ -57,7 +58,7 @@ fn default_llm_port() -> u16 {
 }
 
 /// The answer to a registration: `201` for a new machine, `200` for a known one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RegisterResponse {
     pub id: Uuid,
     /// Always `"registered"` (the seed's contract).
@@ -71,7 +72,7 @@ pub struct RegisterResponse {
 
 /// What a node reports with each heartbeat. Every field is optional: an
 /// empty body is a valid heartbeat, and an absent field keeps the last value.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatReport {
     /// Models the node's LLM server can serve now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,7 +97,7 @@ pub struct HeartbeatReport {
 /// `PUT /api/agents/:id`: the mutable fields; an absent field is unchanged.
 /// The identity (`machine_name` and `port`) is not mutable: it is what makes a
 /// re-registration find the same id.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct UpdateAgentRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_address: Option<String>,
@@ -111,14 +112,14 @@ pub struct UpdateAgentRequest {
 }
 
 /// Liveness as the router sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum AgentStatus {
     Online,
     Offline,
 }
 
 /// One agent as `GET /api/agents` lists it, and as `agents.json` stores it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Agent {
     pub id: Uuid,
     pub machine_name: String,
@@ -139,12 +140,13 @@ pub struct Agent {
     /// SHA-256 of the agent's secret, in hex. Only in the stored form: API
     /// answers never carry it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     pub secret_hash: Option<String>,
 }
 
 /// One agent as the API shows it: the stored record plus what the router
 /// knows of it right now (not stored: it is rebuilt from live state).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AgentView {
     #[serde(flatten)]
     pub agent: Agent,
@@ -161,7 +163,7 @@ pub struct AgentView {
 }
 
 /// The answer to `POST /api/agents/:id/drain`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DrainResponse {
     pub id: Uuid,
     pub draining: bool,
@@ -169,12 +171,12 @@ pub struct DrainResponse {
 }
 
 /// The body of every error answer: `{"error": {"code": "...", "message": "..."}}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable and machine-readable, such as `invalid_body` or `not_found`.
     pub code: String,

@@ -8,11 +8,17 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+#[allow(unused_imports)] // Named only in the OpenAPI annotations.
+use common::{Agent, AgentView, DrainResponse, ErrorBody};
 use common::{
     AgentStatus, HeartbeatReport, RegisterRequest, RegisterResponse, SystemInfo,
     UpdateAgentRequest, MAX_MACHINE_NAME_BYTES,
 };
 use serde::Deserialize;
+#[allow(unused_imports)]
+use serde_json::json;
+#[allow(unused_imports)]
+use uuid::Uuid;
 
 use super::error::ApiError;
 use super::guard::{AuthorizedAgent, JoinAllowed, SelfOnly, SelfOrAdmin};
@@ -24,6 +30,21 @@ const MAX_TEXT_BYTES: usize = 256;
 const MAX_MODEL_NAME_BYTES: usize = 512;
 const MAX_MODELS: usize = 4_096;
 
+/// Register a machine, or register a known one again (same id, new secret).
+#[utoipa::path(post, path = "/api/agents/register", tag = "registry",
+    request_body = RegisterRequest,
+    security((), ("join_token" = [])),
+    responses(
+        (status = 201, description = "A new machine: its id and secret", body = RegisterResponse),
+        (status = 200, description = "A known machine (same name and port): same id, new secret", body = RegisterResponse),
+        (status = 400, description = "Not JSON, or an empty body", body = ErrorBody),
+        (status = 401, description = "The join token is missing or wrong", body = ErrorBody),
+        (status = 403, description = "Another kind of credential", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 422, description = "A missing or invalid field", body = ErrorBody),
+        (status = 503, description = "The store cannot write, or the agent limit is reached", body = ErrorBody),
+    ))]
 pub async fn register(
     State(registry): State<Arc<Registry>>,
     _: JoinAllowed,
@@ -50,6 +71,13 @@ pub struct ListQuery {
     status: Option<String>,
 }
 
+/// Every agent, or those of one status.
+#[utoipa::path(get, path = "/api/agents", tag = "registry",
+    params(("status" = Option<String>, Query, description = "Online or Offline (any case)")),
+    responses(
+        (status = 200, description = "The agents", body = Vec<AgentView>),
+        (status = 400, description = "An unknown status", body = ErrorBody),
+    ))]
 pub async fn list(
     State(registry): State<Arc<Registry>>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -75,6 +103,14 @@ pub async fn list(
     Ok(Json(registry.list(status)))
 }
 
+/// One agent.
+#[utoipa::path(get, path = "/api/agents/{id}", tag = "registry",
+    params(("id" = Uuid, Path, description = "The agent's id")),
+    responses(
+        (status = 200, description = "The agent", body = AgentView),
+        (status = 400, description = "A malformed id", body = ErrorBody),
+        (status = 404, description = "No such agent", body = ErrorBody),
+    ))]
 pub async fn show(
     State(registry): State<Arc<Registry>>,
     AgentIdParam(id): AgentIdParam,
@@ -82,6 +118,19 @@ pub async fn show(
     Ok(Json(registry.get(id)?))
 }
 
+/// A sign of life, with an optional report (an empty body is valid).
+#[utoipa::path(post, path = "/api/agents/{id}/heartbeat", tag = "registry",
+    params(("id" = Uuid, Path, description = "The agent's id")),
+    request_body(content = Option<HeartbeatReport>, description = "What the node reports; absent fields keep their last value"),
+    security((), ("agent_secret" = [])),
+    responses(
+        (status = 200, description = "Recorded", body = Object, example = json!({"status": "ok"})),
+        (status = 400, description = "Not JSON, or a malformed id", body = ErrorBody),
+        (status = 401, description = "Not this agent's secret", body = ErrorBody),
+        (status = 403, description = "Another kind of credential", body = ErrorBody),
+        (status = 404, description = "No such agent: register again", body = ErrorBody),
+        (status = 422, description = "An invalid field", body = ErrorBody),
+    ))]
 pub async fn heartbeat(
     State(registry): State<Arc<Registry>>,
     AuthorizedAgent(id, _): AuthorizedAgent<SelfOnly>,
@@ -94,6 +143,20 @@ pub async fn heartbeat(
     Ok(super::STATUS_OK)
 }
 
+/// Change an agent's mutable fields (not its name or port).
+#[utoipa::path(put, path = "/api/agents/{id}", tag = "registry",
+    params(("id" = Uuid, Path, description = "The agent's id")),
+    request_body = UpdateAgentRequest,
+    security((), ("admin_token" = []), ("agent_secret" = [])),
+    responses(
+        (status = 200, description = "The agent as updated", body = Agent),
+        (status = 400, description = "Not JSON, an empty body or a malformed id", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "Another kind of credential", body = ErrorBody),
+        (status = 404, description = "No such agent", body = ErrorBody),
+        (status = 422, description = "An invalid field", body = ErrorBody),
+        (status = 503, description = "The store cannot write", body = ErrorBody),
+    ))]
 pub async fn update(
     State(registry): State<Arc<Registry>>,
     AuthorizedAgent(id, _): AuthorizedAgent<SelfOrAdmin>,
@@ -103,6 +166,18 @@ pub async fn update(
     Ok(Json(registry.update(id, update).await?))
 }
 
+/// Forget an agent.
+#[utoipa::path(delete, path = "/api/agents/{id}", tag = "registry",
+    params(("id" = Uuid, Path, description = "The agent's id")),
+    security((), ("admin_token" = []), ("agent_secret" = [])),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 400, description = "A malformed id", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "Another kind of credential", body = ErrorBody),
+        (status = 404, description = "No such agent", body = ErrorBody),
+        (status = 503, description = "The store cannot write", body = ErrorBody),
+    ))]
 pub async fn remove(
     State(registry): State<Arc<Registry>>,
     AuthorizedAgent(id, _): AuthorizedAgent<SelfOrAdmin>,
@@ -231,7 +306,17 @@ fn invalid(field: &str, problem: &str) -> ApiError {
     ApiError::unprocessable("invalid_field", format!("{field}: {problem}"))
 }
 
-/// `POST /api/agents/:id/drain`: the node is leaving; no new requests.
+/// The node is leaving: it gets no new requests.
+#[utoipa::path(post, path = "/api/agents/{id}/drain", tag = "registry",
+    params(("id" = Uuid, Path, description = "The agent's id")),
+    security((), ("admin_token" = []), ("agent_secret" = [])),
+    responses(
+        (status = 200, description = "Draining, with the requests still in flight", body = DrainResponse),
+        (status = 400, description = "A malformed id", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "Another kind of credential", body = ErrorBody),
+        (status = 404, description = "No such agent", body = ErrorBody),
+    ))]
 pub async fn drain(
     State(registry): State<Arc<Registry>>,
     AuthorizedAgent(id, _): AuthorizedAgent<SelfOrAdmin>,

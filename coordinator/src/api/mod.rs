@@ -15,8 +15,13 @@ use axum::extract::{DefaultBodyLimit, FromRef, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
+#[allow(unused_imports)] // Named only in the OpenAPI annotations.
+use serde_json::json;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Credentials;
 use crate::balancer::ApiKind;
@@ -62,31 +67,49 @@ impl FromRef<AppState> for Arc<Proxy> {
     }
 }
 
-/// The whole HTTP surface of the router.
+/// The whole HTTP surface of the router. Every route is added through
+/// `routes!`, which takes its path and method from the handler's
+/// `#[utoipa::path]`: the OpenAPI document served at `/openapi.json` is made
+/// from the same declarations as the routing, so the two cannot drift.
 pub fn app(state: AppState) -> Router {
-    let registry_routes = Router::new()
-        .route("/api/agents", get(agents::list))
-        .route("/api/agents/register", post(agents::register))
+    let (router, openapi) = documented_routes(&state).split_for_parts();
+    let openapi_json: Arc<str> = openapi_with_itself(openapi).into();
+    router
         .route(
-            "/api/agents/{id}",
-            get(agents::show).put(agents::update).delete(agents::remove),
+            "/openapi.json",
+            get(move || async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    openapi_json.to_string(),
+                )
+            }),
         )
-        .route("/api/agents/{id}/heartbeat", post(agents::heartbeat))
-        .route("/api/agents/{id}/drain", post(agents::drain))
+        .fallback(error::route_not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .with_state(state)
+}
+
+fn documented_routes(state: &AppState) -> OpenApiRouter<AppState> {
+    let registry_routes = OpenApiRouter::new()
+        .routes(routes!(agents::list))
+        .routes(routes!(agents::register))
+        .routes(routes!(agents::show, agents::update, agents::remove))
+        .routes(routes!(agents::heartbeat))
+        .routes(routes!(agents::drain))
         .layer(DefaultBodyLimit::max(REGISTRY_BODY_LIMIT));
-    let mut llm_routes = Router::new()
-        .route("/api/chat", post(ollama::proxy))
-        .route("/api/generate", post(ollama::proxy))
-        .route("/api/embed", post(ollama::proxy))
-        .route("/api/embeddings", post(ollama::proxy))
-        .route("/api/show", post(ollama::proxy))
-        .route("/api/tags", get(ollama::tags))
-        .route("/api/ps", get(ollama::ps))
-        .route("/api/version", get(ollama::version))
-        .route("/v1/chat/completions", post(openai::proxy))
-        .route("/v1/completions", post(openai::proxy))
-        .route("/v1/embeddings", post(openai::proxy))
-        .route("/v1/models", get(openai::models))
+    let mut llm_routes = OpenApiRouter::new()
+        .routes(routes!(ollama::chat))
+        .routes(routes!(ollama::generate))
+        .routes(routes!(ollama::embed))
+        .routes(routes!(ollama::embeddings))
+        .routes(routes!(ollama::show))
+        .routes(routes!(ollama::tags))
+        .routes(routes!(ollama::ps))
+        .routes(routes!(ollama::version))
+        .routes(routes!(openai::chat_completions))
+        .routes(routes!(openai::completions))
+        .routes(routes!(openai::embeddings))
+        .routes(routes!(openai::models))
         // The proxy reads bodies itself, up to its own limit.
         .layer(DefaultBodyLimit::disable());
     if state.credentials.clients_authenticated() {
@@ -95,15 +118,92 @@ pub fn app(state: AppState) -> Router {
             require_api_key,
         ));
     }
-    Router::new()
-        .route("/health", get(health))
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health))
         // Ollama's liveness probe stays open, as `/health` does.
-        .route("/", get(ollama::root))
+        .routes(routes!(ollama::root))
         .merge(registry_routes)
         .merge(llm_routes)
-        .fallback(error::route_not_found)
-        .method_not_allowed_fallback(error::method_not_allowed)
-        .with_state(state)
+}
+
+/// The document, with its own route added, as JSON text.
+fn openapi_with_itself(openapi: utoipa::openapi::OpenApi) -> String {
+    openapi_with_itself_doc(openapi)
+        .to_json()
+        .unwrap_or_else(|_| "{}".to_owned())
+}
+
+fn openapi_with_itself_doc(mut openapi: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::path::{HttpMethod, OperationBuilder};
+    use utoipa::openapi::ResponseBuilder;
+    let operation = OperationBuilder::new()
+        .summary(Some("This document"))
+        .tag("router")
+        .response(
+            "200",
+            ResponseBuilder::new().description("The OpenAPI document of every route"),
+        )
+        .build();
+    openapi
+        .paths
+        .add_path_operation("/openapi.json", vec![HttpMethod::Get], operation);
+    openapi
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "llm-router",
+        description = "One endpoint in front of a fleet of LLM servers: a registry of nodes \
+            (their agents register and heartbeat) and a proxy for Ollama and OpenAI clients. \
+            Credentials are off until configured; each is sent as `Authorization: Bearer`."
+    ),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "registry", description = "Agents register, heartbeat and leave; operators list and manage them"),
+        (name = "ollama", description = "Ollama's API, forwarded to a node that serves the model"),
+        (name = "openai", description = "OpenAI's API, forwarded to a node that serves the model"),
+        (name = "router", description = "The router itself"),
+    )
+)]
+struct ApiDoc;
+
+/// The four credentials, all HTTP bearer tokens.
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (name, description) in [
+            (
+                "join_token",
+                "The join token (LLM_ROUTER_AGENT_TOKEN), when configured",
+            ),
+            (
+                "agent_secret",
+                "The agent's own secret, from its registration",
+            ),
+            (
+                "admin_token",
+                "The admin token (LLM_ROUTER_ADMIN_TOKEN), when configured",
+            ),
+            (
+                "api_key",
+                "A client API key (LLM_ROUTER_API_KEYS), when configured",
+            ),
+        ] {
+            components.add_security_scheme(
+                name,
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(description))
+                        .build(),
+                ),
+            );
+        }
+    }
 }
 
 /// The LLM routes when API keys are configured: a key, or an error in the
@@ -134,6 +234,9 @@ async fn require_api_key(
     }
 }
 
+/// Whether the router is up.
+#[utoipa::path(get, path = "/health", tag = "router",
+    responses((status = 200, description = "Up", body = Object, example = json!({"status": "ok"}))))]
 async fn health() -> impl axum::response::IntoResponse {
     STATUS_OK
 }

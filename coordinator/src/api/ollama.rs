@@ -14,10 +14,47 @@ use crate::balancer::ApiKind;
 use crate::proxy::Proxy;
 use crate::registry::Registry;
 
-/// `POST /api/chat`, `/api/generate`, `/api/embed`, `/api/embeddings`, `/api/show`.
-pub async fn proxy(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
-    forward(&proxy, ApiKind::Ollama, request).await
+/// One Ollama generation route: forwarded to a node that serves the model.
+macro_rules! ollama_route {
+    ($name:ident, $path:literal, $summary:literal) => {
+        #[doc = $summary]
+        #[utoipa::path(post, path = $path, tag = "ollama",
+            request_body(content = Object, description = "Ollama's request body; `model` picks the node"),
+            security((), ("api_key" = [])),
+            responses(
+                (status = 200, description = "The node's answer, passed through as it arrives", body = Object),
+                (status = 400, description = "No JSON body naming a model", body = Object, example = json!({"error": "the body names no model"})),
+                (status = 401, description = "API keys are configured and none valid was sent", body = Object),
+                (status = 404, description = "No node serves the model", body = Object),
+                (status = 502, description = "Every node tried failed", body = Object),
+                (status = 503, description = "No node can serve the model now", body = Object),
+            ))]
+        pub async fn $name(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
+            forward(&proxy, ApiKind::Ollama, request).await
+        }
+    };
 }
+ollama_route!(
+    chat,
+    "/api/chat",
+    "A chat turn, streamed as NDJSON unless `stream` is false."
+);
+ollama_route!(
+    generate,
+    "/api/generate",
+    "A completion, streamed as NDJSON unless `stream` is false."
+);
+ollama_route!(embed, "/api/embed", "Embeddings of one or more inputs.");
+ollama_route!(
+    embeddings,
+    "/api/embeddings",
+    "Embeddings (Ollama's older route)."
+);
+ollama_route!(
+    show,
+    "/api/show",
+    "A model's details (`model`, or `name` as older clients send it)."
+);
 
 fn model_entry(name: &str) -> serde_json::Value {
     json!({
@@ -31,6 +68,8 @@ fn model_entry(name: &str) -> serde_json::Value {
 }
 
 /// `GET /api/tags`: every model some routable Ollama node serves, once.
+#[utoipa::path(get, path = "/api/tags", tag = "ollama", security((), ("api_key" = [])),
+    responses((status = 200, description = "Ollama's model list", body = Object)))]
 pub async fn tags(State(registry): State<Arc<Registry>>) -> Response {
     let table = registry.routing_table();
     let names: BTreeSet<&str> = table
@@ -42,6 +81,8 @@ pub async fn tags(State(registry): State<Arc<Registry>>) -> Response {
 }
 
 /// `GET /api/ps`: every model some routable Ollama node holds in memory, once.
+#[utoipa::path(get, path = "/api/ps", tag = "ollama", security((), ("api_key" = [])),
+    responses((status = 200, description = "Ollama's list of loaded models", body = Object)))]
 pub async fn ps(State(registry): State<Arc<Registry>>) -> Response {
     let table = registry.routing_table();
     let names: BTreeSet<&str> = table
@@ -65,6 +106,8 @@ pub async fn ps(State(registry): State<Arc<Registry>>) -> Response {
 /// `GET /api/version`: the oldest Ollama version in the fleet, so that a
 /// client never assumes a feature some node lacks; the router's own version
 /// when no Ollama node is Online.
+#[utoipa::path(get, path = "/api/version", tag = "ollama", security((), ("api_key" = [])),
+    responses((status = 200, description = "The version", body = Object, example = json!({"version": "0.5.7"}))))]
 pub async fn version(State(registry): State<Arc<Registry>>) -> Response {
     let oldest = registry
         .list(Some(AgentStatus::Online))
@@ -86,6 +129,8 @@ fn version_key(version: &str) -> Vec<u64> {
 }
 
 /// `GET /`: what Ollama answers, for tools that check the server is there.
+#[utoipa::path(get, path = "/", tag = "ollama",
+    responses((status = 200, description = "Always", body = String, example = "Ollama is running")))]
 pub async fn root() -> &'static str {
     "Ollama is running"
 }
