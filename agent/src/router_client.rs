@@ -9,7 +9,7 @@ use uuid::Uuid;
 pub enum RouterError {
     #[error("the router does not know this agent")]
     UnknownAgent,
-    #[error("the router refused this agent's credential")]
+    #[error("the router answered 401: it refused the credential (the join token, or this agent's secret)")]
     Unauthorized,
     #[error("the router answered {status}: {body}")]
     Rejected {

@@ -64,13 +64,22 @@ pub struct ClientArgs {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The router's admin token, for `agents remove` when it requires one.
+    /// (Named apart from the server's `--admin-token`, a different argument.)
+    #[arg(
+        long,
+        global = true,
+        env = "LLM_ROUTER_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
 }
 
 /// Runs one command against a running router, printing to stdout.
 pub async fn run_command(command: Command) -> anyhow::Result<()> {
     let output = match command {
         Command::Agents { action, client } => {
-            let api = Api::new(&client.router_url);
+            let api = Api::new(&client.router_url, client.token.clone());
             let output = match action {
                 AgentsAction::List => {
                     let agents: Vec<AgentView> = api.get_json("/api/agents").await?;
@@ -97,7 +106,7 @@ pub async fn run_command(command: Command) -> anyhow::Result<()> {
             output
         }
         Command::Status { client } => {
-            let api = Api::new(&client.router_url);
+            let api = Api::new(&client.router_url, client.token.clone());
             let agents: Vec<AgentView> = api.get_json("/api/agents").await?;
             let status = Summary::of(&agents);
             if client.json {
@@ -114,13 +123,15 @@ pub async fn run_command(command: Command) -> anyhow::Result<()> {
 struct Api {
     base: String,
     http: reqwest::Client,
+    admin_token: Option<String>,
 }
 
 impl Api {
-    fn new(base: &str) -> Self {
+    fn new(base: &str, admin_token: Option<String>) -> Self {
         Api {
             base: base.trim_end_matches('/').to_owned(),
             http: reqwest::Client::new(),
+            admin_token,
         }
     }
 
@@ -139,6 +150,10 @@ impl Api {
 
     /// Sends, and turns an error answer into its message.
     async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let request = match &self.admin_token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
         let response = request
             .send()
             .await

@@ -12,6 +12,7 @@ async fn llm_router(args: &[&str]) -> Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
         .args(args)
         .env_remove("LLM_ROUTER_URL")
+        .env_remove("LLM_ROUTER_ADMIN_TOKEN")
         .output()
         .await
         .expect("run llm-router")
@@ -144,4 +145,27 @@ async fn json_logs_are_one_json_object_per_line() {
             .any(|l| l.contains("Agent registered.") && l.contains("agent_id")),
         "{lines:?}"
     );
+}
+
+#[tokio::test]
+async fn remove_takes_the_admin_token_when_the_router_requires_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router_config = config(dir.path());
+    router_config.admin_token = Some(coordinator::auth::Secret::new("cli-admin-token"));
+    let router = TestRouter::start(router_config).await;
+    let id = register(&client(), &router.url(""), &registration("gpu-cli")).await;
+    let url = router.url("");
+
+    let refused = llm_router(&["agents", "remove", &id, "--router-url", &url]).await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .args(["agents", "remove", &id, "--router-url", &url])
+        .env("LLM_ROUTER_ADMIN_TOKEN", "cli-admin-token")
+        .output()
+        .await
+        .expect("run");
+    assert!(stdout(&output).contains(&format!("removed {id}")));
+    assert!(common::list(&client(), &url).await.is_empty());
 }
