@@ -15,13 +15,17 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
 fi
 
 # Debian packages the tests use: libfaketime (the clock-jump test moves the
-# router's wall clock with it).
+# router's wall clock with it), Chromium and its WebDriver (the dashboard's
+# end-to-end test), prlimit (the full-disk test).
 missing=()
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing+=(faketime)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "Installing from Debian's packages: ${missing[*]}"
-  apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 log "Building (release binaries too: the Python suite runs them)"
@@ -34,6 +38,14 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+
+log "Packaging: cargo install --path coordinator and --path agent"
+install_root=$(mktemp -d)
+cargo install --locked --quiet --path coordinator --root "$install_root" --target-dir target
+cargo install --locked --quiet --path agent --root "$install_root" --target-dir target
+"$install_root/bin/llm-router" --version
+"$install_root/bin/llm-router-agent" --version
+rm -rf "$install_root"
 
 if [ -d tests/python ] && ls tests/python/test_*.py >/dev/null 2>&1; then
   log "Python compatibility tests"

@@ -16,6 +16,7 @@ fn fleet(nodes: u32) -> RoutingTable {
     let candidates = (0..nodes)
         .map(|n| Candidate {
             id: uuid::Uuid::from_u128(u128::from(n) + 1),
+            name: std::sync::Arc::from(format!("node-{n}")),
             address: std::net::SocketAddr::from((
                 [127, (n >> 16) as u8, (n >> 8) as u8, n as u8],
                 11434,

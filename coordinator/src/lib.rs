@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod registry;
 mod serve;
 pub mod store;
+pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -110,6 +111,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let credentials = Arc::new(config.credentials()?);
+    telemetry::install();
     let data_dir = config.data_dir();
     let (store, writer, agents, report) = store::open(store::StoreOptions {
         data_dir: data_dir.clone(),

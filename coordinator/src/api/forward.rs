@@ -13,12 +13,36 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::balancer::{ApiKind, NoRoute};
-use crate::proxy::{no_route_status, Proxy, ProxyError};
+use crate::proxy::{no_route_status, ForwardRequest, Forwarded, Proxy, ProxyError};
+use crate::telemetry;
 
 /// Forwards one client request; every failure answers in the route's shape.
 /// The request is taken whole, so that its head is read in place rather
 /// than cloned for extractors.
 pub async fn forward(proxy: &Arc<Proxy>, api: ApiKind, request: Request) -> Response {
+    let started = std::time::Instant::now();
+    let route = static_route(request.uri().path());
+    let (response, model, node) = forward_counted(proxy, api, route, started, request).await;
+    metrics::counter!(
+        telemetry::REQUESTS,
+        "route" => route,
+        "model" => model,
+        "node" => node,
+        "status" => status_label(response.status()),
+    )
+    .increment(1);
+    response
+}
+
+/// Forwards, and says for the request counter which model and which node.
+async fn forward_counted(
+    proxy: &Arc<Proxy>,
+    api: ApiKind,
+    route: &'static str,
+    started: std::time::Instant,
+    request: Request,
+) -> (Response, String, Arc<str>) {
+    let no_node = || Arc::from("none");
     let (parts, body) = request.into_parts();
     let read = super::json::within(
         proxy.body_read_timeout(),
@@ -28,17 +52,18 @@ pub async fn forward(proxy: &Arc<Proxy>, api: ApiKind, request: Request) -> Resp
     let body = match read {
         Ok(Ok(body)) => body,
         Err(_elapsed) => {
-            return error(
+            let response = error(
                 api,
                 StatusCode::REQUEST_TIMEOUT,
                 "body_read_timeout",
                 "the request body did not arrive in time",
-            )
+            );
+            return (response, String::new(), no_node());
         }
         Ok(Err(read_error)) => {
             let too_large = std::error::Error::source(&read_error)
                 .is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
-            return if too_large {
+            let response = if too_large {
                 error(
                     api,
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -53,23 +78,34 @@ pub async fn forward(proxy: &Arc<Proxy>, api: ApiKind, request: Request) -> Resp
                     "the request body could not be read",
                 )
             };
+            return (response, String::new(), no_node());
         }
     };
     let model = match model_of(&body) {
         Ok(model) => model,
-        Err(message) => return error(api, StatusCode::BAD_REQUEST, "invalid_request", &message),
+        Err(message) => {
+            let response = error(api, StatusCode::BAD_REQUEST, "invalid_request", &message);
+            return (response, String::new(), no_node());
+        }
     };
     let path_and_query = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| axum::http::uri::PathAndQuery::from_static("/"));
-    let headers = &parts.headers;
-    match proxy
-        .forward(api, &path_and_query, headers, body, &model)
-        .await
-    {
-        Ok(response) => response,
+    let forwarded = proxy
+        .forward(ForwardRequest {
+            api,
+            route,
+            path_and_query: &path_and_query,
+            headers: &parts.headers,
+            body,
+            model: &model,
+            started,
+        })
+        .await;
+    match forwarded {
+        Ok(Forwarded { response, node }) => (response, model, node),
         Err(ProxyError::NoRoute(no_route)) => {
             let message = match no_route {
                 NoRoute::UnknownModel => format!("model '{model}' not found on any node"),
@@ -80,14 +116,49 @@ pub async fn forward(proxy: &Arc<Proxy>, api: ApiKind, request: Request) -> Resp
                 NoRoute::UnknownModel => "model_not_found",
                 NoRoute::ModelUnavailable | NoRoute::NoNodes => "no_available_node",
             };
-            error(api, no_route_status(&no_route), code, &message)
+            let response = error(api, no_route_status(&no_route), code, &message);
+            (response, model, no_node())
         }
-        Err(ProxyError::AllFailed { attempts }) => error(
-            api,
-            StatusCode::BAD_GATEWAY,
-            "upstream_failed",
-            &format!("{attempts} node(s) failed to answer"),
-        ),
+        Err(ProxyError::AllFailed { attempts }) => {
+            let response = error(
+                api,
+                StatusCode::BAD_GATEWAY,
+                "upstream_failed",
+                &format!("{attempts} node(s) failed to answer"),
+            );
+            (response, model, no_node())
+        }
+    }
+}
+
+/// The route as a static label (the LLM routes are a fixed set).
+fn static_route(path: &str) -> &'static str {
+    const ROUTES: [&str; 8] = [
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
+        "/api/show",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    ];
+    ROUTES
+        .iter()
+        .find(|route| **route == path)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// The status code as a label, without allocating for the common ones.
+fn status_label(status: StatusCode) -> metrics::SharedString {
+    match status.as_u16() {
+        200 => metrics::SharedString::const_str("200"),
+        400 => metrics::SharedString::const_str("400"),
+        404 => metrics::SharedString::const_str("404"),
+        502 => metrics::SharedString::const_str("502"),
+        503 => metrics::SharedString::const_str("503"),
+        other => metrics::SharedString::from(other.to_string()),
     }
 }
 

@@ -1,6 +1,7 @@
 //! HTTP handlers and the router that maps paths to them.
 
 pub mod agents;
+pub mod dashboard;
 pub mod error;
 pub mod forward;
 pub mod guard;
@@ -120,6 +121,10 @@ fn documented_routes(state: &AppState) -> OpenApiRouter<AppState> {
     }
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health))
+        .routes(routes!(dashboard::metrics))
+        .routes(routes!(dashboard::index))
+        .routes(routes!(dashboard::script))
+        .routes(routes!(dashboard::style))
         // Ollama's liveness probe stays open, as `/health` does.
         .routes(routes!(ollama::root))
         .merge(registry_routes)

@@ -330,6 +330,7 @@ mod tests {
     fn candidate(n: u8, backend: BackendKind, models: &[&str], loaded: &[&str]) -> Candidate {
         Candidate {
             id: uuid::Uuid::from_u128(u128::from(n)),
+            name: Arc::from(format!("node-{n}")),
             address: std::net::SocketAddr::from(([127, 0, 0, n], 11434)),
             backend,
             models: models.iter().map(|m| Arc::from(*m)).collect(),

@@ -39,6 +39,14 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// When a forwarded request arrived and its route: its latency is recorded
+/// when its answer's body ends (read whole, cut, or dropped by the client).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestTiming {
+    pub started: std::time::Instant,
+    pub route: &'static str,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamBodyError {
     #[error("the node sent nothing for {0:?}")]
@@ -58,6 +66,7 @@ pub struct UpstreamBody {
     /// the first read and need no timer at all.
     idle: Option<Pin<Box<Sleep>>>,
     _in_flight: InFlightGuard,
+    timing: Option<RequestTiming>,
 }
 
 impl UpstreamBody {
@@ -66,6 +75,7 @@ impl UpstreamBody {
         connection: PooledConnection,
         idle_timeout: Duration,
         in_flight: InFlightGuard,
+        timing: Option<RequestTiming>,
     ) -> Self {
         UpstreamBody {
             inner,
@@ -73,6 +83,7 @@ impl UpstreamBody {
             idle_timeout,
             idle: None,
             _in_flight: in_flight,
+            timing,
         }
     }
 
@@ -95,6 +106,10 @@ impl Drop for UpstreamBody {
         // dropped and so closed, which tells the node to stop.
         if self.inner.is_end_stream() {
             self.connection.release();
+        }
+        if let Some(timing) = self.timing {
+            metrics::histogram!(crate::telemetry::REQUEST_DURATION, "route" => timing.route)
+                .record(timing.started.elapsed());
         }
     }
 }

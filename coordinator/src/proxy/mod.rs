@@ -14,12 +14,13 @@ use axum::http::{header, HeaderMap, HeaderName, Method, Request, Response, Statu
 use bytes::Bytes;
 use http_body_util::Full;
 
-pub use body::InFlightGuard;
 use body::UpstreamBody;
+pub use body::{InFlightGuard, RequestTiming};
 use upstream::UpstreamPool;
 
 use crate::balancer::{ApiKind, Balancer, NoRoute, Policy};
 use crate::registry::{Candidate, Registry};
+use crate::telemetry;
 
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
@@ -48,6 +49,25 @@ impl Default for ProxyOptions {
             body_read_timeout: Duration::from_secs(60),
         }
     }
+}
+
+/// One client request for [`Proxy::forward`].
+pub struct ForwardRequest<'a> {
+    pub api: ApiKind,
+    /// The route, as metrics label it (`/api/chat`, `/v1/embeddings`...).
+    pub route: &'static str,
+    pub path_and_query: &'a PathAndQuery,
+    pub headers: &'a HeaderMap,
+    pub body: Bytes,
+    pub model: &'a str,
+    /// When the request arrived, for its latency and time to first byte.
+    pub started: std::time::Instant,
+}
+
+/// An answer from a node, and which node gave it.
+pub struct Forwarded {
+    pub response: Response<Body>,
+    pub node: Arc<str>,
 }
 
 /// Why a request could not be forwarded; the API layer shapes the answer
@@ -98,14 +118,17 @@ impl Proxy {
 
     /// Sends the request to a node that serves `model` on `api`, failing
     /// over to the next candidate while nothing has reached the client.
-    pub async fn forward(
-        &self,
-        api: ApiKind,
-        path_and_query: &PathAndQuery,
-        headers: &HeaderMap,
-        body: Bytes,
-        model: &str,
-    ) -> Result<Response<Body>, ProxyError> {
+    /// `route` labels the request's metrics; `started` is when it arrived.
+    pub async fn forward(&self, request: ForwardRequest<'_>) -> Result<Forwarded, ProxyError> {
+        let ForwardRequest {
+            api,
+            route,
+            path_and_query,
+            headers,
+            body,
+            model,
+            started,
+        } = request;
         let table = self.registry.routing_table();
         let plan = self
             .balancer
@@ -114,21 +137,38 @@ impl Proxy {
         drop(table);
         let mut last_server_error = None;
         let attempts = plan.len();
+        let timing = RequestTiming { started, route };
         for candidate in plan {
-            match self
-                .attempt(&candidate, path_and_query, headers, body.clone())
+            let answered = match self
+                .attempt(&candidate, path_and_query, headers, body.clone(), timing)
                 .await
             {
-                Attempt::Answered(response) => return Ok(response),
+                Attempt::Answered(response) => Some(response),
                 Attempt::ServerError(response) => {
                     self.registry.mark_backend_unreachable(candidate.id);
-                    last_server_error = Some(response);
+                    last_server_error = Some((response, Arc::clone(&candidate.name)));
+                    None
                 }
-                Attempt::Failed => self.registry.mark_backend_unreachable(candidate.id),
+                Attempt::Failed => {
+                    self.registry.mark_backend_unreachable(candidate.id);
+                    None
+                }
+            };
+            if let Some(response) = answered {
+                metrics::histogram!(telemetry::TIME_TO_FIRST_BYTE, "route" => route)
+                    .record(started.elapsed());
+                return Ok(Forwarded {
+                    response,
+                    node: Arc::clone(&candidate.name),
+                });
             }
+            metrics::counter!(telemetry::FAILOVERS, "route" => route, "node" => Arc::clone(&candidate.name))
+                .increment(1);
         }
         // Every node failed; a node's own 5xx says more than ours would.
-        last_server_error.ok_or(ProxyError::AllFailed { attempts })
+        last_server_error
+            .map(|(response, node)| Forwarded { response, node })
+            .ok_or(ProxyError::AllFailed { attempts })
     }
 
     async fn attempt(
@@ -137,6 +177,7 @@ impl Proxy {
         path_and_query: &PathAndQuery,
         headers: &HeaderMap,
         body: Bytes,
+        timing: RequestTiming,
     ) -> Attempt {
         let in_flight = InFlightGuard::new(&candidate.in_flight);
         let build = || upstream_request(candidate, path_and_query, headers, body.clone());
@@ -162,14 +203,18 @@ impl Proxy {
                 parts.headers.remove(name);
             }
         }
+        let server_error = parts.status.is_server_error();
+        // A 5xx is retried elsewhere; only an answer that stands is timed.
+        let timing = (!server_error).then_some(timing);
         let body = Body::new(UpstreamBody::new(
             incoming,
             connection,
             self.options.idle_timeout,
             in_flight,
+            timing,
         ));
         let response = Response::from_parts(parts, body);
-        if response.status().is_server_error() {
+        if server_error {
             tracing::warn!(agent_id = %candidate.id, status = %response.status(), "Node answered with a server error; trying the next.");
             Attempt::ServerError(response)
         } else {

@@ -82,6 +82,8 @@ pub enum RegisterOutcome {
 #[derive(Debug, Clone)]
 pub struct Candidate {
     pub id: Uuid,
+    /// Its machine name, as metrics label it.
+    pub name: Arc<str>,
     pub address: std::net::SocketAddr,
     pub backend: BackendKind,
     pub models: ModelList,
@@ -104,6 +106,28 @@ pub struct Registry {
     rebuild: Mutex<()>,
     /// The seed's round-robin selection.
     round_robin: crate::balancer::Balancer,
+    /// Accepted heartbeats and registrations, for `/metrics`.
+    heartbeats: AtomicU64,
+    registrations: AtomicU64,
+}
+
+/// What `/metrics` reports of the fleet, read when scraped.
+#[derive(Debug, Default)]
+pub struct FleetFacts {
+    pub online: u64,
+    pub offline: u64,
+    pub routable: u64,
+    pub heartbeats: u64,
+    pub registrations: u64,
+    /// Every Online node, with the requests the router has in flight to it.
+    pub nodes: Vec<NodeLoad>,
+}
+
+#[derive(Debug)]
+pub struct NodeLoad {
+    pub id: Uuid,
+    pub name: String,
+    pub in_flight: u64,
 }
 
 #[derive(Default)]
@@ -196,6 +220,8 @@ impl Registry {
             routing_changes: AtomicU64::new(1),
             rebuild: Mutex::new(()),
             round_robin: crate::balancer::Balancer::new(crate::balancer::Policy::RoundRobin),
+            heartbeats: AtomicU64::new(0),
+            registrations: AtomicU64::new(0),
         }
     }
 
@@ -269,6 +295,7 @@ impl Registry {
             self.roll_back(rollback);
             return Err(RegistryError::Store(error));
         }
+        self.registrations.fetch_add(1, Ordering::Relaxed);
         match outcome {
             RegisterOutcome::Created => tracing::info!(agent_id = %id, "Agent registered."),
             RegisterOutcome::Refreshed => {
@@ -327,7 +354,36 @@ impl Registry {
         if routing_changed {
             self.mark_routing_stale();
         }
+        self.heartbeats.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Counts and per-node load for `/metrics`.
+    pub fn fleet_facts(&self) -> FleetFacts {
+        let slots: Vec<_> = self.read_maps().by_id.values().cloned().collect();
+        let mut facts = FleetFacts {
+            heartbeats: self.heartbeats.load(Ordering::Relaxed),
+            registrations: self.registrations.load(Ordering::Relaxed),
+            ..FleetFacts::default()
+        };
+        for slot in slots {
+            let record = lock(&slot);
+            match record.agent.status {
+                AgentStatus::Online => {
+                    facts.online += 1;
+                    facts.nodes.push(NodeLoad {
+                        id: record.agent.id,
+                        name: record.agent.machine_name.to_string(),
+                        in_flight: record.in_flight.load(Ordering::Relaxed),
+                    });
+                }
+                AgentStatus::Offline => facts.offline += 1,
+            }
+            if record.is_routable() {
+                facts.routable += 1;
+            }
+        }
+        facts
     }
 
     /// Updates the mutable fields of an agent. Returns once durable.
@@ -558,6 +614,7 @@ impl Registry {
             };
             candidates.push(Candidate {
                 id: agent.id,
+                name: Arc::from(&*agent.machine_name),
                 address,
                 host_header,
                 backend: agent.backend,

@@ -1,5 +1,5 @@
-//! The background thread that turns silent agents Offline and hands the
-//! store their `last_seen` every flush interval.
+//! The background thread that turns silent agents Offline, hands the store
+//! their `last_seen` every flush interval, and keeps the metrics tidy.
 //!
 //! It is an OS thread rather than a task: a sweep over a large fleet takes
 //! milliseconds, which on an event loop would stall every request queued
@@ -38,6 +38,9 @@ impl Sweeper {
                         registry.flush_liveness();
                         next_flush = now + flush_interval;
                     }
+                    // Latency histograms gather samples lock-free; fold
+                    // them in here so they stay small between scrapes.
+                    crate::telemetry::upkeep();
                 }
                 registry.flush_liveness();
             })?;

@@ -257,7 +257,9 @@ impl Writer {
 
         if !changes.is_empty() {
             let started = Instant::now();
-            match self.files.append(&changes) {
+            let appended = self.files.append(&changes);
+            record_write(&changes, appended.is_ok(), started.elapsed());
+            match appended {
                 Ok(()) => {
                     tracing::debug!(
                         changes = changes.len(),
@@ -307,6 +309,24 @@ impl Writer {
         self.snapshot_dirty = false;
         self.last_snapshot = Instant::now();
         Ok(())
+    }
+}
+
+/// Journal writes and their latency, for `/metrics`.
+fn record_write(changes: &[Change], ok: bool, elapsed: Duration) {
+    use crate::telemetry::{STORE_CHANGES, STORE_WRITES, STORE_WRITE_DURATION};
+    let result = if ok { "ok" } else { "error" };
+    metrics::counter!(STORE_WRITES, "result" => result).increment(1);
+    metrics::histogram!(STORE_WRITE_DURATION).record(elapsed);
+    if ok {
+        for change in changes {
+            let kind = match change {
+                Change::Upsert { .. } => "upsert",
+                Change::Delete { .. } => "delete",
+                Change::Seen { .. } => "seen",
+            };
+            metrics::counter!(STORE_CHANGES, "kind" => kind).increment(1);
+        }
     }
 }
 

@@ -1,0 +1,111 @@
+// Refreshes the table and the rates every two seconds from the router's own
+// API (/api/agents) and metrics (/metrics), without reloading the page.
+// Every value is set as text, never as HTML: agents choose their own names.
+"use strict";
+
+const REFRESH_MS = 2000;
+const COLUMNS = ["Name", "Address", "Status", "Last seen", "Models", "Loaded", "In flight", "CPU", "Memory"];
+let previous = null; // {at, requests, heartbeats}
+
+function bytes(n) {
+  if (n == null) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function ago(iso) {
+  const seconds = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (seconds < 60) return `${seconds.toFixed(0)} s ago`;
+  if (seconds < 3600) return `${(seconds / 60).toFixed(0)} min ago`;
+  return new Date(iso).toLocaleString();
+}
+
+function cells(agent) {
+  const report = agent.report || {};
+  const memory = report.memory_used == null ? "–"
+    : `${bytes(report.memory_used)} / ${bytes(agent.system_info.total_memory)}`;
+  return [
+    agent.machine_name,
+    `${agent.ip_address}:${agent.port}`,
+    agent.draining ? `${agent.status} (draining)` : agent.status,
+    ago(agent.last_seen),
+    (report.models || agent.models || []).join(", ") || "–",
+    (report.loaded_models || []).join(", ") || "–",
+    String(agent.in_flight),
+    report.cpu_usage_percent == null ? "–" : `${report.cpu_usage_percent.toFixed(0)} %`,
+    memory,
+  ];
+}
+
+function renderAgents(agents) {
+  const body = document.querySelector("#agents tbody");
+  const rows = new Map([...body.rows].map((row) => [row.dataset.agentId, row]));
+  agents.forEach((agent, index) => {
+    let row = rows.get(agent.id);
+    rows.delete(agent.id);
+    if (!row) {
+      row = document.createElement("tr");
+      row.dataset.agentId = agent.id;
+      COLUMNS.forEach((label) => {
+        const cell = row.insertCell();
+        cell.dataset.label = label;
+        cell.appendChild(document.createElement("span"));
+      });
+    }
+    cells(agent).forEach((text, i) => { row.cells[i].firstChild.textContent = text; });
+    row.cells[2].className = `status-${agent.status}`;
+    row.dataset.status = agent.status;
+    row.cells[6].classList.add("num");
+    if (body.rows[index] !== row) body.insertBefore(row, body.rows[index] || null);
+  });
+  rows.forEach((row) => row.remove()); // agents removed since the last refresh
+  document.getElementById("empty").hidden = agents.length > 0;
+  const online = agents.filter((a) => a.status === "Online").length;
+  document.getElementById("online").textContent = online;
+  document.getElementById("offline").textContent = agents.length - online;
+  document.getElementById("in-flight").textContent = agents.reduce((n, a) => n + a.in_flight, 0);
+}
+
+// Sums every sample of a metric in Prometheus' text format.
+function total(text, name) {
+  let sum = 0;
+  for (const line of text.split("\n")) {
+    if (line.startsWith(name + "{") || line.startsWith(name + " ")) {
+      const value = Number(line.slice(line.lastIndexOf(" ") + 1));
+      if (Number.isFinite(value)) sum += value;
+    }
+  }
+  return sum;
+}
+
+function renderRates(text) {
+  const now = { at: performance.now(), requests: total(text, "llm_router_requests_total"),
+    heartbeats: total(text, "llm_router_heartbeats_total") };
+  if (previous) {
+    const seconds = (now.at - previous.at) / 1000;
+    const rate = (a, b) => Math.max(0, (a - b) / seconds).toFixed(1);
+    document.getElementById("request-rate").textContent = rate(now.requests, previous.requests);
+    document.getElementById("heartbeat-rate").textContent = rate(now.heartbeats, previous.heartbeats);
+  }
+  previous = now;
+}
+
+async function refresh() {
+  try {
+    const [agents, metrics] = await Promise.all([
+      fetch("/api/agents", { cache: "no-store" }).then((r) => r.json()),
+      fetch("/metrics", { cache: "no-store" }).then((r) => r.text()),
+    ]);
+    renderAgents(agents);
+    renderRates(metrics);
+    document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  } catch (error) {
+    document.getElementById("updated").textContent = `cannot reach the router (${error.message})`;
+  } finally {
+    setTimeout(refresh, REFRESH_MS);
+  }
+}
+
+refresh();

@@ -1,0 +1,188 @@
+//! Prometheus metrics at `GET /metrics`.
+//!
+//! Events (requests, failovers, store writes) are recorded through the
+//! `metrics` facade into `metrics-exporter-prometheus`'s recorder as they
+//! happen. Facts about the fleet (agents by status, requests in flight per
+//! node, heartbeats received) are read from the registry when scraped, so
+//! they cost nothing per heartbeat and never go stale when a node leaves.
+//!
+//! The recorder is global to the process (the facade's design): routers
+//! embedded in one process, as some tests do, share it.
+
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::registry::Registry;
+
+pub const REQUESTS: &str = "llm_router_requests_total";
+pub const REQUEST_DURATION: &str = "llm_router_request_duration_seconds";
+pub const TIME_TO_FIRST_BYTE: &str = "llm_router_time_to_first_byte_seconds";
+pub const FAILOVERS: &str = "llm_router_failovers_total";
+pub const STORE_WRITES: &str = "llm_router_store_writes_total";
+pub const STORE_WRITE_DURATION: &str = "llm_router_store_write_duration_seconds";
+pub const STORE_CHANGES: &str = "llm_router_store_changes_total";
+
+/// Latency buckets, in seconds: from a fast cached answer to a long generation.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    120.0,
+];
+
+/// fsync takes from tens of microseconds to tens of milliseconds.
+const STORE_BUCKETS: [f64; 12] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the recorder once per process; `None` if another recorder was
+/// installed first (an embedding program's own), in which case `/metrics`
+/// shows only the registry's facts.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(STORE_WRITE_DURATION.to_owned()),
+                    &STORE_BUCKETS,
+                )
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        Matcher::Suffix("_seconds".to_owned()),
+                        &LATENCY_BUCKETS,
+                    )
+                })
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_histogram, Unit};
+    describe_counter!(
+        REQUESTS,
+        "Client requests on the LLM routes, by route, model, node and status code"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "From a client request's arrival to the end of its answer (or the client leaving)"
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_BYTE,
+        Unit::Seconds,
+        "From a client request's arrival to its answer's head, ready to send"
+    );
+    describe_counter!(
+        FAILOVERS,
+        "Attempts that failed on a node (connect error, 5xx, silence) before any byte reached the client"
+    );
+    describe_counter!(
+        STORE_WRITES,
+        "Journal writes (one per group commit), by result"
+    );
+    describe_histogram!(
+        STORE_WRITE_DURATION,
+        Unit::Seconds,
+        "Time of one journal write and its fdatasync"
+    );
+    describe_counter!(STORE_CHANGES, "Changes committed to the journal, by kind");
+}
+
+/// Drains the histograms' lock-free buckets; the sweeper calls it
+/// periodically, so memory stays bounded whether or not anyone scrapes.
+pub fn upkeep() {
+    if let Some(Some(handle)) = HANDLE.get() {
+        handle.run_upkeep();
+    }
+}
+
+/// The text of `/metrics`: the recorded events, then the registry's facts.
+pub fn render(registry: &Registry) -> String {
+    let mut text = HANDLE
+        .get()
+        .and_then(Option::as_ref)
+        .map(PrometheusHandle::render)
+        .unwrap_or_default();
+    render_registry(registry, &mut text);
+    text
+}
+
+fn render_registry(registry: &Registry, out: &mut String) {
+    let facts = registry.fleet_facts();
+    let _ = writeln!(
+        out,
+        "# HELP llm_router_agents Registered agents, by status\n# TYPE llm_router_agents gauge"
+    );
+    let _ = writeln!(
+        out,
+        "llm_router_agents{{status=\"Online\"}} {}",
+        facts.online
+    );
+    let _ = writeln!(
+        out,
+        "llm_router_agents{{status=\"Offline\"}} {}",
+        facts.offline
+    );
+    let _ = writeln!(
+        out,
+        "# HELP llm_router_agents_routable Agents the router would send a request to now\n\
+         # TYPE llm_router_agents_routable gauge\nllm_router_agents_routable {}",
+        facts.routable
+    );
+    let _ = writeln!(
+        out,
+        "# HELP llm_router_heartbeats_total Heartbeats accepted\n\
+         # TYPE llm_router_heartbeats_total counter\nllm_router_heartbeats_total {}",
+        facts.heartbeats
+    );
+    let _ = writeln!(
+        out,
+        "# HELP llm_router_registrations_total Registrations accepted (new and known machines)\n\
+         # TYPE llm_router_registrations_total counter\nllm_router_registrations_total {}",
+        facts.registrations
+    );
+    let _ = writeln!(
+        out,
+        "# HELP llm_router_node_requests_in_flight Requests the router has in flight to each Online node\n\
+         # TYPE llm_router_node_requests_in_flight gauge"
+    );
+    for node in &facts.nodes {
+        let _ = writeln!(
+            out,
+            "llm_router_node_requests_in_flight{{node=\"{}\",agent_id=\"{}\"}} {}",
+            escape_label(&node.name),
+            node.id,
+            node.in_flight
+        );
+    }
+}
+
+/// A label value as the text format wants it: backslash, quote and newline escaped.
+pub fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Seconds as the histograms take them.
+pub fn seconds(elapsed: Duration) -> f64 {
+    elapsed.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(super::escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -1,0 +1,215 @@
+//! The dashboard in a real browser: headless Chromium, driven through
+//! chromedriver (Debian's `chromium` and `chromium-driver`, which the test
+//! command installs), at a phone's size. Agents the test registers appear;
+//! when one falls silent its status turns Offline with no reload.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{client, config, eventually, register, registration, TestRouter};
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// chromedriver on a free loopback port, killed when dropped.
+struct ChromeDriver {
+    _child: tokio::process::Child,
+    url: String,
+}
+
+impl ChromeDriver {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("a free port")
+            .local_addr()
+            .expect("address")
+            .port();
+        let child = tokio::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver is installed (apt-get install chromium chromium-driver; scripts/test.sh does)");
+        let url = format!("http://127.0.0.1:{port}");
+        let status = format!("{url}/status");
+        eventually(Duration::from_secs(20), "chromedriver answers", || {
+            let status = status.clone();
+            async move {
+                reqwest::get(&status)
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+            }
+        })
+        .await;
+        ChromeDriver { _child: child, url }
+    }
+
+    async fn browser(&self) -> Client {
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".to_owned(),
+            json!({
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    "--disable-background-networking",
+                    "--disable-extensions",
+                    "--no-first-run",
+                    // A phone's screen.
+                    "--window-size=390,844",
+                ]
+            }),
+        );
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&self.url)
+            .await
+            .expect("a Chromium session")
+    }
+}
+
+async fn script(browser: &Client, source: &str) -> Value {
+    browser.execute(source, vec![]).await.expect("script runs")
+}
+
+/// The `data-status` of an agent's row, if the row is there.
+async fn row_status(browser: &Client, id: &str) -> Option<String> {
+    let source = format!(
+        "const row = document.querySelector('tr[data-agent-id=\"{id}\"]'); \
+         return row ? row.dataset.status + '|' + row.cells[2].textContent : null;"
+    );
+    script(browser, &source).await.as_str().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn dashboard_shows_agents_and_a_status_change_without_reloading() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router_config = config(dir.path());
+    router_config.agent_timeout = Duration::from_secs(1);
+    let router = TestRouter::start(router_config).await;
+    let http = client();
+    let base = router.url("");
+    let steady = register(&http, &base, &registration("gpu-steady")).await;
+    let fading = register(&http, &base, &registration("gpu-<b>fading</b>")).await;
+    // Both heartbeat (with a report) until the test says stop.
+    let fading_beats = CancellationToken::new();
+    let steady_beats = CancellationToken::new();
+    for (id, stop) in [(&steady, &steady_beats), (&fading, &fading_beats)] {
+        let (http, url, stop) = (
+            http.clone(),
+            format!("{base}/api/agents/{id}/heartbeat"),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let report = json!({"cpu_usage_percent": 42.0, "memory_used": 3_221_225_472u64,
+                    "loaded_models": ["smollm2:135m"]});
+                let _ = http.post(&url).json(&report).send().await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+
+    let driver = ChromeDriver::start().await;
+    let browser = driver.browser().await;
+    browser
+        .goto(&router.url("/dashboard"))
+        .await
+        .expect("open the dashboard");
+    assert_eq!(browser.title().await.expect("title"), "llm-router");
+    // Anything set now survives only if the page is never reloaded.
+    script(&browser, "window.__sameDocument = 'yes'; return null;").await;
+
+    for id in [&steady, &fading] {
+        eventually(Duration::from_secs(20), "both agents listed Online", || {
+            let browser = browser.clone();
+            async move {
+                row_status(&browser, id)
+                    .await
+                    .filter(|status| status == "Online|Online")
+            }
+        })
+        .await;
+    }
+    // Every column is filled from the agent and its report.
+    let row = browser
+        .find(Locator::Css(&format!("tr[data-agent-id=\"{fading}\"]")))
+        .await
+        .expect("the row");
+    let text = row.text().await.expect("row text");
+    for expected in ["127.0.0.2:11434", "smollm2:135m", "42 %", "3.0 GiB"] {
+        assert!(text.contains(expected), "{expected:?} in {text:?}");
+    }
+    // Names are shown as text, never run as HTML.
+    let name = script(
+        &browser,
+        &format!(
+            "return document.querySelector('tr[data-agent-id=\"{fading}\"]').cells[0].textContent;"
+        ),
+    )
+    .await;
+    assert_eq!(name, "gpu-<b>fading</b>");
+    // Laid out for a phone: no table header, each agent a card.
+    let header_shown = script(
+        &browser,
+        "return getComputedStyle(document.querySelector('thead')).display !== 'none';",
+    )
+    .await;
+    assert_eq!(header_shown, false, "on a 390 px screen rows are cards");
+
+    // One agent falls silent: its row turns Offline in place.
+    fading_beats.cancel();
+    eventually(
+        Duration::from_secs(20),
+        "the silent agent shown Offline",
+        || {
+            let browser = browser.clone();
+            let fading = fading.clone();
+            async move {
+                row_status(&browser, &fading)
+                    .await
+                    .filter(|status| status == "Offline|Offline")
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        row_status(&browser, &steady).await.as_deref(),
+        Some("Online|Online")
+    );
+    assert_eq!(
+        script(&browser, "return window.__sameDocument || null;").await,
+        "yes",
+        "the page was not reloaded"
+    );
+    assert_eq!(
+        script(
+            &browser,
+            "return document.getElementById('offline').textContent;"
+        )
+        .await,
+        "1"
+    );
+    let heartbeat_rate = script(
+        &browser,
+        "return Number(document.getElementById('heartbeat-rate').textContent);",
+    )
+    .await;
+    assert!(
+        heartbeat_rate.as_f64().is_some_and(|rate| rate > 0.0),
+        "the heartbeat rate is shown: {heartbeat_rate}"
+    );
+    if let Ok(path) = std::env::var("DASHBOARD_SCREENSHOT") {
+        std::fs::write(path, browser.screenshot().await.expect("screenshot")).expect("write");
+    }
+    steady_beats.cancel();
+    browser.close().await.expect("close the browser");
+    drop(driver);
+}
