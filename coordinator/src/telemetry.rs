@@ -97,6 +97,92 @@ fn describe() {
     describe_counter!(STORE_CHANGES, "Changes committed to the journal, by kind");
 }
 
+/// The LLM routes metrics label requests with: a fixed set, so that each
+/// route's histograms are looked up once rather than per request.
+pub const LLM_ROUTES: [&str; 9] = [
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/api/show",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "other",
+];
+
+/// A route as an index into [`LLM_ROUTES`] (`other` for anything else).
+pub fn route_index(path: &str) -> usize {
+    LLM_ROUTES[..LLM_ROUTES.len() - 1]
+        .iter()
+        .position(|route| *route == path)
+        .unwrap_or(LLM_ROUTES.len() - 1)
+}
+
+/// One route's histograms, made once: recording is then a lock-free push.
+pub struct RouteHistograms {
+    pub time_to_first_byte: metrics::Histogram,
+    pub duration: metrics::Histogram,
+}
+
+/// The histograms of route `index` (see [`route_index`]).
+pub fn route_histograms(index: usize) -> &'static RouteHistograms {
+    static HISTOGRAMS: OnceLock<Vec<RouteHistograms>> = OnceLock::new();
+    let all = HISTOGRAMS.get_or_init(|| {
+        LLM_ROUTES
+            .iter()
+            .map(|route| RouteHistograms {
+                time_to_first_byte: metrics::histogram!(TIME_TO_FIRST_BYTE, "route" => *route),
+                duration: metrics::histogram!(REQUEST_DURATION, "route" => *route),
+            })
+            .collect()
+    });
+    &all[index.min(all.len() - 1)]
+}
+
+/// The labels of one `llm_router_requests_total` series.
+#[derive(PartialEq, Eq, Hash)]
+struct RequestSeries {
+    route: usize,
+    status: u16,
+    model: String,
+    node: std::sync::Arc<str>,
+}
+
+thread_local! {
+    /// Each event loop's handles to the request counters it has used:
+    /// counting a request is then a hash lookup and an atomic add, not the
+    /// building of a labelled key. Bounded by the label combinations seen.
+    static REQUEST_COUNTERS: std::cell::RefCell<std::collections::HashMap<RequestSeries, metrics::Counter>> =
+        std::cell::RefCell::default();
+}
+
+/// Counts one client request on an LLM route.
+pub fn count_request(route: usize, status: u16, model: String, node: std::sync::Arc<str>) {
+    let series = RequestSeries {
+        route: route.min(LLM_ROUTES.len() - 1),
+        status,
+        model,
+        node,
+    };
+    REQUEST_COUNTERS.with(|counters| {
+        let mut counters = counters.borrow_mut();
+        if let Some(counter) = counters.get(&series) {
+            counter.increment(1);
+            return;
+        }
+        let counter = metrics::counter!(
+            REQUESTS,
+            "route" => LLM_ROUTES[series.route],
+            "model" => series.model.clone(),
+            "node" => std::sync::Arc::clone(&series.node),
+            "status" => series.status.to_string(),
+        );
+        counter.increment(1);
+        counters.insert(series, counter);
+    });
+}
+
 /// Drains the histograms' lock-free buckets; the sweeper calls it
 /// periodically, so memory stays bounded whether or not anyone scrapes.
 pub fn upkeep() {

@@ -21,16 +21,9 @@ use crate::telemetry;
 /// than cloned for extractors.
 pub async fn forward(proxy: &Arc<Proxy>, api: ApiKind, request: Request) -> Response {
     let started = std::time::Instant::now();
-    let route = static_route(request.uri().path());
+    let route = telemetry::route_index(request.uri().path());
     let (response, model, node) = forward_counted(proxy, api, route, started, request).await;
-    metrics::counter!(
-        telemetry::REQUESTS,
-        "route" => route,
-        "model" => model,
-        "node" => node,
-        "status" => status_label(response.status()),
-    )
-    .increment(1);
+    telemetry::count_request(route, response.status().as_u16(), model, node);
     response
 }
 
@@ -38,7 +31,7 @@ pub async fn forward(proxy: &Arc<Proxy>, api: ApiKind, request: Request) -> Resp
 async fn forward_counted(
     proxy: &Arc<Proxy>,
     api: ApiKind,
-    route: &'static str,
+    route: usize,
     started: std::time::Instant,
     request: Request,
 ) -> (Response, String, Arc<str>) {
@@ -128,37 +121,6 @@ async fn forward_counted(
             );
             (response, model, no_node())
         }
-    }
-}
-
-/// The route as a static label (the LLM routes are a fixed set).
-fn static_route(path: &str) -> &'static str {
-    const ROUTES: [&str; 8] = [
-        "/api/chat",
-        "/api/generate",
-        "/api/embed",
-        "/api/embeddings",
-        "/api/show",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-    ];
-    ROUTES
-        .iter()
-        .find(|route| **route == path)
-        .copied()
-        .unwrap_or("other")
-}
-
-/// The status code as a label, without allocating for the common ones.
-fn status_label(status: StatusCode) -> metrics::SharedString {
-    match status.as_u16() {
-        200 => metrics::SharedString::const_str("200"),
-        400 => metrics::SharedString::const_str("400"),
-        404 => metrics::SharedString::const_str("404"),
-        502 => metrics::SharedString::const_str("502"),
-        503 => metrics::SharedString::const_str("503"),
-        other => metrics::SharedString::from(other.to_string()),
     }
 }
 

@@ -44,7 +44,8 @@ impl Drop for InFlightGuard {
 #[derive(Debug, Clone, Copy)]
 pub struct RequestTiming {
     pub started: std::time::Instant,
-    pub route: &'static str,
+    /// An index into `telemetry::LLM_ROUTES`.
+    pub route: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +109,8 @@ impl Drop for UpstreamBody {
             self.connection.release();
         }
         if let Some(timing) = self.timing {
-            metrics::histogram!(crate::telemetry::REQUEST_DURATION, "route" => timing.route)
+            crate::telemetry::route_histograms(timing.route)
+                .duration
                 .record(timing.started.elapsed());
         }
     }

@@ -54,8 +54,8 @@ impl Default for ProxyOptions {
 /// One client request for [`Proxy::forward`].
 pub struct ForwardRequest<'a> {
     pub api: ApiKind,
-    /// The route, as metrics label it (`/api/chat`, `/v1/embeddings`...).
-    pub route: &'static str,
+    /// The route, as an index into `telemetry::LLM_ROUTES`, for metrics.
+    pub route: usize,
     pub path_and_query: &'a PathAndQuery,
     pub headers: &'a HeaderMap,
     pub body: Bytes,
@@ -155,15 +155,20 @@ impl Proxy {
                 }
             };
             if let Some(response) = answered {
-                metrics::histogram!(telemetry::TIME_TO_FIRST_BYTE, "route" => route)
+                telemetry::route_histograms(route)
+                    .time_to_first_byte
                     .record(started.elapsed());
                 return Ok(Forwarded {
                     response,
                     node: Arc::clone(&candidate.name),
                 });
             }
-            metrics::counter!(telemetry::FAILOVERS, "route" => route, "node" => Arc::clone(&candidate.name))
-                .increment(1);
+            metrics::counter!(
+                telemetry::FAILOVERS,
+                "route" => telemetry::LLM_ROUTES[route.min(telemetry::LLM_ROUTES.len() - 1)],
+                "node" => Arc::clone(&candidate.name),
+            )
+            .increment(1);
         }
         // Every node failed; a node's own 5xx says more than ours would.
         last_server_error
