@@ -149,3 +149,49 @@ async fn stalled_request_bodies_get_408_and_change_nothing() {
     assert_eq!(status, StatusCode::OK, "the router still serves");
     router.stop().await.expect("clean stop");
 }
+
+/// The header read timeout is about waiting for a request head: an answer
+/// that takes longer than it, streamed or whole, is not cut, and the
+/// connection then serves the next request.
+#[tokio::test]
+async fn answers_slower_than_the_header_timeout_are_not_cut() {
+    use testkit::{StandIn, StandInOptions};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router_config = config(dir.path());
+    router_config.header_read_timeout = Duration::from_millis(300);
+    let router = TestRouter::start(router_config).await;
+    let mut options = StandInOptions::ollama("slow-node", &["smollm2:135m"]);
+    options.chunks = 4;
+    options.chunk_delay = Duration::from_millis(250);
+    let standin = StandIn::spawn(options).await.expect("stand-in");
+    let client = client();
+    let mut node = registration("slow-node");
+    node["ip_address"] = "127.0.0.1".into();
+    node["port"] = standin.address.port().into();
+    common::register(&client, &router.url(""), &node).await;
+
+    for stream in [false, true, false] {
+        let started = std::time::Instant::now();
+        let response = client
+            .post(router.url("/api/chat"))
+            .json(&serde_json::json!({
+                "model": "smollm2:135m",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": stream,
+            }))
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(response.status(), StatusCode::OK);
+        let text = response.text().await.expect("the whole answer");
+        assert!(
+            text.contains("slow-node") && text.contains("\"done\":true"),
+            "{text}"
+        );
+        assert!(
+            started.elapsed() > Duration::from_millis(300),
+            "the answer did take longer than the header timeout"
+        );
+    }
+    router.stop().await.expect("clean stop");
+}
