@@ -81,12 +81,14 @@ impl std::fmt::Debug for TokenDigest {
     }
 }
 
-/// A new per-agent secret: 256 random bits from the operating system's
-/// generator, as text. The router keeps only its digest.
+/// A new per-agent secret: 256 random bits, as text. The router keeps only
+/// its digest. `thread_rng` is a cryptographically secure generator seeded
+/// (and periodically reseeded) from the operating system's, without a
+/// system call per registration.
 pub fn new_agent_secret() -> (Secret, TokenDigest) {
     use rand::RngCore;
     let mut bytes = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    rand::thread_rng().fill_bytes(&mut bytes);
     let secret = format!("llmr_agent_{}", hex::encode(bytes));
     let digest = TokenDigest::of(secret.as_bytes());
     (Secret(secret), digest)

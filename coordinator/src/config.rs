@@ -187,16 +187,8 @@ impl Config {
 
     /// The credentials, read from flags, environment and files.
     pub fn credentials(&self) -> anyhow::Result<Credentials> {
-        let join_token = match (&self.agent_token, &self.agent_token_file) {
-            (Some(token), _) => Some(token.clone()),
-            (None, Some(path)) => Some(auth::read_secret_file(path)?),
-            (None, None) => None,
-        };
-        let admin_token = match (&self.admin_token, &self.admin_token_file) {
-            (Some(token), _) => Some(token.clone()),
-            (None, Some(path)) => Some(auth::read_secret_file(path)?),
-            (None, None) => None,
-        };
+        let join_token = token_from(self.agent_token.as_ref(), self.agent_token_file.as_deref())?;
+        let admin_token = token_from(self.admin_token.as_ref(), self.admin_token_file.as_deref())?;
         let mut api_keys = self.api_keys.clone();
         if let Some(path) = &self.api_keys_file {
             api_keys.extend(auth::read_api_key_file(path)?);
@@ -206,6 +198,18 @@ impl Config {
             &api_keys,
             admin_token.as_ref(),
         ))
+    }
+}
+
+/// A token given directly, else read from its file, else none.
+fn token_from(
+    token: Option<&Secret>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<Secret>> {
+    match (token, file) {
+        (Some(token), _) => Ok(Some(token.clone())),
+        (None, Some(path)) => auth::read_secret_file(path).map(Some),
+        (None, None) => Ok(None),
     }
 }
 
