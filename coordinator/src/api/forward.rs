@@ -27,6 +27,9 @@ pub async fn forward(proxy: &Arc<Proxy>, api: ApiKind, request: Request) -> Resp
     response
 }
 
+/// The model label of requests for a model no node serves.
+const UNKNOWN_MODEL: &str = "(unknown)";
+
 /// Forwards, and says for the request counter which model and which node.
 async fn forward_counted(
     proxy: &Arc<Proxy>,
@@ -110,7 +113,13 @@ async fn forward_counted(
                 NoRoute::ModelUnavailable | NoRoute::NoNodes => "no_available_node",
             };
             let response = error(api, no_route_status(&no_route), code, &message);
-            (response, model, no_node())
+            // A model no node serves is whatever the client typed: as a
+            // label it would let any client grow the metrics without end.
+            let label = match no_route {
+                NoRoute::ModelUnavailable => model,
+                NoRoute::UnknownModel | NoRoute::NoNodes => UNKNOWN_MODEL.to_owned(),
+            };
+            (response, label, no_node())
         }
         Err(ProxyError::AllFailed { attempts }) => {
             let response = error(
