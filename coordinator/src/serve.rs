@@ -221,21 +221,34 @@ struct TrackingService {
 impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for TrackingService {
     type Response = hyper::Response<TrackedBody>;
     type Error = Infallible;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>,
-    >;
+    type Future = TrackedAnswer;
 
     fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
         self.clock.request_started();
-        let answer = self.app.clone().call(request.map(Body::new));
-        let clock = Arc::clone(&self.clock);
-        Box::pin(async move {
-            let response = answer.await?;
-            Ok(response.map(|body| TrackedBody {
-                inner: body,
-                clock: Some(clock),
-            }))
-        })
+        TrackedAnswer {
+            answer: self.app.clone().call(request.map(Body::new)),
+            clock: Some(Arc::clone(&self.clock)),
+        }
+    }
+}
+
+/// The app's answer, its body wrapped as a `TrackedBody` once it comes. A
+/// named future rather than a boxed one: no allocation per request.
+struct TrackedAnswer {
+    answer: axum::routing::future::RouteFuture<Infallible>,
+    clock: Option<Arc<ConnectionClock>>,
+}
+
+impl Future for TrackedAnswer {
+    type Output = Result<hyper::Response<TrackedBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Poll::Ready(Ok(response)) = Pin::new(&mut this.answer).poll(context) else {
+            return Poll::Pending;
+        };
+        let clock = this.clock.take();
+        Poll::Ready(Ok(response.map(|inner| TrackedBody { inner, clock })))
     }
 }
 

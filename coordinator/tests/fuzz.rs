@@ -176,7 +176,7 @@ fn request() -> impl Strategy<Value = FuzzRequest> {
     (route, id_choice(), content_type)
         .prop_flat_map(|(route, id, content_type)| {
             let valid = match route {
-                Route::Register => registration(&format!("fuzz-extra-{}", 0)),
+                Route::Register => registration("fuzz-extra"),
                 Route::Update => valid_update(),
                 _ => valid_report(),
             };

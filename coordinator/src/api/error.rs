@@ -47,15 +47,20 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                axum::http::header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
-        }
-        response
+        challenge_if_unauthorized((self.status, Json(body)).into_response())
     }
+}
+
+/// A 401 says how to authenticate (`WWW-Authenticate: Bearer`), whatever
+/// the shape of its body.
+pub fn challenge_if_unauthorized(mut response: Response) -> Response {
+    if response.status() == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
 }
 
 impl From<Refusal> for ApiError {

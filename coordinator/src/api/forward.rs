@@ -48,12 +48,8 @@ async fn forward_counted(
     let body = match read {
         Ok(Ok(body)) => body,
         Err(_elapsed) => {
-            let response = error(
-                api,
-                StatusCode::REQUEST_TIMEOUT,
-                "body_read_timeout",
-                "the request body did not arrive in time",
-            );
+            let (code, message) = super::json::BODY_READ_TIMEOUT;
+            let response = error(api, StatusCode::REQUEST_TIMEOUT, code, message);
             return (response, String::new(), no_node());
         }
         Ok(Err(read_error)) => {

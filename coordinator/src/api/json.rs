@@ -98,13 +98,16 @@ pub async fn within<F: Future>(
     }
 }
 
-/// The answer when a client stops sending its body part way.
+/// The code and message when a client stops sending its body part way.
+pub const BODY_READ_TIMEOUT: (&str, &str) = (
+    "body_read_timeout",
+    "the request body did not arrive in time",
+);
+
+/// The registry routes' answer to a body that did not arrive in time.
 pub fn body_read_timed_out() -> ApiError {
-    ApiError::new(
-        StatusCode::REQUEST_TIMEOUT,
-        "body_read_timeout",
-        "the request body did not arrive in time",
-    )
+    let (code, message) = BODY_READ_TIMEOUT;
+    ApiError::new(StatusCode::REQUEST_TIMEOUT, code, message)
 }
 
 fn is_blank(bytes: &[u8]) -> bool {

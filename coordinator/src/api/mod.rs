@@ -132,13 +132,7 @@ fn documented_routes(state: &AppState) -> OpenApiRouter<AppState> {
 }
 
 /// The document, with its own route added, as JSON text.
-fn openapi_with_itself(openapi: utoipa::openapi::OpenApi) -> String {
-    openapi_with_itself_doc(openapi)
-        .to_json()
-        .unwrap_or_else(|_| "{}".to_owned())
-}
-
-fn openapi_with_itself_doc(mut openapi: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+fn openapi_with_itself(mut openapi: utoipa::openapi::OpenApi) -> String {
     use utoipa::openapi::path::{HttpMethod, OperationBuilder};
     use utoipa::openapi::ResponseBuilder;
     let operation = OperationBuilder::new()
@@ -152,7 +146,7 @@ fn openapi_with_itself_doc(mut openapi: utoipa::openapi::OpenApi) -> utoipa::ope
     openapi
         .paths
         .add_path_operation("/openapi.json", vec![HttpMethod::Get], operation);
-    openapi
+    openapi.to_json().unwrap_or_else(|_| "{}".to_owned())
 }
 
 #[derive(OpenApi)]
@@ -226,15 +220,12 @@ async fn require_api_key(
             } else {
                 ApiKind::Ollama
             };
-            let mut response =
-                forward::error(api, refusal.status(), refusal.code(), refusal.message());
-            if refusal == crate::auth::Refusal::Unauthenticated {
-                response.headers_mut().insert(
-                    axum::http::header::WWW_AUTHENTICATE,
-                    axum::http::HeaderValue::from_static("Bearer"),
-                );
-            }
-            response
+            error::challenge_if_unauthorized(forward::error(
+                api,
+                refusal.status(),
+                refusal.code(),
+                refusal.message(),
+            ))
         }
     }
 }
