@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::address::{parse_server_address, ServerAddress};
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "llm-router-agent",
@@ -13,10 +15,17 @@ use clap::Parser;
 )]
 pub struct AgentConfig {
     /// The router's base URL.
-    #[arg(long, env = "LLM_ROUTER_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "LLM_ROUTER_URL",
+        default_value = "http://127.0.0.1:8080",
+        value_parser = common::url::parse_router_url
+    )]
     pub router_url: String,
 
-    /// This node's LLM server [env: LLM_ROUTER_BACKEND_URL, else OLLAMA_HOST] [default: http://127.0.0.1:11434].
+    /// This node's LLM server, written as Ollama's OLLAMA_HOST is (0.0.0.0,
+    /// HOST:PORT, http://HOST:PORT) [env: LLM_ROUTER_BACKEND_URL, else
+    /// OLLAMA_HOST] [default: 127.0.0.1:11434].
     #[arg(long)]
     pub backend_url: Option<String>,
 
@@ -56,15 +65,22 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// The flag, else `LLM_ROUTER_BACKEND_URL`, else `OLLAMA_HOST` (which
-    /// Ollama users already set, often without a scheme), else Ollama's default.
-    pub fn backend_url(&self) -> String {
-        let raw = self
-            .backend_url
-            .clone()
-            .or_else(|| non_empty_env("LLM_ROUTER_BACKEND_URL"))
-            .or_else(|| non_empty_env("OLLAMA_HOST"))
-            .unwrap_or_else(|| "http://127.0.0.1:11434".to_owned());
-        normalize_url(&raw)
+    /// Ollama users already set), else Ollama's default; each read the way
+    /// Ollama reads `OLLAMA_HOST` (see `address`). Also says where the
+    /// value came from and any warning about it.
+    pub fn backend_address(&self) -> anyhow::Result<(ServerAddress, String, Option<String>)> {
+        let (raw, source) = if let Some(flag) = &self.backend_url {
+            (flag.clone(), "--backend-url")
+        } else if let Some(value) = non_empty_env("LLM_ROUTER_BACKEND_URL") {
+            (value, "LLM_ROUTER_BACKEND_URL")
+        } else if let Some(value) = non_empty_env("OLLAMA_HOST") {
+            (value, "OLLAMA_HOST")
+        } else {
+            ("127.0.0.1:11434".to_owned(), "the default")
+        };
+        let (address, warning) =
+            parse_server_address(&raw).map_err(|problem| anyhow::anyhow!("{source}: {problem}"))?;
+        Ok((address, format!("{source} ({raw})"), warning))
     }
 
     /// The join token: the flag or its variable, else the file's text.
@@ -86,7 +102,7 @@ impl AgentConfig {
     }
 
     pub fn router_url(&self) -> String {
-        normalize_url(&self.router_url)
+        self.router_url.clone()
     }
 }
 
@@ -100,16 +116,6 @@ fn non_empty_env(name: &str) -> Option<String> {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// Adds `http://` when missing and drops a trailing slash.
-pub fn normalize_url(raw: &str) -> String {
-    let trimmed = raw.trim().trim_end_matches('/');
-    if trimmed.contains("://") {
-        trimmed.to_owned()
-    } else {
-        format!("http://{trimmed}")
-    }
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {

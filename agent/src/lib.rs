@@ -1,6 +1,7 @@
 //! llm-router-agent: runs beside a node's LLM server, registers it with the
 //! router and keeps it alive with heartbeats.
 
+pub mod address;
 pub mod backend;
 pub mod config;
 pub mod router_client;

@@ -9,6 +9,10 @@ use uuid::Uuid;
 pub enum RouterError {
     #[error("the router does not know this agent")]
     UnknownAgent,
+    /// A router always has a registration route; whatever answered 404 to
+    /// one is something else, most often the LLM server itself.
+    #[error("{url} answered 404 to POST /api/agents/register, so it is not an llm-router: point --router-url (LLM_ROUTER_URL) at the router, not at an LLM server")]
+    NotARouter { url: String },
     #[error("the router answered 401: it refused the credential (the join token, or this agent's secret)")]
     Unauthorized,
     #[error("the router answered {status}: {body}")]
@@ -61,6 +65,11 @@ impl RouterClient {
         )
         .send()
         .await?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Err(RouterError::NotARouter {
+                url: self.base_url.clone(),
+            });
+        }
         let answer: RegisterResponse = check(response).await?.json().await?;
         Ok(Registration {
             id: answer.id,

@@ -10,6 +10,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::address::{ServerAddress, ServerHost};
 use crate::backend::{Backend, BackendState};
 use crate::config::AgentConfig;
 use crate::router_client::{RouterClient, RouterError};
@@ -28,21 +29,26 @@ struct Registered {
 /// cannot work (an unparsable URL); an unreachable router is waited out.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let router = RouterClient::new(config.router_url(), config.join_token()?);
-    let backend = Backend::new(config.backend_url());
-    let backend_url = reqwest::Url::parse(backend.base_url())?;
+    let (server, server_source, server_warning) = config.backend_address()?;
+    if let Some(warning) = server_warning {
+        tracing::warn!("{warning}");
+    }
+    let backend = Backend::new(server.url.clone());
     let router_url = reqwest::Url::parse(router.base_url())?;
-    let backend_port = backend_url
-        .port_or_known_default()
-        .unwrap_or(common::DEFAULT_LLM_PORT);
     let machine_name = config.machine_name.clone().unwrap_or_else(host_name);
     let mut host = HostProbe::new();
     let system_info = host.system_info();
     let mut backoff = Backoff::new(config.heartbeat_interval);
     let mut registered: Option<Registered> = None;
-    tracing::info!(router = %router.base_url(), backend = %backend.base_url(), %machine_name, "Agent starting.");
+    let mut server_was_up: Option<bool> = None;
+    // The address last checked for reachability, so the check (and its
+    // warning) runs once per address rather than at every registration.
+    let mut checked_address: Option<IpAddr> = None;
+    tracing::info!(router = %router.base_url(), backend = %backend.base_url(), from = %server_source, %machine_name, "Agent starting.");
 
     loop {
         let state = backend.probe().await;
+        report_server_change(&mut server_was_up, state.is_some(), backend.base_url());
         let delay = match &registered {
             Some(current) if !backend_changed(current, state.as_ref()) => {
                 let report = heartbeat_report(state.as_ref(), &mut host);
@@ -74,16 +80,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 }
             }
             _ => {
-                let request = match advertised_ip(&config, &backend_url, &router_url).await {
-                    Ok(ip) => Ok(register_request(
-                        &machine_name,
-                        ip,
-                        backend_port,
-                        &system_info,
-                        state.as_ref(),
-                    )),
-                    Err(error) => Err(error),
-                };
+                let advertised = advertised_ip(&config, &server.host, &router_url).await;
+                if let Ok(ip) = &advertised {
+                    if state.is_some() && checked_address != Some(*ip) {
+                        checked_address = Some(*ip);
+                        warn_if_unreachable_at(*ip, &server).await;
+                    }
+                }
+                let request = advertised.map(|ip| {
+                    register_request(&machine_name, ip, server.port, &system_info, state.as_ref())
+                });
                 let result = match request {
                     Ok(request) => router.register(&request).await.map_err(anyhow::Error::from),
                     Err(error) => Err(error),
@@ -164,6 +170,59 @@ async fn drain(router: &RouterClient, id: Uuid, secret: Option<&str>, timeout: D
     }
 }
 
+/// Says, once each time, that the LLM server stopped or started answering:
+/// the router then routes around the node, and an operator should know why.
+fn report_server_change(was_up: &mut Option<bool>, up: bool, url: &str) {
+    match (*was_up, up) {
+        (Some(true) | None, false) => tracing::warn!(
+            backend = %url,
+            "The LLM server does not answer; the router is told, and sends this node nothing until it does. Is it running, and at this address?"
+        ),
+        (Some(false), true) => {
+            tracing::warn!(backend = %url, "The LLM server answers again.")
+        }
+        _ => {}
+    }
+    *was_up = Some(up);
+}
+
+/// Warns, with what to do, when the server answers the agent but not at the
+/// address the router will use: the usual case is Ollama's default setup,
+/// which listens on 127.0.0.1 only. The router finds out too (the node's
+/// first request fails and the router keeps it out of rotation until it
+/// reaches it), but only the agent can say why.
+async fn warn_if_unreachable_at(ip: IpAddr, server: &ServerAddress) {
+    let local_only = match &server.host {
+        ServerHost::Ip(configured) => *configured != ip,
+        ServerHost::Name(_) | ServerHost::AnyInterface => true,
+    };
+    if !local_only || ip.is_unspecified() {
+        return;
+    }
+    let address = std::net::SocketAddr::new(ip, server.port);
+    let connected = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await;
+    if matches!(connected, Ok(Ok(_))) {
+        return;
+    }
+    tracing::warn!(
+        backend = %server.url,
+        advertised = %address,
+        "The LLM server answers at {} but not at {address}, the address the router will use: the router cannot reach it. \
+         Ollama listens on 127.0.0.1 only unless OLLAMA_HOST says otherwise: run `systemctl edit ollama`, add \
+         [Service] Environment=\"OLLAMA_HOST=0.0.0.0\", then `systemctl restart ollama`. For llama.cpp's server \
+         or vLLM, start it with --host 0.0.0.0. Then open port {} to the router host (for example `ufw allow {}/tcp`), \
+         and check from the router host with `curl http://{address}/`. If the router must use another address, \
+         set --advertise-ip.",
+        server.url,
+        server.port,
+        server.port,
+    );
+}
+
 /// The LLM server came up, or came back as another kind or version.
 fn backend_changed(registered: &Registered, state: Option<&BackendState>) -> bool {
     match (state, &registered.backend) {
@@ -204,18 +263,19 @@ fn heartbeat_report(state: Option<&BackendState>, host: &mut HostProbe) -> Heart
 }
 
 /// The address the router should use for our LLM server: the override; else
-/// the backend URL's host when the router could reach it (not loopback);
-/// else the local address of a socket connected to the router, which is the
-/// address the router sees us at. No outside address is ever probed.
+/// the server's configured host when the router could reach it (not
+/// loopback, not every interface); else the local address of a socket
+/// connected to the router, which is the address the router sees us at. No
+/// outside address is ever probed.
 async fn advertised_ip(
     config: &AgentConfig,
-    backend_url: &reqwest::Url,
+    server_host: &ServerHost,
     router_url: &reqwest::Url,
 ) -> anyhow::Result<IpAddr> {
     if let Some(ip) = config.advertise_ip {
         return Ok(ip);
     }
-    if let Some(ip) = routable_backend_ip(backend_url).await {
+    if let Some(ip) = routable_server_ip(server_host).await {
         return Ok(ip);
     }
     let host = router_url
@@ -227,16 +287,13 @@ async fn advertised_ip(
     Ok(stream.local_addr()?.ip())
 }
 
-async fn routable_backend_ip(backend_url: &reqwest::Url) -> Option<IpAddr> {
+async fn routable_server_ip(host: &ServerHost) -> Option<IpAddr> {
     let routable = |ip: &IpAddr| !ip.is_loopback() && !ip.is_unspecified();
-    match backend_url.host()? {
-        url::Host::Ipv4(ip) => Some(IpAddr::V4(ip)).filter(routable),
-        url::Host::Ipv6(ip) => Some(IpAddr::V6(ip)).filter(routable),
-        url::Host::Domain(name) => {
-            let port = backend_url
-                .port_or_known_default()
-                .unwrap_or(common::DEFAULT_LLM_PORT);
-            let mut addresses = tokio::net::lookup_host((name, port)).await.ok()?;
+    match host {
+        ServerHost::AnyInterface => None,
+        ServerHost::Ip(ip) => Some(*ip).filter(routable),
+        ServerHost::Name(name) => {
+            let mut addresses = tokio::net::lookup_host((name.as_str(), 0)).await.ok()?;
             addresses
                 .find(|address| routable(&address.ip()))
                 .map(|address| address.ip())
@@ -292,14 +349,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn loopback_backend_is_not_advertised() {
-        let url = reqwest::Url::parse("http://127.0.0.1:11434").expect("url");
-        assert_eq!(routable_backend_ip(&url).await, None);
-        let url = reqwest::Url::parse("http://127.0.0.5:11434").expect("url");
-        assert_eq!(
-            routable_backend_ip(&url).await,
-            None,
-            "all of 127/8 is loopback"
-        );
+    async fn loopback_and_every_interface_are_not_advertised() {
+        for host in [
+            "127.0.0.1",
+            "127.0.0.5:11434",
+            "0.0.0.0",
+            "::",
+            ":11434",
+            "localhost",
+        ] {
+            let (address, _) = crate::address::parse_server_address(host).expect(host);
+            assert_eq!(routable_server_ip(&address.host).await, None, "{host}");
+        }
     }
 }

@@ -1,6 +1,9 @@
 //! Wire types: the JSON that crosses between the router, the agent, clients
 //! and tests. Nothing here holds state; the router converts its internal
-//! records into these at the edge.
+//! records into these at the edge. [`url`] holds the one other thing both
+//! binaries share: how they read a router's URL from the command line.
+
+pub mod url;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -118,6 +121,55 @@ pub enum AgentStatus {
     Offline,
 }
 
+/// Where a node stands for routing, in one word: the one definition of a
+/// node's state that the API, the CLI, the dashboard and the metrics all
+/// show. `status` (Online, Offline) is liveness alone; this says what the
+/// router does with the node now. Read top-down: the first that applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// No heartbeat within the timeout: the router sends it nothing.
+    #[default]
+    Offline,
+    /// Online, but its agent said it is leaving: no new requests.
+    Draining,
+    /// Online, but its agent reports that its LLM server does not answer.
+    ServerDown,
+    /// Online, but the router's own request to its LLM server just failed
+    /// (no connection, a 5xx, silence): out of rotation until the router's
+    /// probe of the server succeeds, whatever heartbeats say.
+    Unreachable,
+    /// Online and in rotation: the router sends it requests.
+    Serving,
+}
+
+impl NodeState {
+    pub const ALL: [NodeState; 5] = [
+        NodeState::Serving,
+        NodeState::Draining,
+        NodeState::ServerDown,
+        NodeState::Unreachable,
+        NodeState::Offline,
+    ];
+
+    /// The word the API uses (`serving`, `server_down`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Offline => "offline",
+            NodeState::Draining => "draining",
+            NodeState::ServerDown => "server_down",
+            NodeState::Unreachable => "unreachable",
+            NodeState::Serving => "serving",
+        }
+    }
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
 /// One agent as `GET /api/agents` lists it, and as `agents.json` stores it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Agent {
@@ -156,10 +208,13 @@ pub struct AgentView {
     /// The node said it is leaving: it gets no new requests.
     #[serde(default)]
     pub draining: bool,
-    /// Whether the router would send it a request now: Online, not draining,
-    /// and its LLM server not known to be down.
+    /// Whether the router would send it a request now: exactly when
+    /// `state` is `serving`, and exactly the nodes routing picks from.
     #[serde(default)]
     pub routable: bool,
+    /// Where it stands for routing (see [`NodeState`]).
+    #[serde(default)]
+    pub state: NodeState,
 }
 
 /// The answer to `POST /api/agents/:id/drain`.

@@ -4,7 +4,8 @@
 "use strict";
 
 const REFRESH_MS = 2000;
-const COLUMNS = ["Name", "Address", "Status", "Last seen", "Models", "Loaded", "In flight", "CPU", "Memory"];
+const COLUMNS = ["Name", "Address", "Status", "State", "Last seen", "Models", "Loaded", "In flight", "CPU", "Memory"];
+const IN_FLIGHT_COLUMN = COLUMNS.indexOf("In flight");
 let previous = null; // {at, requests, heartbeats}
 
 function bytes(n) {
@@ -29,7 +30,10 @@ function cells(agent) {
   return [
     agent.machine_name,
     `${agent.ip_address}:${agent.port}`,
-    agent.draining ? `${agent.status} (draining)` : agent.status,
+    agent.status,
+    // The router's one word for where the node stands (see the README's
+    // "Node states"): the same word the API, the CLI and /metrics use.
+    agent.state,
     ago(agent.last_seen),
     (report.models || agent.models || []).join(", ") || "–",
     (report.loaded_models || []).join(", ") || "–",
@@ -56,8 +60,10 @@ function renderAgents(agents) {
     }
     cells(agent).forEach((text, i) => { row.cells[i].firstChild.textContent = text; });
     row.cells[2].className = `status-${agent.status}`;
+    row.cells[3].className = `state-${agent.state}`;
     row.dataset.status = agent.status;
-    row.cells[6].classList.add("num");
+    row.dataset.state = agent.state;
+    row.cells[IN_FLIGHT_COLUMN].classList.add("num");
     if (body.rows[index] !== row) body.insertBefore(row, body.rows[index] || null);
   });
   rows.forEach((row) => row.remove()); // agents removed since the last refresh
@@ -65,6 +71,7 @@ function renderAgents(agents) {
   const online = agents.filter((a) => a.status === "Online").length;
   document.getElementById("online").textContent = online;
   document.getElementById("offline").textContent = agents.length - online;
+  document.getElementById("serving").textContent = agents.filter((a) => a.state === "serving").length;
   document.getElementById("in-flight").textContent = agents.reduce((n, a) => n + a.in_flight, 0);
 }
 

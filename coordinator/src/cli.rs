@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use common::{AgentStatus, AgentView, ErrorBody};
+use common::{AgentStatus, AgentView, ErrorBody, NodeState};
 
 use crate::Config;
 
@@ -58,7 +58,8 @@ pub struct ClientArgs {
         long,
         global = true,
         env = "LLM_ROUTER_URL",
-        default_value = "http://127.0.0.1:8080"
+        default_value = "http://127.0.0.1:8080",
+        value_parser = common::url::parse_router_url
     )]
     pub router_url: String,
     /// Print JSON instead of a table.
@@ -176,19 +177,18 @@ fn agents_table(agents: &[AgentView]) -> String {
         "NAME",
         "ADDRESS",
         "STATUS",
+        "STATE",
         "LAST SEEN",
         "IN FLIGHT",
         "MODELS",
     ];
-    let rows: Vec<[String; 7]> = agents
+    let rows: Vec<[String; 8]> = agents
         .iter()
         .map(|view| {
             let agent = &view.agent;
-            let status = match (agent.status, view.draining, view.routable) {
-                (AgentStatus::Offline, _, _) => "Offline",
-                (AgentStatus::Online, true, _) => "Draining",
-                (AgentStatus::Online, false, false) => "Online (server down)",
-                (AgentStatus::Online, false, true) => "Online",
+            let status = match agent.status {
+                AgentStatus::Online => "Online",
+                AgentStatus::Offline => "Offline",
             };
             let models = agent
                 .report
@@ -201,6 +201,7 @@ fn agents_table(agents: &[AgentView]) -> String {
                 agent.machine_name.clone(),
                 format!("{}:{}", agent.ip_address, agent.port),
                 status.to_owned(),
+                view.state.to_string(),
                 agent
                     .last_seen
                     .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -237,6 +238,8 @@ struct Summary {
     online: usize,
     offline: usize,
     routable: usize,
+    /// Agents in each state, in the order of `NodeState::ALL`.
+    by_state: Vec<(NodeState, usize)>,
     in_flight: u64,
     models: Vec<String>,
 }
@@ -267,27 +270,42 @@ impl Summary {
                 .filter(|v| v.agent.status == AgentStatus::Offline)
                 .count(),
             routable: agents.iter().filter(|v| v.routable).count(),
+            by_state: NodeState::ALL
+                .iter()
+                .map(|state| (*state, agents.iter().filter(|v| v.state == *state).count()))
+                .collect(),
             in_flight: agents.iter().map(|v| v.in_flight).sum(),
             models,
         }
     }
 
     fn to_json(&self) -> serde_json::Value {
+        let by_state: serde_json::Map<String, serde_json::Value> = self
+            .by_state
+            .iter()
+            .map(|(state, count)| (state.to_string(), serde_json::json!(count)))
+            .collect();
         serde_json::json!({
             "healthy": true,
-            "agents": {"total": self.total, "online": self.online, "offline": self.offline, "routable": self.routable},
+            "agents": {"total": self.total, "online": self.online, "offline": self.offline, "routable": self.routable, "by_state": by_state},
             "requests_in_flight": self.in_flight,
             "models": self.models,
         })
     }
 
     fn to_text(&self, url: &str) -> String {
+        let states: Vec<String> = self
+            .by_state
+            .iter()
+            .filter(|(_, count)| *count > 0)
+            .map(|(state, count)| format!("{count} {state}"))
+            .collect();
         format!(
-            "router:    {url} (answering)\nagents:    {} ({} Online, {} Offline, {} taking requests)\nin flight: {}\nmodels:    {}",
+            "router:    {url} (answering)\nagents:    {} ({} Online, {} Offline)\nstates:    {}\nin flight: {}\nmodels:    {}",
             self.total,
             self.online,
             self.offline,
-            self.routable,
+            if states.is_empty() { "none".to_owned() } else { states.join(", ") },
             self.in_flight,
             if self.models.is_empty() { "none".to_owned() } else { self.models.join(", ") }
         )

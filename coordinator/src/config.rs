@@ -1,7 +1,7 @@
 //! The router's configuration: one clap struct, every option a flag and an
 //! environment variable with a documented default.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,9 +12,10 @@ use crate::proxy::ProxyOptions;
 /// The server's options; the command line around them is `cli::Cli`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// Address to listen on.
-    #[arg(long, env = "LLM_ROUTER_HOST", default_value = "0.0.0.0")]
-    pub host: IpAddr,
+    /// Address or host name to listen on (a name is resolved at start; its
+    /// first IPv4 address is used, else its first IPv6 one).
+    #[arg(long, env = "LLM_ROUTER_HOST", default_value = "0.0.0.0", value_parser = parse_host)]
+    pub host: String,
 
     /// Port to listen on (0 picks a free one; the log says which).
     #[arg(long, env = "LLM_ROUTER_PORT", default_value_t = 8080)]
@@ -138,6 +139,11 @@ impl Config {
         })
     }
 
+    /// The address to listen on: `--host` (resolved when it is a name) and `--port`.
+    pub fn listen_address(&self) -> anyhow::Result<SocketAddr> {
+        resolve_host(&self.host, self.port)
+    }
+
     /// How many event loops serve, the caller's runtime included.
     pub fn serving_threads(&self) -> usize {
         match self.threads {
@@ -160,7 +166,7 @@ impl Config {
     /// A configuration for tests and embedding: loopback, a free port.
     pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
         Config {
-            host: IpAddr::from([127, 0, 0, 1]),
+            host: "127.0.0.1".to_owned(),
             port: 0,
             data_dir: Some(data_dir.into()),
             agent_timeout: Duration::from_secs(60),
@@ -217,6 +223,42 @@ fn token_from(
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `--host`: an IP address, or a name to resolve at start.
+fn parse_host(text: &str) -> Result<String, String> {
+    let host = text.trim().trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err("give an IP address (0.0.0.0 for every interface) or a host name".to_owned());
+    }
+    if host.parse::<IpAddr>().is_err()
+        && !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return Err(format!("{text:?} is neither an IP address nor a host name"));
+    }
+    Ok(host.to_owned())
+}
+
+/// An IP address as it is, or a host name resolved: its first IPv4 address
+/// (what clients that mean `localhost` reach first), else its first IPv6 one.
+pub fn resolve_host(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let addresses: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|error| anyhow::anyhow!("--host {host}: cannot resolve this name ({error}); give an IP address or a name this machine resolves"))?
+        .collect();
+    addresses
+        .iter()
+        .find(|address| address.is_ipv4())
+        .or_else(|| addresses.first())
+        .copied()
+        .ok_or_else(|| {
+            anyhow::anyhow!("--host {host}: the name resolves to no address; give an IP address")
+        })
 }
 
 /// Seconds as a positive number, fractions allowed ("60", "0.5").

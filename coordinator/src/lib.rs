@@ -8,6 +8,8 @@ pub mod auth;
 pub mod balancer;
 pub mod cli;
 pub mod config;
+pub mod health;
+pub mod listen;
 pub mod proxy;
 pub mod registry;
 mod serve;
@@ -59,7 +61,7 @@ fn spawn_event_loops(
                     Err(error) => return tracing::error!(%error, "Could not start an event loop."),
                 };
                 let served = runtime.block_on(async move {
-                    let listener = match bind_reusing_port(address) {
+                    let listener = match listen::bind_reusing_port(address) {
                         Ok(own) => own,
                         Err(_) => TcpListener::from_std(shared)?,
                     };
@@ -73,20 +75,6 @@ fn spawn_event_loops(
         handles.push(handle);
     }
     Ok(handles)
-}
-
-/// A listening socket with `SO_REUSEPORT`, so that several can share one
-/// address and the kernel balances connections over them.
-pub fn bind_reusing_port(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match address {
-        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(address)?;
-    socket.listen(1024)
 }
 
 /// Whoever can reach the port can register a node, and so receive prompts,
@@ -120,7 +108,10 @@ pub async fn run(
     tracing::info!(
         data_dir = %data_dir.display(),
         agents = agents.len(),
-        loaded_from = ?report.loaded_from,
+        loaded_from = %report
+            .loaded_from
+            .as_ref()
+            .map_or_else(|| "nothing (a new registry)".to_owned(), |path| path.display().to_string()),
         "Registry loaded."
     );
     let registry = Arc::new(Registry::new(
@@ -131,6 +122,14 @@ pub async fn run(
     ));
 
     let sweeper = registry::Sweeper::start(Arc::clone(&registry), config.flush_interval)?;
+    let stop_prober = CancellationToken::new();
+    let prober = tokio::spawn(health::run_prober(
+        Arc::clone(&registry),
+        config.connect_timeout,
+        stop_prober.clone(),
+    ));
+    // Also stops it if start-up fails below.
+    let stop_prober = stop_prober.drop_guard();
 
     let address = listener.local_addr()?;
     tracing::info!(%address, "llm-router listening on http://{address}");
@@ -167,6 +166,8 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || event_loop.join()).await;
     }
 
+    drop(stop_prober);
+    let _ = prober.await;
     tracing::info!("Shutting down: flushing the store.");
     // The proxy (and so its pooled connections) went with the app.
     let _ = tokio::task::spawn_blocking(move || sweeper.stop()).await;

@@ -1,7 +1,6 @@
 //! The `llm-router` binary: parse the command line; without a command,
 //! start logging, bind and serve; with one, talk to a running router.
 
-use anyhow::Context;
 use clap::Parser;
 use coordinator::cli::Cli;
 use coordinator::LogFormat;
@@ -12,7 +11,20 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The main thread's runtime is one event loop; `run` starts one more per
 /// remaining core (see `coordinator::run`).
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match serve_or_run_command().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line, the cause chain included, and no backtrace: these
+            // are the operator's errors (a port in use, a data dir), and each
+            // message says what to do.
+            eprintln!("Error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_or_run_command() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(command) = cli.command {
         return coordinator::cli::run_command(command).await;
@@ -20,9 +32,9 @@ async fn main() -> anyhow::Result<()> {
     let config = cli.serve;
     init_tracing(config.log_format);
     survive_file_size_limit();
-    let address = std::net::SocketAddr::new(config.host, config.port);
-    let listener =
-        coordinator::bind_reusing_port(address).with_context(|| format!("binding {address}"))?;
+    let address = config.listen_address()?;
+    // Held until the process ends: no other router may serve this port.
+    let (listener, _port_lock) = coordinator::listen::listen_exclusively(address)?;
     coordinator::run(listener, config, shutdown_signal()).await
 }
 

@@ -190,7 +190,10 @@ pub fn upkeep() {
     }
 }
 
-/// The text of `/metrics`: the recorded events, then the registry's facts.
+/// The text of `/metrics`: the recorded events and the registry's facts,
+/// metric families in name order and series in label order, as
+/// Prometheus' own client libraries write them, so that two scrapes of
+/// the same state read the same (the recorder keeps them in hash maps).
 pub fn render(registry: &Registry) -> String {
     let mut text = HANDLE
         .get()
@@ -198,7 +201,90 @@ pub fn render(registry: &Registry) -> String {
         .map(PrometheusHandle::render)
         .unwrap_or_default();
     render_registry(registry, &mut text);
-    text
+    sorted_exposition(&text)
+}
+
+/// The text format with its families sorted by name and, within each
+/// family, its series by their labels. A histogram's or summary's lines for
+/// one label set (`_bucket` by `le`, `_sum`, `_count`) stay together and in
+/// their order.
+fn sorted_exposition(text: &str) -> String {
+    use std::collections::BTreeMap;
+    #[derive(Default)]
+    struct Family<'a> {
+        header: Vec<&'a str>,
+        series: BTreeMap<String, Vec<&'a str>>,
+    }
+    let mut families: BTreeMap<&str, Family> = BTreeMap::new();
+    let mut current: Option<&str> = None;
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix("# ") {
+            if let Some(name) = comment.split_whitespace().nth(1) {
+                families.entry(name).or_default().header.push(line);
+                current = Some(name);
+            }
+            continue;
+        }
+        let sample_name = line.split(['{', ' ']).next().unwrap_or(line);
+        let family = match current {
+            Some(name) if sample_name.starts_with(name) => name,
+            _ => {
+                current = Some(sample_name);
+                sample_name
+            }
+        };
+        families
+            .entry(family)
+            .or_default()
+            .series
+            .entry(series_key(line))
+            .or_default()
+            .push(line);
+    }
+    let mut out = String::with_capacity(text.len());
+    for family in families.values() {
+        for line in family.header.iter().chain(family.series.values().flatten()) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// A sample's label set without `le` and `quantile`, which tell apart the
+/// lines of one histogram or summary series rather than series.
+fn series_key(line: &str) -> String {
+    let Some(open) = line.find('{') else {
+        return String::new();
+    };
+    let Some(close) = line.rfind('}') else {
+        return String::new();
+    };
+    let labels = &line[open + 1..close.max(open + 1)];
+    let mut key = String::with_capacity(labels.len());
+    let mut rest = labels;
+    while !rest.is_empty() {
+        // One `name="value"` pair; values escape quotes as \".
+        let Some(equals) = rest.find("=\"") else {
+            break;
+        };
+        let mut end = equals + 2;
+        let bytes = rest.as_bytes();
+        while end < bytes.len() && bytes[end] != b'"' {
+            end += if bytes[end] == b'\\' { 2 } else { 1 };
+        }
+        let pair = &rest[..(end + 1).min(rest.len())];
+        let name = &rest[..equals];
+        if name != "le" && name != "quantile" {
+            key.push_str(pair);
+            key.push(',');
+        }
+        rest = rest.get(end + 1..).unwrap_or("").trim_start_matches(',');
+    }
+    key
 }
 
 fn render_registry(registry: &Registry, out: &mut String) {
@@ -219,10 +305,21 @@ fn render_registry(registry: &Registry, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "# HELP llm_router_agents_routable Agents the router would send a request to now\n\
+        "# HELP llm_router_agents_routable Agents the router would send a request to now (state serving)\n\
          # TYPE llm_router_agents_routable gauge\nllm_router_agents_routable {}",
         facts.routable
     );
+    let _ = writeln!(
+        out,
+        "# HELP llm_router_agents_by_state Registered agents, by state (serving, draining, server_down, unreachable, offline)\n\
+         # TYPE llm_router_agents_by_state gauge"
+    );
+    for (state, count) in common::NodeState::ALL.iter().zip(facts.by_state) {
+        let _ = writeln!(
+            out,
+            "llm_router_agents_by_state{{state=\"{state}\"}} {count}"
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP llm_router_heartbeats_total Heartbeats accepted\n\
@@ -264,5 +361,35 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(super::escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn families_and_series_are_sorted_and_histograms_kept_whole() {
+        let text = "# TYPE zeta counter\nzeta{node=\"b\"} 1\nzeta{node=\"a\"} 2\n\n\
+            # TYPE alpha histogram\n\
+            alpha_bucket{route=\"y\",le=\"0.5\"} 1\nalpha_bucket{route=\"y\",le=\"+Inf\"} 1\n\
+            alpha_sum{route=\"y\"} 0.1\nalpha_count{route=\"y\"} 1\n\
+            alpha_bucket{route=\"x\",le=\"0.5\"} 0\nalpha_bucket{route=\"x\",le=\"+Inf\"} 2\n\
+            alpha_sum{route=\"x\"} 3\nalpha_count{route=\"x\"} 2\n";
+        let sorted = super::sorted_exposition(text);
+        let lines: Vec<&str> = sorted.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "# TYPE alpha histogram",
+                "alpha_bucket{route=\"x\",le=\"0.5\"} 0",
+                "alpha_bucket{route=\"x\",le=\"+Inf\"} 2",
+                "alpha_sum{route=\"x\"} 3",
+                "alpha_count{route=\"x\"} 2",
+                "alpha_bucket{route=\"y\",le=\"0.5\"} 1",
+                "alpha_bucket{route=\"y\",le=\"+Inf\"} 1",
+                "alpha_sum{route=\"y\"} 0.1",
+                "alpha_count{route=\"y\"} 1",
+                "# TYPE zeta counter",
+                "zeta{node=\"a\"} 2",
+                "zeta{node=\"b\"} 1",
+            ]
+        );
+        assert_eq!(super::sorted_exposition(&sorted), sorted, "stable");
     }
 }

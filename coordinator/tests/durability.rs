@@ -371,7 +371,10 @@ async fn round_robin_selection_skips_offline_agents() {
     for n in 0..3 {
         let mut registration = registry_registration(&format!("rr-{n}"));
         registration.ip_address = format!("127.0.0.{}", n + 2).parse().expect("ip");
-        let (id, _, _) = registry.register(registration).await.expect("register");
+        let (id, _, _) = registry
+            .register(registration, true)
+            .await
+            .expect("register");
         ids.push(id);
     }
     let picks: Vec<_> = (0..6)

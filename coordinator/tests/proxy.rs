@@ -121,12 +121,9 @@ async fn a_node_answering_5xx_is_skipped_and_its_error_kept_when_alone() {
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["error"], "out of memory");
 
-    // It is out of rotation now; with a healthy node beside it (and a
-    // heartbeat saying its server answers again) requests fail over.
-    let healthy = StandIn::spawn(StandInOptions::ollama("healthy", &["m"]))
-        .await
-        .expect("stand-in");
-    register_node(&client, &router, "healthy", healthy.address.port(), &["m"]).await;
+    // It is out of rotation now. A heartbeat saying its server is up does
+    // not put it back: only the router's own probe can, and this server
+    // fails that too (it answers 500 to everything).
     let beat = client
         .post(router.url(&format!("/api/agents/{failing_id}/heartbeat")))
         .json(&json!({"llm_server_up": true}))
@@ -134,11 +131,24 @@ async fn a_node_answering_5xx_is_skipped_and_its_error_kept_when_alone() {
         .await
         .expect("heartbeat");
     assert_eq!(beat.status(), 200);
+    let failing = agent(&client, &router, &failing_id).await;
+    assert_eq!(failing["routable"], false, "{failing}");
+    assert_eq!(failing["state"], "unreachable", "{failing}");
+    let response = generate(&client, &router, false).await;
+    assert_eq!(response.status(), 503, "its only node is out of rotation");
     assert_eq!(
-        agent(&client, &router, &failing_id).await["routable"],
-        true,
-        "a heartbeat brings it back"
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("2")
     );
+
+    // With a healthy node beside it, no client sees an error.
+    let healthy = StandIn::spawn(StandInOptions::ollama("healthy", &["m"]))
+        .await
+        .expect("stand-in");
+    register_node(&client, &router, "healthy", healthy.address.port(), &["m"]).await;
     for _ in 0..4 {
         let response = generate(&client, &router, false).await;
         assert_eq!(
@@ -151,6 +161,79 @@ async fn a_node_answering_5xx_is_skipped_and_its_error_kept_when_alone() {
         agent(&client, &router, &failing_id).await["routable"],
         false
     );
+}
+
+/// A node whose generation failed once but whose server answers the
+/// router's probe is back in rotation within the first probe's backoff,
+/// with no heartbeat at all.
+#[tokio::test]
+async fn a_node_that_failed_returns_when_the_routers_probe_reaches_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let client = client();
+    let failures_left = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(1));
+    let generations = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (left, served) = (failures_left.clone(), generations.clone());
+    let flaky = axum::Router::new()
+        .route(
+            "/api/version",
+            axum::routing::get(|| async { axum::Json(json!({"version": "0.5.7"})) }),
+        )
+        .route(
+            "/api/generate",
+            axum::routing::post(move || {
+                let (left, served) = (left.clone(), served.clone());
+                async move {
+                    served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let failing = left
+                        .fetch_update(
+                            std::sync::atomic::Ordering::SeqCst,
+                            std::sync::atomic::Ordering::SeqCst,
+                            |n| n.checked_sub(1),
+                        )
+                        .is_ok();
+                    if failing {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            axum::Json(json!({"error": "loading model"})),
+                        )
+                    } else {
+                        (
+                            axum::http::StatusCode::OK,
+                            axum::Json(
+                                json!({"model": "m", "response": "from flaky", "done": true}),
+                            ),
+                        )
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, flaky).await });
+    let id = register_node(&client, &router, "flaky", port, &["m"]).await;
+
+    assert_eq!(generate(&client, &router, false).await.status(), 503);
+    assert_eq!(
+        agent(&client, &router, &id).await["state"],
+        "unreachable",
+        "out of rotation after its failure"
+    );
+    let (client_ref, router_ref, id_ref) = (&client, &router, &id);
+    eventually(
+        Duration::from_secs(10),
+        "the probe to put it back",
+        || async move {
+            (agent(client_ref, router_ref, id_ref).await["state"] == "serving").then_some(())
+        },
+    )
+    .await;
+    let response = generate(&client, &router, false).await;
+    assert_eq!(response.status(), 200);
+    assert!(response.text().await.expect("body").contains("from flaky"));
+    assert_eq!(generations.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::guard::{AuthorizedAgent, JoinAllowed, SelfOnly, SelfOrAdmin};
 use super::json::{AgentIdParam, JsonBody, OptionalJsonBody};
+use crate::auth::Credentials;
 use crate::registry::{AgentUpdate, RegisterOutcome, Registration, Registry};
 
 /// Limits on free-text fields, so one agent cannot bloat the registry.
@@ -47,11 +48,15 @@ const MAX_MODELS: usize = 4_096;
     ))]
 pub async fn register(
     State(registry): State<Arc<Registry>>,
+    State(credentials): State<Arc<Credentials>>,
     _: JoinAllowed,
     JsonBody(request): JsonBody<RegisterRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let registration = validate_registration(request)?;
-    let (id, outcome, secret) = registry.register(registration).await?;
+    // A secret means something only when agents must present one: with a
+    // join token configured.
+    let issue_secret = credentials.agents_authenticated();
+    let (id, outcome, secret) = registry.register(registration, issue_secret).await?;
     let status = match outcome {
         RegisterOutcome::Created => StatusCode::CREATED,
         RegisterOutcome::Refreshed => StatusCode::OK,
@@ -61,7 +66,7 @@ pub async fn register(
         Json(RegisterResponse {
             id,
             status: "registered".to_owned(),
-            agent_secret: Some(secret.expose().to_owned()),
+            agent_secret: secret.map(|secret| secret.expose().to_owned()),
         }),
     ))
 }

@@ -1,12 +1,13 @@
 //! The one error type every handler returns: a status code and the JSON body
 //! `{"error": {"code": "...", "message": "..."}}`.
 
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use common::{ErrorBody, ErrorDetail};
 
 use crate::auth::Refusal;
+use crate::balancer::ApiKind;
 use crate::registry::RegistryError;
 
 #[derive(Debug)]
@@ -95,16 +96,52 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-/// The fallback for unknown paths, so that they too answer in JSON.
-pub async fn route_not_found() -> ApiError {
-    ApiError::not_found("no such route")
+/// The fallback for unknown paths, so that they too answer in JSON, in the
+/// shape of the API the path belongs to.
+pub async fn route_not_found(uri: Uri) -> Response {
+    in_shape_of(
+        &uri,
+        ApiError::not_found(format!("no such route: {}", uri.path())),
+    )
 }
 
 /// The fallback for a known path called with the wrong method.
-pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this route does not take that method",
+pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let allowed = if llm_api_of(uri.path()).is_some() {
+        "the Ollama and OpenAI routes take POST, except the listings (GET /api/tags, /api/ps, /api/version, /v1/models)"
+    } else {
+        "see /openapi.json for the methods each route takes"
+    };
+    in_shape_of(
+        &uri,
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} does not take {method}: {allowed}", uri.path()),
+        ),
     )
+}
+
+/// The Ollama and OpenAI routes answer in the shape their official clients
+/// parse; the registry and everything else in its own.
+fn in_shape_of(uri: &Uri, error: ApiError) -> Response {
+    match llm_api_of(uri.path()) {
+        Some(api) => super::forward::error(api, error.status, error.code, &error.message),
+        None => error.into_response(),
+    }
+}
+
+/// The client API a path belongs to, if any: `/v1/...` is OpenAI's,
+/// `/api/...` Ollama's, except the registry's `/api/agents...`.
+fn llm_api_of(path: &str) -> Option<ApiKind> {
+    if path == "/v1" || path.starts_with("/v1/") {
+        Some(ApiKind::OpenAi)
+    } else if path.starts_with("/api/")
+        && path != "/api/agents"
+        && !path.starts_with("/api/agents/")
+    {
+        Some(ApiKind::Ollama)
+    } else {
+        None
+    }
 }

@@ -108,7 +108,10 @@ async fn forward_counted(
                 NoRoute::UnknownModel => "model_not_found",
                 NoRoute::ModelUnavailable | NoRoute::NoNodes => "no_available_node",
             };
-            let response = error(api, no_route_status(&no_route), code, &message);
+            let mut response = error(api, no_route_status(&no_route), code, &message);
+            if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+                retry_after(&mut response);
+            }
             // A model no node serves is whatever the client typed: as a
             // label it would let any client grow the metrics without end.
             let label = match no_route {
@@ -130,26 +133,68 @@ async fn forward_counted(
 }
 
 /// The requested model: `model`, or `name` as older Ollama clients send to
-/// `/api/show`. Other fields are skipped without being built.
+/// `/api/show`. Other fields are skipped without being built. Each way a
+/// body can be wrong gets a message that says what to send instead.
 fn model_of(body: &[u8]) -> Result<String, String> {
+    /// The two fields as whatever JSON they hold, so that a wrong type can
+    /// be named; every other field is skipped unparsed.
     #[derive(Deserialize)]
-    struct ModelField<'a> {
-        #[serde(borrow)]
-        model: Option<std::borrow::Cow<'a, str>>,
-        #[serde(borrow)]
-        name: Option<std::borrow::Cow<'a, str>>,
+    struct ModelField {
+        model: Option<serde_json::Value>,
+        name: Option<serde_json::Value>,
     }
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err("the request needs a JSON body naming a model".to_owned());
+    const EXAMPLE: &str = r#"{"model": "llama3.2", ...}"#;
+    let Some(first) = body.iter().find(|b| !b.is_ascii_whitespace()) else {
+        return Err(format!(
+            "the request needs a JSON body naming a model, such as {EXAMPLE}"
+        ));
+    };
+    // Checked first: serde would read a JSON array as a struct's fields.
+    if *first != b'{' {
+        return Err(format!(
+            "the body must be a JSON object naming a model, such as {EXAMPLE}"
+        ));
     }
     let fields: ModelField = serde_json::from_slice(body)
-        .map_err(|error| format!("the body is not a JSON object: {error}"))?;
-    fields
-        .model
-        .or(fields.name)
-        .filter(|model| !model.trim().is_empty())
-        .map(|model| model.into_owned())
-        .ok_or_else(|| "the body names no model".to_owned())
+        .map_err(|error| format!("the body is not valid JSON: {error}"))?;
+    let (field, value) = match (fields.model, fields.name) {
+        (Some(model), _) => ("model", model),
+        (None, Some(name)) => ("name", name),
+        (None, None) => {
+            return Err(format!(
+                "the body names no model: add \"model\", as in {EXAMPLE}"
+            ))
+        }
+    };
+    match value {
+        serde_json::Value::String(model) if !model.trim().is_empty() => Ok(model),
+        serde_json::Value::String(_) => Err(format!(
+            "\"{field}\" is empty: name the model, as in {EXAMPLE}"
+        )),
+        other => {
+            let mut shown = other.to_string();
+            if shown.chars().count() > 64 {
+                shown = shown.chars().take(61).chain("...".chars()).collect();
+            }
+            Err(format!(
+                "\"{field}\" must be a string naming the model, not {shown}"
+            ))
+        }
+    }
+}
+
+/// How long a client should wait before retrying a request that found no
+/// node able to take it: about when the prober next tries an unreachable
+/// node, and short enough that clients which honour `Retry-After` on 503
+/// (the `openai` client does) retry within their own limits.
+pub const RETRY_AFTER_SECONDS: u64 = 2;
+
+/// Adds `Retry-After` to a 503 that a later attempt may not meet.
+pub fn retry_after(response: &mut Response) {
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from(RETRY_AFTER_SECONDS),
+    );
 }
 
 /// An error in the shape the route's official client parses: Ollama's

@@ -5,11 +5,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
+use axum::http::StatusCode;
 use axum::response::Response;
-use common::{AgentStatus, BackendKind};
 use serde_json::json;
 
-use super::forward::{forward, json_response};
+use super::forward::{error, forward, json_response, retry_after};
 use crate::balancer::ApiKind;
 use crate::proxy::Proxy;
 use crate::registry::Registry;
@@ -103,20 +103,35 @@ pub async fn ps(State(registry): State<Arc<Registry>>) -> Response {
     json_response(json!({ "models": models }))
 }
 
-/// `GET /api/version`: the oldest Ollama version in the fleet, so that a
-/// client never assumes a feature some node lacks; the router's own version
-/// when no Ollama node is Online.
+/// `GET /api/version`: the oldest Ollama version among the nodes in
+/// rotation, so that a client never assumes a feature some node lacks.
+/// With no Ollama node in rotation there is no Ollama version to give:
+/// `503`, as every Ollama route answers then (the router's own version
+/// would mislead a client that checks features by version).
 #[utoipa::path(get, path = "/api/version", tag = "ollama", security((), ("api_key" = [])),
-    responses((status = 200, description = "The version", body = Object, example = json!({"version": "0.5.7"}))))]
+    responses(
+        (status = 200, description = "The version", body = Object, example = json!({"version": "0.5.7"})),
+        (status = 503, description = "No Ollama node is in rotation", body = Object, example = json!({"error": "no Ollama node is in rotation"})),
+    ))]
 pub async fn version(State(registry): State<Arc<Registry>>) -> Response {
-    let oldest = registry
-        .list(Some(AgentStatus::Online))
-        .into_iter()
-        .filter(|view| view.agent.backend == BackendKind::Ollama)
-        .map(|view| view.agent.runtime_version)
-        .min_by(|a, b| version_key(a).cmp(&version_key(b)));
-    let version = oldest.unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned());
-    json_response(json!({ "version": version }))
+    let table = registry.routing_table();
+    let oldest = table
+        .serving(ApiKind::Ollama)
+        .map(|candidate| &*candidate.runtime_version)
+        .min_by_key(|version| version_key(version));
+    match oldest {
+        Some(version) => json_response(json!({ "version": version })),
+        None => {
+            let mut response = error(
+                ApiKind::Ollama,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_available_node",
+                "no Ollama node is in rotation, so there is no Ollama version to report",
+            );
+            retry_after(&mut response);
+            response
+        }
+    }
 }
 
 /// "0.5.10" sorts after "0.5.9": compare the numeric parts.

@@ -119,11 +119,12 @@ impl RoutingTable {
             }
             let mut seen = HashSet::new();
             for model in candidate.models.iter() {
-                if !seen.insert(&**model) {
+                let key = model_key(model);
+                if !seen.insert(key) {
                     continue;
                 }
-                let loaded = candidate.loaded_models.iter().any(|m| m == model);
-                let groups = models.entry(model.to_string()).or_default();
+                let loaded = candidate.loaded_models.iter().any(|m| model_key(m) == key);
+                let groups = models.entry(key.to_owned()).or_default();
                 if loaded {
                     groups.any_loaded.push(index, candidate);
                 } else {
@@ -142,7 +143,10 @@ impl RoutingTable {
             any_count: candidates.len(),
             candidates: candidates.into_iter().map(Arc::new).collect(),
             models,
-            unavailable_models: unavailable_models.into_iter().collect(),
+            unavailable_models: unavailable_models
+                .iter()
+                .map(|name| model_key(name).to_owned())
+                .collect(),
             ollama,
             generation: 0,
         }
@@ -170,21 +174,18 @@ impl RoutingTable {
             .filter(move |c| api.serves(c.backend))
     }
 
-    /// The groups for a model; a name without a tag also finds `name:latest`,
-    /// as Ollama itself does.
+    /// The groups for a model; `name` and `name:latest` are one model, as
+    /// they are to Ollama, whichever of the two the node reports and the
+    /// client asks for.
     fn groups(&self, api: ApiKind, model: &str) -> Result<(&Group, &Group), NoRoute> {
-        let found = self.lookup(model).map(|groups| groups.for_api(api));
+        let key = model_key(model);
+        let found = self.models.get(key).map(|groups| groups.for_api(api));
         if let Some((loaded, cold)) = found {
             if !loaded.is_empty() || !cold.is_empty() {
                 return Ok((loaded, cold));
             }
         }
-        let latest = (!model.contains(':')).then(|| format!("{model}:latest"));
-        if self.unavailable_models.contains(model)
-            || latest
-                .as_ref()
-                .is_some_and(|name| self.unavailable_models.contains(name))
-        {
+        if self.unavailable_models.contains(key) {
             return Err(NoRoute::ModelUnavailable);
         }
         let serving = match api {
@@ -197,16 +198,12 @@ impl RoutingTable {
             Err(NoRoute::UnknownModel)
         }
     }
+}
 
-    fn lookup(&self, model: &str) -> Option<&ModelGroups> {
-        self.models.get(model).or_else(|| {
-            if model.contains(':') {
-                None
-            } else {
-                self.models.get(&format!("{model}:latest"))
-            }
-        })
-    }
+/// A model's name as the table indexes it: Ollama's default tag dropped,
+/// so that `llama3.2` and `llama3.2:latest` are one key.
+fn model_key(name: &str) -> &str {
+    name.strip_suffix(":latest").unwrap_or(name)
 }
 
 /// A policy and its cursor.
@@ -333,6 +330,7 @@ mod tests {
             name: Arc::from(format!("node-{n}")),
             address: std::net::SocketAddr::from(([127, 0, 0, n], 11434)),
             backend,
+            runtime_version: Arc::from("0.5.7"),
             models: models.iter().map(|m| Arc::from(*m)).collect(),
             loaded_models: loaded.iter().map(|m| Arc::from(*m)).collect(),
             in_flight: Arc::new(AtomicU64::new(0)),
@@ -474,6 +472,52 @@ mod tests {
         assert_eq!(
             balancer.choose(&empty, ApiKind::OpenAi, "m").map(port_of),
             Err(NoRoute::NoNodes)
+        );
+    }
+
+    #[test]
+    fn a_name_and_its_latest_tag_are_one_model_both_ways() {
+        let table = RoutingTable::build(
+            vec![
+                candidate(2, BackendKind::Ollama, &["llama3.2"], &["llama3.2:latest"]),
+                candidate(3, BackendKind::Ollama, &["qwen2:latest"], &[]),
+                candidate(4, BackendKind::Ollama, &["qwen2:0.5b"], &[]),
+                candidate(5, BackendKind::Ollama, &["llama3.2:latest"], &[]),
+            ],
+            vec!["resting:latest".to_owned()],
+        );
+        let balancer = Balancer::new(Policy::RoundRobin);
+        for (asked, node) in [
+            ("llama3.2", 2),
+            ("llama3.2:latest", 2),
+            ("qwen2", 3),
+            ("qwen2:latest", 3),
+            ("qwen2:0.5b", 4),
+        ] {
+            assert_eq!(
+                balancer.choose(&table, ApiKind::Ollama, asked).map(port_of),
+                Ok(node),
+                "{asked}"
+            );
+        }
+        // Node 2's loaded list names the tag and its model list does not:
+        // it still counts as holding the model, so it comes before node 5.
+        let plan = balancer
+            .plan(&table, ApiKind::Ollama, "llama3.2", 3)
+            .expect("plan");
+        assert_eq!(plan.iter().map(|c| port_of(c)).collect::<Vec<_>>(), [2, 5]);
+        assert_eq!(
+            balancer
+                .choose(&table, ApiKind::Ollama, "resting")
+                .map(port_of),
+            Err(NoRoute::ModelUnavailable)
+        );
+        assert_eq!(
+            balancer
+                .choose(&table, ApiKind::Ollama, "qwen2:1.5b")
+                .map(port_of),
+            Err(NoRoute::UnknownModel),
+            "another tag is another model"
         );
     }
 

@@ -145,12 +145,12 @@ impl Proxy {
             {
                 Attempt::Answered(response) => Some(response),
                 Attempt::ServerError(response) => {
-                    self.registry.mark_backend_unreachable(candidate.id);
+                    self.registry.mark_unreachable(candidate.id);
                     last_server_error = Some((response, Arc::clone(&candidate.name)));
                     None
                 }
                 Attempt::Failed => {
-                    self.registry.mark_backend_unreachable(candidate.id);
+                    self.registry.mark_unreachable(candidate.id);
                     None
                 }
             };

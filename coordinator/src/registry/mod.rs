@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use chrono::Utc;
 use common::{
-    Agent, AgentStatus, AgentView, BackendKind, DrainResponse, HeartbeatReport, SystemInfo,
+    Agent, AgentStatus, AgentView, BackendKind, DrainResponse, HeartbeatReport, NodeState,
+    SystemInfo,
 };
 use uuid::Uuid;
 
@@ -86,6 +87,8 @@ pub struct Candidate {
     pub name: Arc<str>,
     pub address: std::net::SocketAddr,
     pub backend: BackendKind,
+    /// Its LLM server's version, as registered.
+    pub runtime_version: Arc<str>,
     pub models: ModelList,
     pub loaded_models: ModelList,
     /// Requests the router has in flight to this node.
@@ -109,6 +112,40 @@ pub struct Registry {
     /// Accepted heartbeats and registrations, for `/metrics`.
     heartbeats: AtomicU64,
     registrations: AtomicU64,
+    /// When to probe each unreachable node next. Only unreachable nodes are
+    /// here, so the prober never scans the fleet. Taken after an agent's
+    /// mutex, never before.
+    probes: Mutex<HashMap<Uuid, ProbeSchedule>>,
+}
+
+/// An unreachable node the prober is to try again.
+#[derive(Debug, Clone)]
+struct ProbeSchedule {
+    target: ProbeTarget,
+    /// Failed probes since the node became unreachable.
+    failures: u32,
+    next_at: Instant,
+}
+
+/// What the prober needs to reach one node's LLM server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeTarget {
+    pub id: Uuid,
+    pub address: std::net::SocketAddr,
+    pub backend: BackendKind,
+}
+
+/// The first probe of a node that just failed comes this soon; each
+/// failure doubles the wait, up to [`PROBE_BACKOFF_CAP`].
+pub const PROBE_BACKOFF_FIRST: Duration = Duration::from_millis(250);
+pub const PROBE_BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// A probe taken by the prober is not handed out again until it reports.
+const PROBE_IN_PROGRESS: Duration = Duration::from_secs(3600);
+
+fn probe_backoff(failures: u32) -> Duration {
+    PROBE_BACKOFF_FIRST
+        .saturating_mul(1 << failures.min(16))
+        .min(PROBE_BACKOFF_CAP)
 }
 
 /// What `/metrics` reports of the fleet, read when scraped.
@@ -119,6 +156,8 @@ pub struct FleetFacts {
     pub routable: u64,
     pub heartbeats: u64,
     pub registrations: u64,
+    /// Agents in each state, in the order of [`NodeState::ALL`].
+    pub by_state: [u64; NodeState::ALL.len()],
     /// Every Online node, with the requests the router has in flight to it.
     pub nodes: Vec<NodeLoad>,
 }
@@ -152,9 +191,10 @@ struct AgentRecord {
     in_flight: Arc<AtomicU64>,
     /// The node said it is leaving (not stored; cleared when it registers).
     draining: bool,
-    /// A request to its LLM server just failed; out of rotation until a
-    /// heartbeat says the server answers again (not stored).
-    backend_unreachable: bool,
+    /// A request from the router to its LLM server failed; out of rotation
+    /// until the router's own probe reaches the server again, whatever the
+    /// agent's heartbeats say (not stored).
+    unreachable: bool,
 }
 
 impl AgentRecord {
@@ -166,23 +206,44 @@ impl AgentRecord {
             touched: false,
             in_flight: Arc::new(AtomicU64::new(0)),
             draining: false,
-            backend_unreachable: false,
+            unreachable: false,
+        }
+    }
+
+    /// The node's state, decided here only (see `NodeState`); the listing,
+    /// the metrics and the routing table all read it from here.
+    fn state(&self) -> NodeState {
+        if self.agent.status == AgentStatus::Offline {
+            NodeState::Offline
+        } else if self.draining {
+            NodeState::Draining
+        } else if self.agent.report.llm_server_up == Some(false) {
+            NodeState::ServerDown
+        } else if self.unreachable || self.agent.ip_address.is_unspecified() {
+            // An unspecified address (only from a hand-edited file) cannot
+            // be reached either.
+            NodeState::Unreachable
+        } else {
+            NodeState::Serving
         }
     }
 
     fn is_routable(&self) -> bool {
-        self.agent.status == AgentStatus::Online
-            && !self.draining
-            && !self.backend_unreachable
-            && self.agent.report.llm_server_up != Some(false)
+        self.state() == NodeState::Serving
+    }
+
+    fn address(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.agent.ip_address, self.agent.port)
     }
 
     fn view(&self) -> AgentView {
+        let state = self.state();
         AgentView {
             agent: self.agent.to_wire(),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             draining: self.draining,
-            routable: self.is_routable(),
+            routable: state == NodeState::Serving,
+            state,
         }
     }
 }
@@ -222,6 +283,7 @@ impl Registry {
             round_robin: crate::balancer::Balancer::new(crate::balancer::Policy::RoundRobin),
             heartbeats: AtomicU64::new(0),
             registrations: AtomicU64::new(0),
+            probes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -230,17 +292,25 @@ impl Registry {
     }
 
     /// Registers a node, or refreshes it when `(machine_name, port)` is known:
-    /// a restarted node keeps its id. Either way the node gets a new secret
-    /// (returned here; only its digest is kept) and the old one stops
-    /// working. Returns once the change is durable.
+    /// a restarted node keeps its id. With `issue_secret` (a join token is
+    /// configured) the node gets a new secret, returned here (only its
+    /// digest is kept), and the old one stops working; without, it has none.
+    /// Returns once the change is durable.
     pub async fn register(
         &self,
         registration: Registration,
-    ) -> Result<(Uuid, RegisterOutcome, Secret), RegistryError> {
+        issue_secret: bool,
+    ) -> Result<(Uuid, RegisterOutcome, Option<Secret>), RegistryError> {
         let now_wall = Utc::now();
         let now = Instant::now();
-        let (secret, secret_digest) = crate::auth::new_agent_secret();
+        let (secret, secret_digest) = if issue_secret {
+            let (secret, digest) = crate::auth::new_agent_secret();
+            (Some(secret), Some(digest))
+        } else {
+            (None, None)
+        };
         let identity = (registration.machine_name.clone(), registration.port);
+        let address = std::net::SocketAddr::new(registration.ip_address, registration.port);
         let (id, outcome, committed, rollback) = {
             let mut maps = self.write_maps();
             if let Some(&id) = maps.by_identity.get(&identity) {
@@ -252,14 +322,22 @@ impl Registry {
                 // refresh, never between lookup and commit.
                 let mut record = lock(&slot);
                 let previous = record.clone();
+                let moved = record.address() != address;
                 record.agent.refresh(&registration, now_wall);
-                record.agent.secret_digest = Some(secret_digest);
+                record.agent.secret_digest = secret_digest;
                 record.last_seen_at = now;
                 record.revision += 1;
-                // A node that registers has (re)started: it is neither leaving
-                // nor known to be down any more.
+                // A node that registers has (re)started: it is not leaving.
+                // Whether the router can reach it is for the router to find
+                // out: at a new address the old failure says nothing; at the
+                // same one, the prober tries it at once.
                 record.draining = false;
-                record.backend_unreachable = false;
+                if moved {
+                    record.unreachable = false;
+                    lock(&self.probes).remove(&id);
+                } else if record.unreachable {
+                    self.schedule_probe(&record, now);
+                }
                 let committed = self.store.submit(Change::Upsert {
                     agent: Box::new(record.agent.to_stored()),
                 });
@@ -275,7 +353,7 @@ impl Registry {
                 }
                 let id = Uuid::new_v4();
                 let mut agent = NodeFacts::registered(id, &registration, now_wall);
-                agent.secret_digest = Some(secret_digest);
+                agent.secret_digest = secret_digest;
                 let committed = self.store.submit(Change::Upsert {
                     agent: Box::new(agent.to_stored()),
                 });
@@ -296,10 +374,13 @@ impl Registry {
             return Err(RegistryError::Store(error));
         }
         self.registrations.fetch_add(1, Ordering::Relaxed);
+        let machine_name = &registration.machine_name;
         match outcome {
-            RegisterOutcome::Created => tracing::info!(agent_id = %id, "Agent registered."),
+            RegisterOutcome::Created => {
+                tracing::info!(agent_id = %id, %machine_name, %address, "Agent registered.")
+            }
             RegisterOutcome::Refreshed => {
-                tracing::info!(agent_id = %id, "Agent registered again; same id kept.")
+                tracing::info!(agent_id = %id, %machine_name, %address, "Agent registered again; same id kept.")
             }
         }
         Ok((id, outcome, secret))
@@ -339,16 +420,17 @@ impl Registry {
             routing_changed = true;
             tracing::info!(agent_id = %id, "Agent back Online.");
         }
-        // A heartbeat that does not say the LLM server is down puts a node that
-        // failed a request back in rotation.
-        let server_down = report.as_ref().and_then(|r| r.llm_server_up) == Some(false);
-        if record.backend_unreachable && !server_down {
-            record.backend_unreachable = false;
-            routing_changed = true;
-            tracing::info!(agent_id = %id, "Agent's LLM server answers again; back in rotation.");
-        }
+        // A heartbeat never puts an unreachable node back in rotation: the
+        // agent reaching its server says nothing of whether the router can
+        // (a server listening on loopback only answers the agent alone).
+        // Its server coming back up is a reason to probe now, though.
+        let server_came_up = record.agent.report.llm_server_up == Some(false)
+            && report.as_ref().and_then(|r| r.llm_server_up) == Some(true);
         if let Some(report) = report {
             routing_changed |= record.agent.report.merge(report);
+        }
+        if record.unreachable && server_came_up {
+            self.schedule_probe(&record, Instant::now());
         }
         drop(record);
         if routing_changed {
@@ -368,6 +450,10 @@ impl Registry {
         };
         for slot in slots {
             let record = lock(&slot);
+            let state = record.state();
+            if let Some(index) = NodeState::ALL.iter().position(|s| *s == state) {
+                facts.by_state[index] += 1;
+            }
             match record.agent.status {
                 AgentStatus::Online => {
                     facts.online += 1;
@@ -379,7 +465,7 @@ impl Registry {
                 }
                 AgentStatus::Offline => facts.offline += 1,
             }
-            if record.is_routable() {
+            if state == NodeState::Serving {
                 facts.routable += 1;
             }
         }
@@ -392,6 +478,13 @@ impl Registry {
         let (agent, committed, previous) = {
             let mut record = lock(&slot);
             let previous = record.clone();
+            if update
+                .ip_address
+                .is_some_and(|ip| ip != record.agent.ip_address)
+            {
+                record.unreachable = false;
+                lock(&self.probes).remove(&id);
+            }
             let agent = &mut record.agent;
             if let Some(ip) = update.ip_address {
                 agent.ip_address = ip;
@@ -442,6 +535,7 @@ impl Registry {
             }
             (slot, self.store.submit(Change::Delete { id }))
         };
+        lock(&self.probes).remove(&id);
         self.mark_routing_stale();
         if let Err(error) = committed.await {
             self.roll_back(Rollback::Reinsert(slot));
@@ -498,16 +592,112 @@ impl Registry {
     }
 
     /// A request to this node's LLM server failed before its first byte:
-    /// out of rotation at once, until a heartbeat says the server answers.
-    pub fn mark_backend_unreachable(&self, id: Uuid) {
+    /// out of rotation at once, until the router's own probe reaches the
+    /// server again (see [`Registry::probes_due`]).
+    pub fn mark_unreachable(&self, id: Uuid) {
         let Ok(slot) = self.slot(id) else { return };
         let mut record = lock(&slot);
-        if !record.backend_unreachable {
-            record.backend_unreachable = true;
-            tracing::warn!(agent_id = %id, address = %format!("{}:{}", record.agent.ip_address, record.agent.port), "LLM server failed a request; out of rotation until it answers again.");
+        if !record.unreachable {
+            record.unreachable = true;
+            tracing::warn!(
+                agent_id = %id,
+                machine_name = %record.agent.machine_name,
+                address = %record.address(),
+                "The router could not get an answer from this node's LLM server; out of rotation until the router reaches it again."
+            );
+            let mut probes = lock(&self.probes);
+            probes.insert(
+                id,
+                ProbeSchedule {
+                    target: ProbeTarget {
+                        id,
+                        address: record.address(),
+                        backend: record.agent.backend,
+                    },
+                    failures: 0,
+                    next_at: Instant::now() + PROBE_BACKOFF_FIRST,
+                },
+            );
         }
         drop(record);
         self.mark_routing_stale();
+    }
+
+    /// The unreachable nodes whose next probe is due, at most `limit`; each
+    /// is not handed out again until [`Registry::record_probe`] reports on
+    /// it. Also when the next one falls due, for the prober's sleep.
+    pub fn probes_due(&self, now: Instant, limit: usize) -> (Vec<ProbeTarget>, Option<Instant>) {
+        let mut probes = lock(&self.probes);
+        let mut due = Vec::new();
+        let mut next = None::<Instant>;
+        for schedule in probes.values_mut() {
+            if schedule.next_at <= now && due.len() < limit {
+                due.push(schedule.target.clone());
+                schedule.next_at = now + PROBE_IN_PROGRESS;
+            } else {
+                next = Some(next.map_or(schedule.next_at, |n| n.min(schedule.next_at)));
+            }
+        }
+        (due, next)
+    }
+
+    /// The outcome of a probe. A success puts the node back in rotation
+    /// (if it is still at the probed address); a failure doubles the wait
+    /// for the next probe, up to [`PROBE_BACKOFF_CAP`].
+    pub fn record_probe(&self, target: &ProbeTarget, reached: bool) {
+        let now = Instant::now();
+        if !reached {
+            if let Some(schedule) = lock(&self.probes).get_mut(&target.id) {
+                if schedule.target == *target {
+                    schedule.failures = schedule.failures.saturating_add(1);
+                    schedule.next_at = now + probe_backoff(schedule.failures);
+                }
+            }
+            return;
+        }
+        let Ok(slot) = self.slot(target.id) else {
+            lock(&self.probes).remove(&target.id);
+            return;
+        };
+        let mut record = lock(&slot);
+        let mut probes = lock(&self.probes);
+        if probes.get(&target.id).is_some_and(|s| s.target == *target) {
+            probes.remove(&target.id);
+        }
+        drop(probes);
+        if record.unreachable && record.address() == target.address {
+            record.unreachable = false;
+            tracing::info!(
+                agent_id = %target.id,
+                machine_name = %record.agent.machine_name,
+                address = %target.address,
+                "The router reaches this node's LLM server again; back in rotation."
+            );
+            drop(record);
+            self.mark_routing_stale();
+        }
+    }
+
+    /// Probe this unreachable node at `at` rather than at its backoff's end.
+    /// The caller holds the agent's mutex (agent, then probes).
+    fn schedule_probe(&self, record: &AgentRecord, at: Instant) {
+        let id = record.agent.id;
+        let target = ProbeTarget {
+            id,
+            address: record.address(),
+            backend: record.agent.backend,
+        };
+        let mut probes = lock(&self.probes);
+        let schedule = probes.entry(id).or_insert_with(|| ProbeSchedule {
+            target: target.clone(),
+            failures: 0,
+            next_at: at,
+        });
+        schedule.target = target;
+        // One that is in progress reports soon; leave it be.
+        if schedule.next_at <= at + PROBE_BACKOFF_CAP {
+            schedule.next_at = schedule.next_at.min(at);
+        }
     }
 
     /// Routable agents indexed for routing; rebuilt only after a change that
@@ -602,22 +792,25 @@ impl Registry {
             let record = lock(slot);
             let agent = &record.agent;
             let models = agent.serving_models();
-            if !record.is_routable() || agent.ip_address.is_unspecified() {
+            // The listing's `routable` is this same test: the table holds
+            // exactly the nodes listed as routable.
+            if !record.is_routable() {
                 if agent.status == AgentStatus::Online {
                     unavailable_models.extend(models.iter().map(|m| m.to_string()));
                 }
                 continue;
             }
-            let address = std::net::SocketAddr::new(agent.ip_address, agent.port);
-            let Ok(host_header) = axum::http::HeaderValue::from_str(&address.to_string()) else {
-                continue;
-            };
+            let address = record.address();
+            // A socket address always makes a valid header value.
+            let host_header = axum::http::HeaderValue::from_str(&address.to_string())
+                .unwrap_or_else(|_| axum::http::HeaderValue::from_static("localhost"));
             candidates.push(Candidate {
                 id: agent.id,
                 name: Arc::from(&*agent.machine_name),
                 address,
                 host_header,
                 backend: agent.backend,
+                runtime_version: Arc::clone(&agent.runtime_version),
                 models: Arc::clone(models),
                 loaded_models: agent
                     .report

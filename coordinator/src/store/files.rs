@@ -17,6 +17,8 @@ const BACKUP_FILE: &str = "agents.json.bak";
 const JOURNAL_FILE: &str = "agents.journal";
 const SNAPSHOT_TEMP: &str = "agents.json.tmp";
 const BACKUP_TEMP: &str = "agents.json.bak.tmp";
+/// Locked by the router that uses the dir, for its whole life; holds its PID.
+pub const LOCK_FILE: &str = "llm-router.lock";
 
 /// What loading found, for the log and for tests.
 #[derive(Debug, Default, Clone)]
@@ -41,6 +43,9 @@ impl LoadReport {
 
 pub struct DataFiles {
     dir: PathBuf,
+    /// The dir's lock, held while this value lives (the writer thread's
+    /// life); the kernel releases it if the process dies.
+    _lock: File,
     journal: File,
     journal_len: u64,
     journal_records: usize,
@@ -55,7 +60,13 @@ impl DataFiles {
             path: dir.to_path_buf(),
             source,
         };
+        if dir.exists() && !dir.is_dir() {
+            return Err(StoreError::DataDirIsFile {
+                path: dir.to_path_buf(),
+            });
+        }
         fs::create_dir_all(dir).map_err(dir_error)?;
+        let lock = lock_dir(dir)?;
         let mut report = LoadReport::default();
         let mut agents = load_snapshot(dir, &mut report).map_err(dir_error)?;
 
@@ -77,6 +88,7 @@ impl DataFiles {
 
         let files = DataFiles {
             dir: dir.to_path_buf(),
+            _lock: lock,
             journal,
             journal_len: journal_bytes.len() as u64,
             journal_records: report.journal_replayed,
@@ -157,6 +169,43 @@ impl DataFiles {
         self.journal_records = 0;
         Ok(())
     }
+}
+
+/// Takes the data dir's lock, so that no second router ever appends to the
+/// same journal or overwrites the same snapshot. It is an advisory `flock`
+/// on a file of its own: the kernel releases it when the holder exits or is
+/// killed, so a crash never leaves a stale lock behind. The file holds the
+/// holder's PID, for the message a second router prints.
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let dir_error = |source| StoreError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(dir_error)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| text.trim().parse::<u32>().ok());
+            return Err(StoreError::DataDirInUse {
+                path: dir.to_path_buf(),
+                holder,
+            });
+        }
+        Err(fs::TryLockError::Error(error)) => return Err(dir_error(error)),
+    }
+    file.set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .map_err(dir_error)?;
+    Ok(file)
 }
 
 /// The snapshot's array, each agent converted to its stored form as it is

@@ -39,12 +39,18 @@ const MAX_BATCH: usize = 8_192;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("data dir {path}: {source}")]
+    #[error("data dir {path} cannot be used: check that it is a directory this user can read and write, or choose another --data-dir")]
     DataDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "data dir {path} is a file, not a directory: move it away or choose another --data-dir"
+    )]
+    DataDirIsFile { path: PathBuf },
+    #[error("data dir {path} is in use by another llm-router{}: stop it, or give this one another --data-dir", holder.map(|pid| format!(" (PID {pid})")).unwrap_or_default())]
+    DataDirInUse { path: PathBuf, holder: Option<u32> },
     #[error("writing the journal: {0}")]
     Journal(#[source] std::io::Error),
     #[error("writing the snapshot: {0}")]
