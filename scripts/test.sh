@@ -45,6 +45,8 @@ cargo install --locked --quiet --path coordinator --root "$install_root" --targe
 cargo install --locked --quiet --path agent --root "$install_root" --target-dir target
 "$install_root/bin/llm-router" --version
 "$install_root/bin/llm-router-agent" --version
+# What ships carries no debug info or symbols.
+python3 scripts/lib/check-stripped.py "$install_root/bin/llm-router" "$install_root/bin/llm-router-agent"
 rm -rf "$install_root"
 
 if [ -d tests/python ] && ls tests/python/test_*.py >/dev/null 2>&1; then

@@ -452,3 +452,68 @@ async fn an_open_router_on_a_network_address_warns_loudly() {
     let log = router.finished_log().await.join("\n");
     assert!(!log.contains("SECURITY"), "no warning on loopback:\n{log}");
 }
+
+/// With no join token there is nothing a secret would be checked against,
+/// so a registration carries none (as the README says) and none is stored.
+/// Once a join token is configured, such an agent has no secret to show:
+/// its heartbeat is refused until it registers again under the token.
+#[tokio::test]
+async fn without_a_join_token_a_registration_carries_no_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let client = client();
+    let (status, answer) = send(
+        &client,
+        Method::POST,
+        &router.url("/api/agents/register"),
+        Some(&registration("open-node")),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(answer.get("agent_secret").is_none(), "{answer}");
+    let id = answer["id"].as_str().expect("id").to_owned();
+    let (status, _) = send(
+        &client,
+        Method::POST,
+        &router.url(&format!("/api/agents/{id}/heartbeat")),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    router.stop().await.expect("clean stop");
+    let stored = std::fs::read_to_string(dir.path().join("agents.json")).expect("snapshot");
+    assert!(!stored.contains("secret_hash"), "{stored}");
+
+    let router = TestRouter::start(secured_config(dir.path())).await;
+    let (status, _) = send(
+        &client,
+        Method::POST,
+        &router.url(&format!("/api/agents/{id}/heartbeat")),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "no secret, no heartbeat");
+    let (status, answer) = send(
+        &client,
+        Method::POST,
+        &router.url("/api/agents/register"),
+        Some(&registration("open-node")),
+        Some(JOIN_TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "the same machine, the same id");
+    assert_eq!(answer["id"], id.as_str());
+    let secret = answer["agent_secret"].as_str().expect("a secret now");
+    let (status, _) = send(
+        &client,
+        Method::POST,
+        &router.url(&format!("/api/agents/{id}/heartbeat")),
+        None,
+        Some(secret),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -213,3 +213,166 @@ async fn dashboard_shows_agents_and_a_status_change_without_reloading() {
     browser.close().await.expect("close the browser");
     drop(driver);
 }
+
+/// One definition of a node's state, shown alike by the API, the CLI, the
+/// metrics and the dashboard: here for a draining node, a node whose
+/// server is down, and a serving one.
+#[tokio::test]
+async fn api_cli_metrics_and_dashboard_agree_on_each_nodes_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let http = client();
+    let base = router.url("");
+    let draining = register(&http, &base, &registration("gpu-draining")).await;
+    let down = register(&http, &base, &registration("gpu-down")).await;
+    let serving = register(&http, &base, &registration("gpu-serving")).await;
+    let drained = http
+        .post(format!("{base}/api/agents/{draining}/drain"))
+        .send()
+        .await
+        .expect("drain");
+    assert_eq!(drained.status(), 200);
+    let beat = http
+        .post(format!("{base}/api/agents/{down}/heartbeat"))
+        .json(&json!({"llm_server_up": false}))
+        .send()
+        .await
+        .expect("heartbeat");
+    assert_eq!(beat.status(), 200);
+    let expected = [
+        (&draining, "draining"),
+        (&down, "server_down"),
+        (&serving, "serving"),
+    ];
+
+    // The API.
+    let listed: Vec<Value> = http
+        .get(format!("{base}/api/agents"))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    for (id, state) in expected {
+        let agent = listed
+            .iter()
+            .find(|a| a["id"] == id.as_str())
+            .expect("listed");
+        assert_eq!(agent["status"], "Online", "{agent}");
+        assert_eq!(agent["state"], state, "{agent}");
+        assert_eq!(agent["routable"], state == "serving", "{agent}");
+        let shown: Value = http
+            .get(format!("{base}/api/agents/{id}"))
+            .send()
+            .await
+            .expect("show")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(shown["state"], state, "show agrees with list");
+    }
+
+    // The CLI, the real binary (run without blocking: the router it asks
+    // is on this test's runtime).
+    let cli = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"));
+        command.args(args).args(["--router-url", &base]);
+        command
+    };
+    let table = cli(&["agents", "list"])
+        .output()
+        .await
+        .expect("agents list");
+    assert!(table.status.success());
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table.lines().next().expect("header").contains("STATE"),
+        "{table}"
+    );
+    for (id, state) in expected {
+        let row = table
+            .lines()
+            .find(|line| line.starts_with(id.as_str()))
+            .unwrap_or_else(|| panic!("a row for {id} in {table}"));
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells[3], "Online", "{row}");
+        assert_eq!(cells[4], state, "{row}");
+    }
+    let status = cli(&["status", "--json"]).output().await.expect("status");
+    assert!(status.status.success());
+    let status: Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(status["agents"]["online"], 3, "{status}");
+    assert_eq!(status["agents"]["routable"], 1, "{status}");
+    for (_, state) in expected {
+        assert_eq!(status["agents"]["by_state"][state], 1, "{status}");
+    }
+    let text = cli(&["status"]).output().await.expect("status");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains("1 serving, 1 draining, 1 server_down"),
+        "{text}"
+    );
+
+    // The metrics.
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for (_, state) in expected {
+        assert!(
+            metrics.contains(&format!(
+                "llm_router_agents_by_state{{state=\"{state}\"}} 1"
+            )),
+            "{state} in {metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("llm_router_agents_routable 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("llm_router_agents{status=\"Online\"} 3"),
+        "{metrics}"
+    );
+
+    // The dashboard, in a real browser.
+    let driver = ChromeDriver::start().await;
+    let browser = driver.browser().await;
+    browser
+        .goto(&router.url("/dashboard"))
+        .await
+        .expect("open the dashboard");
+    for (id, state) in expected {
+        eventually(Duration::from_secs(20), "the row's state", || {
+            let browser = browser.clone();
+            let source = format!(
+                "const row = document.querySelector('tr[data-agent-id=\"{id}\"]'); \
+                 return row ? row.dataset.status + '|' + row.dataset.state + '|' + row.cells[3].textContent : null;"
+            );
+            let wanted = format!("Online|{state}|{state}");
+            async move {
+                script(&browser, &source)
+                    .await
+                    .as_str()
+                    .filter(|shown| *shown == wanted)
+                    .map(str::to_owned)
+            }
+        })
+        .await;
+    }
+    assert_eq!(
+        script(
+            &browser,
+            "return document.getElementById('serving').textContent;"
+        )
+        .await,
+        "1"
+    );
+    browser.close().await.expect("close the browser");
+    drop(driver);
+}

@@ -252,10 +252,24 @@ fn requested_model(body: &Value) -> Option<&str> {
 }
 
 /// Checks the model against this node's list; the error is the one the
-/// real server gives, in its own shape.
+/// real server gives, in its own shape. Ollama takes a name with or
+/// without its default tag (`llama3.2` is `llama3.2:latest`), on its own
+/// API and on its `/v1` alike; an OpenAI-compatible server wants the name
+/// exactly as it lists it.
 fn check_model<'a>(shared: &Shared, body: &'a Value, openai: bool) -> Result<&'a str, Response> {
     let model = requested_model(body).unwrap_or_default();
-    if shared.options.models.iter().any(|m| m == model) {
+    fn untagged(name: &str) -> &str {
+        name.strip_suffix(":latest").unwrap_or(name)
+    }
+    let known = match shared.options.kind {
+        BackendKind::Ollama => shared
+            .options
+            .models
+            .iter()
+            .any(|m| untagged(m.as_str()) == untagged(model)),
+        BackendKind::Openai => shared.options.models.iter().any(|m| m == model),
+    };
+    if known {
         return Ok(model);
     }
     let message = format!("model '{model}' not found");
