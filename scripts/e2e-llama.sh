@@ -56,7 +56,8 @@ wait_http "http://127.0.0.1:$ROUTER_PORT/health" "the router"
 
 log "Agent beside the llama.cpp server"
 ./target/release/llm-router-agent --router-url "http://127.0.0.1:$ROUTER_PORT" \
-  --backend-url "http://127.0.0.1:$LLAMA_PORT" --machine-name e2e-node --heartbeat-interval 2 >"$WORK/agent.log" 2>&1 &
+  --backend-url "http://127.0.0.1:$LLAMA_PORT" --machine-name e2e-node --heartbeat-interval 2 \
+  --state-dir "$WORK/agent-state" >"$WORK/agent.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do
   if curl -fsS "http://127.0.0.1:$ROUTER_PORT/v1/models" | grep -q smollm2-135m; then break; fi

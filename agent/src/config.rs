@@ -61,6 +61,12 @@ pub struct AgentConfig {
     /// Seconds to wait on shutdown for the router's requests to this node to finish.
     #[arg(long, env = "LLM_ROUTER_DRAIN_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
     pub drain_timeout: Duration,
+
+    /// Where the agent keeps its secret across restarts [default:
+    /// $STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/llm-router-agent,
+    /// else ~/.local/state/llm-router-agent].
+    #[arg(long, env = "LLM_ROUTER_AGENT_STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl AgentConfig {
@@ -99,6 +105,12 @@ impl AgentConfig {
             Some(token) if token.is_empty() => anyhow::bail!("the join token must not be empty"),
             token => Ok(token),
         }
+    }
+
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(crate::identity::default_state_dir)
     }
 
     pub fn router_url(&self) -> String {

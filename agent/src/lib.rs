@@ -4,6 +4,7 @@
 pub mod address;
 pub mod backend;
 pub mod config;
+pub mod identity;
 pub mod router_client;
 pub mod run;
 pub mod system;

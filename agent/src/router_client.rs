@@ -15,6 +15,9 @@ pub enum RouterError {
     NotARouter { url: String },
     #[error("the router answered 401: it refused the credential (the join token, or this agent's secret)")]
     Unauthorized,
+    /// Registering a name and port the router knows, without its secret.
+    #[error("the router refused the registration: {0}")]
+    IdentityTaken(String),
     #[error("the router answered {status}: {body}")]
     Rejected {
         status: reqwest::StatusCode,
@@ -143,5 +146,11 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, RouterE
         return Err(RouterError::Unauthorized);
     }
     let body = response.text().await.unwrap_or_default();
+    if status == reqwest::StatusCode::CONFLICT {
+        let message = serde_json::from_str::<common::ErrorBody>(&body)
+            .map(|error| error.error.message)
+            .unwrap_or(body);
+        return Err(RouterError::IdentityTaken(message));
+    }
     Err(RouterError::Rejected { status, body })
 }

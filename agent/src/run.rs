@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::address::{ServerAddress, ServerHost};
 use crate::backend::{Backend, BackendState};
 use crate::config::AgentConfig;
+use crate::identity::IdentityFile;
 use crate::router_client::{RouterClient, RouterError};
 use crate::system::{host_name, HostProbe};
 
@@ -36,6 +37,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let backend = Backend::new(server.url.clone());
     let router_url = reqwest::Url::parse(router.base_url())?;
     let machine_name = config.machine_name.clone().unwrap_or_else(host_name);
+    let identity = IdentityFile::open(
+        &config.state_dir(),
+        router.base_url(),
+        &machine_name,
+        server.port,
+    )?;
+    // The secret this identity was given, kept across restarts: registering
+    // the identity again needs it when the router has agent credentials.
+    let mut secret = identity.load();
     let mut host = HostProbe::new();
     let system_info = host.system_info();
     let mut backoff = Backoff::new(config.heartbeat_interval);
@@ -87,8 +97,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                         warn_if_unreachable_at(*ip, &server).await;
                     }
                 }
-                let request = advertised.map(|ip| {
-                    register_request(&machine_name, ip, server.port, &system_info, state.as_ref())
+                let request = advertised.map(|ip| RegisterRequest {
+                    agent_secret: secret.clone(),
+                    ..register_request(&machine_name, ip, server.port, &system_info, state.as_ref())
                 });
                 let result = match request {
                     Ok(request) => router.register(&request).await.map_err(anyhow::Error::from),
@@ -98,9 +109,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                     Ok(registration) => {
                         let id = registration.id;
                         tracing::info!(agent_id = %id, llm_server_up = state.is_some(), "Registered with the router.");
+                        // A new secret replaces ours; no secret in the
+                        // answer means the router kept the one we sent (or
+                        // has none configured).
+                        if let Some(new_secret) = registration.secret {
+                            if let Err(error) = identity.save(id, &new_secret) {
+                                tracing::error!("{error:#}; after a restart this agent will not be able to register as {machine_name} again until an operator removes it (llm-router agents remove {id}).");
+                            }
+                            secret = Some(new_secret);
+                        }
                         registered = Some(Registered {
                             id,
-                            secret: registration.secret,
+                            secret: secret.clone(),
                             backend: state.as_ref().map(|s| (s.kind, s.version.clone())),
                         });
                         backoff.reset();
@@ -108,9 +128,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                         Duration::ZERO
                     }
                     Err(error) => {
-                        let delay = backoff.next_delay();
-                        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "Registration failed.");
-                        delay
+                        let taken = matches!(
+                            error.downcast_ref::<RouterError>(),
+                            Some(RouterError::IdentityTaken(_))
+                        );
+                        if taken {
+                            // Retrying soon cannot help: it takes an operator.
+                            let delay = config.heartbeat_interval.max(backoff.next_delay());
+                            tracing::error!(secret_file = %identity.path().display(), retry_in_ms = delay.as_millis() as u64, "{error}");
+                            delay
+                        } else {
+                            let delay = backoff.next_delay();
+                            tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "Registration failed.");
+                            delay
+                        }
                     }
                 }
             }
@@ -247,6 +278,7 @@ fn register_request(
         system_info: system_info.clone(),
         models: state.map(|s| s.models.clone()).unwrap_or_default(),
         backend: state.map(|s| s.kind).unwrap_or_default(),
+        agent_secret: None,
     }
 }
 

@@ -81,6 +81,10 @@ impl AgentProcess {
             .env_remove("LLM_ROUTER_BACKEND_URL")
             .env_remove("LLM_ROUTER_URL")
             .env("RUST_LOG", "info")
+            .env(
+                "LLM_ROUTER_AGENT_STATE_DIR",
+                std::env::temp_dir().join(format!("llm-router-agent-test-{}", std::process::id())),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);

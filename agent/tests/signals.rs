@@ -22,6 +22,10 @@ async fn exits_zero_on(signal: Signal) {
             "--machine-name",
             "signal-test",
         ])
+        .env(
+            "LLM_ROUTER_AGENT_STATE_DIR",
+            std::env::temp_dir().join(format!("llm-router-agent-test-{}", std::process::id())),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

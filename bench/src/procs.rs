@@ -148,7 +148,9 @@ impl Binaries {
         command
             .args(["--router-url", &format!("http://{router}")])
             .args(["--backend-url", &format!("http://{backend}")])
-            .args(["--machine-name", name, "--heartbeat-interval", interval]);
+            .args(["--machine-name", name, "--heartbeat-interval", interval])
+            .arg("--state-dir")
+            .arg(log_dir.join("agent-state"));
         Proc::spawn(name, command, log_dir)
     }
 }

@@ -54,6 +54,12 @@ pub struct RegisterRequest {
     /// The API its LLM server speaks; Ollama when absent (the seed's case).
     #[serde(default)]
     pub backend: BackendKind,
+    /// The secret this agent was given when its identity was first
+    /// registered: registering a known `(machine_name, port)` again needs
+    /// it (or the admin token), so that no one else can take the identity.
+    /// Absent for a first registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_secret: Option<String>,
 }
 
 fn default_llm_port() -> u16 {
@@ -66,9 +72,12 @@ pub struct RegisterResponse {
     pub id: Uuid,
     /// Always `"registered"` (the seed's contract).
     pub status: String,
-    /// This agent's own credential for its heartbeats, updates, drain and
-    /// delete: at least 128 random bits, new at each registration. The router
-    /// keeps only its hash, so it cannot be shown again.
+    /// This agent's own credential for its heartbeats, updates, drain,
+    /// delete and registering again: 256 random bits, given when the
+    /// identity is first registered (and when the admin token registers it).
+    /// Absent when the agent registered again with the secret it holds, and
+    /// when the router has no agent credential configured. The router keeps
+    /// only its hash, so it cannot be shown again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_secret: Option<String>,
 }

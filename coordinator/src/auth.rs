@@ -1,10 +1,15 @@
 //! Who may do what. Three credentials, each off until configured:
 //!
-//! - the join token: lets a machine register; each registration gets a
-//!   per-agent secret that alone works for that agent's heartbeats, updates,
-//!   drain and delete;
+//! - the join token: lets a machine register;
 //! - API keys: let clients use the LLM routes;
-//! - the admin token: lets an operator update, drain and delete any agent.
+//! - the admin token: lets an operator register, update, drain and delete
+//!   any agent.
+//!
+//! With either the join token or the admin token configured, each agent
+//! identity `(machine_name, port)` gets a per-agent secret when it is first
+//! registered: that secret alone works for the agent's heartbeats, updates,
+//! drain and delete, and registering the identity again needs it (or the
+//! admin token), so that no one can take over a node that is not theirs.
 //!
 //! Only SHA-256 digests of credentials are held, and digests are compared in
 //! constant time. Hashing first also hides a token's length. Secrets are
@@ -145,6 +150,16 @@ pub enum AgentRoute {
     SelfOrAdmin,
 }
 
+/// How a registration is let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinAccess {
+    /// With the join token, or with none needed: a new identity may be
+    /// registered; a known one needs its secret too.
+    Joined,
+    /// With the admin token: any identity, known or new.
+    Admin,
+}
+
 /// How an agent route's request is let in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentAccess {
@@ -171,9 +186,16 @@ impl Credentials {
         }
     }
 
-    /// Whether registration needs the join token, and so agents their secrets.
-    pub fn agents_authenticated(&self) -> bool {
+    /// Whether registration needs the join token.
+    pub fn registration_guarded(&self) -> bool {
         self.join_token.is_some()
+    }
+
+    /// Whether agents get secrets and must prove them: whenever any agent
+    /// credential is configured. With an admin token alone, anyone may add
+    /// a node, but no one may speak for a node that is not theirs.
+    pub fn agents_have_secrets(&self) -> bool {
+        self.join_token.is_some() || self.admin_token.is_some()
     }
 
     /// Whether the LLM routes need an API key.
@@ -181,14 +203,20 @@ impl Credentials {
         !self.api_keys.is_empty()
     }
 
-    /// `POST /api/agents/register`.
-    pub fn check_join(&self, authorization: Option<&HeaderValue>) -> Result<(), Refusal> {
+    /// `POST /api/agents/register`: who may register, and as what.
+    pub fn check_join(&self, authorization: Option<&HeaderValue>) -> Result<JoinAccess, Refusal> {
+        let presented = bearer_token(authorization).map(TokenDigest::of);
+        if let (Some(admin), Some(presented)) = (&self.admin_token, &presented) {
+            if admin.matches(presented) {
+                return Ok(JoinAccess::Admin);
+            }
+        }
         let Some(join_token) = &self.join_token else {
-            return Ok(());
+            return Ok(JoinAccess::Joined);
         };
-        let presented = presented_digest(authorization)?;
+        let presented = presented.ok_or(Refusal::Unauthenticated)?;
         if join_token.matches(&presented) {
-            return Ok(());
+            return Ok(JoinAccess::Joined);
         }
         Err(self.refusal_for(&presented))
     }
@@ -225,22 +253,19 @@ impl Credentials {
             AgentRoute::SelfOrAdmin => self.admin_token.as_ref(),
             AgentRoute::SelfOnly => None,
         };
-        if self.join_token.is_none() && admin.is_none() {
+        if !self.agents_have_secrets() {
             return Ok(AgentAccess::Open);
         }
         let presented = presented_digest(authorization)?;
         if admin.is_some_and(|admin| admin.matches(&presented)) {
             return Ok(AgentAccess::Admin);
         }
-        if self.join_token.is_some() {
-            // Whether it is this agent's secret only the registry can say.
-            // Any other credential the router knows is the wrong kind.
-            if self.knows(&presented) {
-                return Err(Refusal::Forbidden);
-            }
-            return Ok(AgentAccess::MustBeAgent(presented));
+        // Whether it is this agent's secret only the registry can say. Any
+        // other credential the router knows is the wrong kind.
+        if self.knows(&presented) {
+            return Err(Refusal::Forbidden);
         }
-        Err(self.refusal_for(&presented))
+        Ok(AgentAccess::MustBeAgent(presented))
     }
 
     /// A wrong credential is 403 when it is one the router knows (valid, but

@@ -81,12 +81,25 @@ fn spawn_event_loops(
 /// unless a join token is configured: say so loudly when that is not only
 /// this machine.
 fn warn_if_open_to_the_network(ip: std::net::IpAddr, credentials: &auth::Credentials) {
-    if !ip.is_loopback() && !credentials.agents_authenticated() {
+    if ip.is_loopback() {
+        return;
+    }
+    if !credentials.agents_have_secrets() {
+        tracing::warn!(
+            listen_address = %ip,
+            "SECURITY: listening on a non-loopback address with no join token and no \
+             admin token. Anyone who can reach this port can register a node and \
+             receive prompts, take over any node's identity, send heartbeats for it, \
+             and drain or remove it. Set LLM_ROUTER_AGENT_TOKEN (or --agent-token) \
+             and LLM_ROUTER_ADMIN_TOKEN (or --admin-token)."
+        );
+    } else if !credentials.registration_guarded() {
         tracing::warn!(
             listen_address = %ip,
             "SECURITY: listening on a non-loopback address with no join token. \
-             Anyone who can reach this port can register a node and receive \
-             prompts. Set LLM_ROUTER_AGENT_TOKEN (or --agent-token) to require one."
+             Anyone who can reach this port can register a new node and receive \
+             prompts for its models (registered nodes keep their identities). \
+             Set LLM_ROUTER_AGENT_TOKEN (or --agent-token) to require one."
         );
     }
 }

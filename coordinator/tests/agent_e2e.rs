@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 struct RunningAgent {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Its own state dir, unless the test gave one.
+    _state_dir: Option<tempfile::TempDir>,
 }
 
 impl RunningAgent {
@@ -29,7 +31,23 @@ impl RunningAgent {
         name: &str,
         token: Option<&str>,
     ) -> Self {
+        let state_dir = tempfile::tempdir().expect("tempdir");
+        let mut agent = Self::start_in(router_url, backend_url, name, token, state_dir.path());
+        agent._state_dir = Some(state_dir);
+        agent
+    }
+
+    /// With the state dir the test gives, so that a restarted agent finds
+    /// the secret its last run kept.
+    fn start_in(
+        router_url: String,
+        backend_url: String,
+        name: &str,
+        token: Option<&str>,
+        state_dir: &std::path::Path,
+    ) -> Self {
         let config = AgentConfig {
+            state_dir: Some(state_dir.to_owned()),
             token: token.map(str::to_owned),
             token_file: None,
             router_url,
@@ -42,7 +60,11 @@ impl RunningAgent {
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(agent::run(config, stop.clone()));
-        RunningAgent { stop, task }
+        RunningAgent {
+            stop,
+            task,
+            _state_dir: None,
+        }
     }
 
     async fn stop(self) {
@@ -291,4 +313,111 @@ async fn agent_with_the_join_token_registers_heartbeats_and_drains_with_its_secr
         "an agent with a wrong join token never gets in"
     );
     outsider.stop().await;
+}
+
+/// A restarted agent finds its secret in its state dir and keeps its
+/// identity; another agent claiming the same name and port (a fresh state
+/// dir, as an impostor or a reinstalled machine has) is refused until an
+/// operator removes the old agent, and then gets an identity of its own.
+#[tokio::test]
+async fn a_restarted_agent_keeps_its_identity_and_no_other_agent_can_take_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router_config = config(dir.path());
+    router_config.agent_token = Some(coordinator::auth::Secret::new("fleet-join-token"));
+    let router = TestRouter::start(router_config).await;
+    let standin = StandIn::spawn(StandInOptions::ollama("node-k", &["smollm2:135m"]))
+        .await
+        .expect("stand-in");
+    let (client, base) = (client(), router.url(""));
+    let state_dir = tempfile::tempdir().expect("state dir");
+    let start = |state: &std::path::Path| {
+        RunningAgent::start_in(
+            router.url(""),
+            standin.url(),
+            "node-k",
+            Some("fleet-join-token"),
+            state,
+        )
+    };
+    let reports = |since: Value| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let agent = agent_named(&client, &base, "node-k").await?;
+            (agent["report"]["llm_server_up"] == true && agent["last_seen"] != since)
+                .then_some(agent)
+        }
+    };
+
+    let agent = start(state_dir.path());
+    let first = eventually(Duration::from_secs(10), "the agent reports", || {
+        reports(Value::Null)
+    })
+    .await;
+    agent.stop().await;
+    let kept: Vec<_> = std::fs::read_dir(state_dir.path())
+        .expect("state dir")
+        .map(|entry| entry.expect("entry").path())
+        .collect();
+    assert_eq!(kept.len(), 1, "one secret file: {kept:?}");
+    let text = std::fs::read_to_string(&kept[0]).expect("secret file");
+    assert!(text.contains(first["id"].as_str().expect("id")), "{text}");
+
+    // Restarted with its state dir: same id, and its heartbeats (which need
+    // the secret) land again.
+    let agent = start(state_dir.path());
+    let again = eventually(
+        Duration::from_secs(10),
+        "the restarted agent reports",
+        || reports(first["last_seen"].clone()),
+    )
+    .await;
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(
+        again["draining"], false,
+        "registering again ended the drain"
+    );
+    agent.stop().await;
+
+    // Another agent under the same name and port, without the secret.
+    let impostor_dir = tempfile::tempdir().expect("state dir");
+    let impostor = start(impostor_dir.path());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = agent_named(&client, &base, "node-k").await.expect("listed");
+    assert_eq!(still["id"], first["id"]);
+    assert_eq!(still["draining"], true, "the impostor changed nothing");
+    assert_eq!(
+        std::fs::read_dir(impostor_dir.path()).expect("dir").count(),
+        0,
+        "the impostor was given no secret"
+    );
+
+    // The operator frees the identity: the next attempt gets a new one.
+    let removed = client
+        .delete(format!(
+            "{base}/api/agents/{}",
+            first["id"].as_str().expect("id")
+        ))
+        .send()
+        .await
+        .expect("delete");
+    // No admin token is configured here, so the delete needs the agent's own
+    // secret: read it from the file, as an operator on that machine could.
+    assert_eq!(removed.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let stored: Value = serde_json::from_str(&text).expect("json");
+    let removed = client
+        .delete(format!(
+            "{base}/api/agents/{}",
+            first["id"].as_str().expect("id")
+        ))
+        .bearer_auth(stored["agent_secret"].as_str().expect("secret"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(removed.status(), reqwest::StatusCode::NO_CONTENT);
+    let newcomer = eventually(Duration::from_secs(10), "the newcomer registers", || {
+        reports(Value::Null)
+    })
+    .await;
+    assert_ne!(newcomer["id"], first["id"]);
+    impostor.stop().await;
 }

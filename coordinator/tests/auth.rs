@@ -287,14 +287,31 @@ async fn secrets_outlive_a_restart_and_registering_again_replaces_them() {
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
-    // Registering the same machine again keeps the id, issues a new secret
-    // and retires the old one.
+    // Registering the same machine again with its secret keeps the id and
+    // the secret; with the admin token it issues a new one and retires the
+    // old.
+    let mut again = registration("gpu-a");
+    again["agent_secret"] = json!(first_secret);
+    let (status, answer) = send(
+        &client,
+        Method::POST,
+        &router.url("/api/agents/register"),
+        Some(&again),
+        Some(JOIN_TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["id"], id.as_str());
+    assert!(
+        answer.get("agent_secret").is_none(),
+        "it keeps its secret: {answer}"
+    );
     let (status, answer) = send(
         &client,
         Method::POST,
         &router.url("/api/agents/register"),
         Some(&registration("gpu-a")),
-        Some(JOIN_TOKEN),
+        Some(ADMIN_TOKEN),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
@@ -324,6 +341,162 @@ async fn secrets_outlive_a_restart_and_registering_again_replaces_them() {
     .await;
     assert_eq!(status, StatusCode::OK);
     router.stop().await.expect("clean stop");
+}
+
+/// The attack of the security review, against the real binary in each
+/// configuration: with the victim's public name and port, register again
+/// from another address (with whatever the configuration hands out), and
+/// send a heartbeat that would take the victim out of rotation.
+#[tokio::test]
+async fn no_one_takes_over_another_nodes_identity_unless_nothing_is_configured() {
+    struct Case {
+        name: &'static str,
+        flags: &'static [&'static str],
+        /// What an attacker holds: the join token when there is one.
+        attacker_token: Option<&'static str>,
+        protected: bool,
+    }
+    let cases = [
+        Case {
+            name: "nothing",
+            flags: &[],
+            attacker_token: None,
+            protected: false,
+        },
+        Case {
+            name: "admin only",
+            flags: &["--admin-token", ADMIN_TOKEN],
+            attacker_token: None,
+            protected: true,
+        },
+        Case {
+            name: "join token",
+            flags: &["--agent-token", JOIN_TOKEN],
+            attacker_token: Some(JOIN_TOKEN),
+            protected: true,
+        },
+        Case {
+            name: "join token and admin",
+            flags: &["--agent-token", JOIN_TOKEN, "--admin-token", ADMIN_TOKEN],
+            attacker_token: Some(JOIN_TOKEN),
+            protected: true,
+        },
+    ];
+    let client = client();
+    for case in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut router = RouterProcess::spawn(dir.path(), case.flags).await;
+        let (status, answer) = send(
+            &client,
+            Method::POST,
+            &router.url("/api/agents/register"),
+            Some(&registration("victim")),
+            case.attacker_token,
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{}: {answer}", case.name);
+        let id = answer["id"].as_str().expect("id").to_owned();
+        let victim_secret = answer["agent_secret"].as_str().map(str::to_owned);
+        assert_eq!(
+            victim_secret.is_some(),
+            case.protected,
+            "{}: a secret exactly when it protects",
+            case.name
+        );
+
+        let mut takeover = registration("victim");
+        takeover["ip_address"] = json!("127.0.0.66");
+        let forged_secrets = [
+            None,
+            Some("llmr_agent_guess".to_owned()),
+            victim_secret.as_deref().map(last_byte_changed),
+        ];
+        for forged in forged_secrets
+            .iter()
+            .take(if case.protected { 3 } else { 1 })
+        {
+            if let Some(forged) = forged {
+                takeover["agent_secret"] = json!(forged);
+            }
+            let (status, answer) = send(
+                &client,
+                Method::POST,
+                &router.url("/api/agents/register"),
+                Some(&takeover),
+                case.attacker_token,
+            )
+            .await;
+            if case.protected {
+                assert_eq!(status, StatusCode::CONFLICT, "{}: {answer}", case.name);
+                assert_eq!(answer["error"]["code"], "identity_taken");
+                let message = answer["error"]["message"].as_str().expect("message");
+                assert!(
+                    message.contains(&format!("llm-router agents remove {id}")),
+                    "{message}"
+                );
+            } else {
+                assert_eq!(status, StatusCode::OK, "{}: open, as documented", case.name);
+            }
+        }
+        let (status, _) = send(
+            &client,
+            Method::POST,
+            &router.url(&format!("/api/agents/{id}/heartbeat")),
+            Some(&json!({"llm_server_up": false})),
+            case.attacker_token,
+        )
+        .await;
+        let (_, agent) = send(
+            &client,
+            Method::GET,
+            &router.url(&format!("/api/agents/{id}")),
+            None,
+            None,
+        )
+        .await;
+        if case.protected {
+            // 401 with no credential, 403 with the join token (known, but
+            // not for this).
+            assert!(
+                status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN,
+                "{}: a heartbeat needs the agent's secret, got {status}",
+                case.name
+            );
+            assert_eq!(
+                agent["ip_address"], "127.0.0.2",
+                "{}: the address did not move",
+                case.name
+            );
+            assert_eq!(
+                agent["state"], "serving",
+                "{}: still in rotation",
+                case.name
+            );
+            // The real agent, with its secret, registers again as before.
+            let mut own = registration("victim");
+            own["agent_secret"] = json!(victim_secret);
+            let (status, answer) = send(
+                &client,
+                Method::POST,
+                &router.url("/api/agents/register"),
+                Some(&own),
+                case.attacker_token,
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{}: {answer}", case.name);
+            assert_eq!(answer["id"], id.as_str());
+        } else {
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(
+                agent["ip_address"], "127.0.0.66",
+                "with nothing configured, nothing is protected"
+            );
+        }
+        nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let log = router.finished_log().await.join("\n");
+        // Every configuration here listens on loopback: no SECURITY warning.
+        assert!(!log.contains("SECURITY"), "{}: {log}", case.name);
+    }
 }
 
 #[tokio::test]
@@ -451,6 +624,23 @@ async fn an_open_router_on_a_network_address_warns_loudly() {
     nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let log = router.finished_log().await.join("\n");
     assert!(!log.contains("SECURITY"), "no warning on loopback:\n{log}");
+
+    // An admin token alone leaves registration open: said so. A join token
+    // closes both registration and heartbeats: nothing to say.
+    for (flags, warned) in [
+        (&["--admin-token", ADMIN_TOKEN][..], true),
+        (&["--agent-token", JOIN_TOKEN][..], false),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut router = RouterProcess::spawn_on_host(dir.path(), "0.0.0.0", flags).await;
+        nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let log = router.finished_log().await.join("\n");
+        assert_eq!(
+            log.contains("SECURITY") && log.contains("with no join token"),
+            warned,
+            "{flags:?}:\n{log}"
+        );
+    }
 }
 
 /// With no join token there is nothing a secret would be checked against,

@@ -372,7 +372,7 @@ async fn round_robin_selection_skips_offline_agents() {
         let mut registration = registry_registration(&format!("rr-{n}"));
         registration.ip_address = format!("127.0.0.{}", n + 2).parse().expect("ip");
         let (id, _, _) = registry
-            .register(registration, true)
+            .register(registration, coordinator::registry::IdentityProof::Open)
             .await
             .expect("register");
         ids.push(id);

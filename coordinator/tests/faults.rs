@@ -177,6 +177,7 @@ async fn a_router_restart_under_1000_live_agents_brings_all_back_with_their_ids(
                 log_format: agent::config::LogFormat::Text,
                 token: None,
                 token_file: None,
+                state_dir: Some(dir.path().join("agents")),
             };
             tokio::spawn(agent::run(config, stop.clone()))
         })

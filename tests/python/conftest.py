@@ -157,6 +157,7 @@ class Fleet:
                 "--backend-url", standin.url,
                 "--machine-name", name or standin.name,
                 "--heartbeat-interval", "0.2",
+                "--state-dir", self.tmp_path / "agent-state",
                 *args,
             ],
             env={"RUST_LOG": "info"},

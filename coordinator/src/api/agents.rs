@@ -23,25 +23,26 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::guard::{AuthorizedAgent, JoinAllowed, SelfOnly, SelfOrAdmin};
 use super::json::{AgentIdParam, JsonBody, OptionalJsonBody};
-use crate::auth::Credentials;
-use crate::registry::{AgentUpdate, RegisterOutcome, Registration, Registry};
+use crate::auth::{Credentials, JoinAccess, TokenDigest};
+use crate::registry::{AgentUpdate, IdentityProof, RegisterOutcome, Registration, Registry};
 
 /// Limits on free-text fields, so one agent cannot bloat the registry.
 const MAX_TEXT_BYTES: usize = 256;
 const MAX_MODEL_NAME_BYTES: usize = 512;
 const MAX_MODELS: usize = 4_096;
 
-/// Register a machine, or register a known one again (same id, new secret).
+/// Register a machine, or register a known one again (same id).
 #[utoipa::path(post, path = "/api/agents/register", tag = "registry",
     request_body = RegisterRequest,
     security((), ("join_token" = [])),
     responses(
         (status = 201, description = "A new machine: its id and secret", body = RegisterResponse),
-        (status = 200, description = "A known machine (same name and port): same id, new secret", body = RegisterResponse),
+        (status = 200, description = "A known machine (same name and port), with its secret: same id", body = RegisterResponse),
         (status = 400, description = "Not JSON, or an empty body", body = ErrorBody),
         (status = 401, description = "The join token is missing or wrong", body = ErrorBody),
         (status = 403, description = "Another kind of credential", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 409, description = "A known machine, without its agent's secret", body = ErrorBody),
         (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
         (status = 422, description = "A missing or invalid field", body = ErrorBody),
         (status = 503, description = "The store cannot write, or the agent limit is reached", body = ErrorBody),
@@ -49,14 +50,23 @@ const MAX_MODELS: usize = 4_096;
 pub async fn register(
     State(registry): State<Arc<Registry>>,
     State(credentials): State<Arc<Credentials>>,
-    _: JoinAllowed,
+    JoinAllowed(access): JoinAllowed,
     JsonBody(request): JsonBody<RegisterRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let presented_secret = request
+        .agent_secret
+        .as_deref()
+        .map(|secret| TokenDigest::of(secret.as_bytes()));
     let registration = validate_registration(request)?;
-    // A secret means something only when agents must present one: with a
-    // join token configured.
-    let issue_secret = credentials.agents_authenticated();
-    let (id, outcome, secret) = registry.register(registration, issue_secret).await?;
+    let proof = match access {
+        JoinAccess::Admin => IdentityProof::Admin,
+        // A secret means something only when agents must present one.
+        JoinAccess::Joined if credentials.agents_have_secrets() => {
+            IdentityProof::AgentSecret(presented_secret)
+        }
+        JoinAccess::Joined => IdentityProof::Open,
+    };
+    let (id, outcome, secret) = registry.register(registration, proof).await?;
     let status = match outcome {
         RegisterOutcome::Created => StatusCode::CREATED,
         RegisterOutcome::Refreshed => StatusCode::OK,

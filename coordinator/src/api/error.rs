@@ -75,6 +75,20 @@ impl From<RegistryError> for ApiError {
         match error {
             RegistryError::NotFound(id) => Self::not_found(format!("no agent with id {id}")),
             RegistryError::WrongSecret => Refusal::Unauthenticated.into(),
+            RegistryError::IdentityTaken {
+                id,
+                machine_name,
+                port,
+            } => Self::new(
+                StatusCode::CONFLICT,
+                "identity_taken",
+                format!(
+                    "machine {machine_name:?} on port {port} is registered to agent {id}; registering it \
+                     again needs that agent's secret (the agent keeps it in its state dir) or the \
+                     admin token. To give the name to another machine, remove the old agent first: \
+                     llm-router agents remove {id}"
+                ),
+            ),
             RegistryError::Full(limit) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "agent_limit_reached",

@@ -11,11 +11,11 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::json::AgentIdParam;
-use crate::auth::{AgentAccess, AgentRoute, Credentials};
+use crate::auth::{AgentAccess, AgentRoute, Credentials, JoinAccess};
 use crate::registry::Registry;
 
 /// Registration: the join token, when one is configured.
-pub struct JoinAllowed;
+pub struct JoinAllowed(pub JoinAccess);
 
 impl<S> FromRequestParts<S> for JoinAllowed
 where
@@ -26,8 +26,9 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let credentials = Arc::<Credentials>::from_ref(state);
-        credentials.check_join(parts.headers.get(AUTHORIZATION))?;
-        Ok(JoinAllowed)
+        Ok(JoinAllowed(
+            credentials.check_join(parts.headers.get(AUTHORIZATION))?,
+        ))
     }
 }
 

@@ -36,10 +36,31 @@ pub use sweeper::Sweeper;
 
 use record::{intern, intern_models};
 
+/// What a registration proved about the identity it names.
+#[derive(Debug, Clone, Copy)]
+pub enum IdentityProof {
+    /// No agent credential is configured: agents have no secrets, and any
+    /// caller may register any identity.
+    Open,
+    /// Agents have secrets; the caller is let in to register and presented
+    /// this agent secret (or none). A new identity gets a secret; a known
+    /// one needs its own.
+    AgentSecret(Option<TokenDigest>),
+    /// The admin token: any identity, which gets a new secret.
+    Admin,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("no agent with id {0}")]
     NotFound(Uuid),
+    /// A registration of a known identity without that agent's secret.
+    #[error("machine {machine_name:?} on port {port} is registered to agent {id}, and this registration does not carry that agent's secret")]
+    IdentityTaken {
+        id: Uuid,
+        machine_name: String,
+        port: u16,
+    },
     #[error(transparent)]
     Store(Arc<StoreError>),
     /// The credential presented is not this agent's secret.
@@ -292,26 +313,24 @@ impl Registry {
     }
 
     /// Registers a node, or refreshes it when `(machine_name, port)` is known:
-    /// a restarted node keeps its id. With `issue_secret` (a join token is
-    /// configured) the node gets a new secret, returned here (only its
-    /// digest is kept), and the old one stops working; without, it has none.
-    /// Returns once the change is durable.
+    /// a restarted node keeps its id. Whether it gets a secret, and who may
+    /// register a known identity again, `proof` decides (see
+    /// [`IdentityProof`]); a new secret is returned here (only its digest is
+    /// kept) and retires the old one. Returns once the change is durable.
     pub async fn register(
         &self,
         registration: Registration,
-        issue_secret: bool,
+        proof: IdentityProof,
     ) -> Result<(Uuid, RegisterOutcome, Option<Secret>), RegistryError> {
         let now_wall = Utc::now();
         let now = Instant::now();
-        let (secret, secret_digest) = if issue_secret {
+        let fresh_secret = || {
             let (secret, digest) = crate::auth::new_agent_secret();
             (Some(secret), Some(digest))
-        } else {
-            (None, None)
         };
         let identity = (registration.machine_name.clone(), registration.port);
         let address = std::net::SocketAddr::new(registration.ip_address, registration.port);
-        let (id, outcome, committed, rollback) = {
+        let (id, outcome, committed, rollback, secret) = {
             let mut maps = self.write_maps();
             if let Some(&id) = maps.by_identity.get(&identity) {
                 let Some(slot) = maps.by_id.get(&id).cloned() else {
@@ -321,6 +340,28 @@ impl Registry {
                 // this agent must land in the journal before or after this
                 // refresh, never between lookup and commit.
                 let mut record = lock(&slot);
+                let (secret, secret_digest) = match proof {
+                    IdentityProof::Open => (None, None),
+                    IdentityProof::Admin => fresh_secret(),
+                    IdentityProof::AgentSecret(presented) => match record.agent.secret_digest {
+                        // Its own agent, back: it keeps the secret it holds.
+                        Some(held)
+                            if presented.is_some_and(|presented| held.matches(&presented)) =>
+                        {
+                            (None, Some(held))
+                        }
+                        Some(_) => {
+                            return Err(RegistryError::IdentityTaken {
+                                id,
+                                machine_name: registration.machine_name.clone(),
+                                port: registration.port,
+                            })
+                        }
+                        // Registered while agents had no secrets: the first
+                        // registration under credentials claims it.
+                        None => fresh_secret(),
+                    },
+                };
                 let previous = record.clone();
                 let moved = record.address() != address;
                 record.agent.refresh(&registration, now_wall);
@@ -346,12 +387,17 @@ impl Registry {
                     RegisterOutcome::Refreshed,
                     committed,
                     Rollback::Restore(slot.clone(), Box::new(previous)),
+                    secret,
                 )
             } else {
                 if maps.by_id.len() >= self.max_agents {
                     return Err(RegistryError::Full(self.max_agents));
                 }
                 let id = Uuid::new_v4();
+                let (secret, secret_digest) = match proof {
+                    IdentityProof::Open => (None, None),
+                    IdentityProof::Admin | IdentityProof::AgentSecret(_) => fresh_secret(),
+                };
                 let mut agent = NodeFacts::registered(id, &registration, now_wall);
                 agent.secret_digest = secret_digest;
                 let committed = self.store.submit(Change::Upsert {
@@ -365,6 +411,7 @@ impl Registry {
                     RegisterOutcome::Created,
                     committed,
                     Rollback::Remove(id, 1),
+                    secret,
                 )
             }
         };
