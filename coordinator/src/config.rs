@@ -54,6 +54,18 @@ pub struct Config {
     #[arg(long, env = "LLM_ROUTER_IDLE_TIMEOUT", default_value = "300", value_parser = parse_seconds)]
     pub idle_timeout: Duration,
 
+    /// Seconds an unused connection to a node is kept for the next request.
+    #[arg(long, env = "LLM_ROUTER_NODE_KEEPALIVE", default_value = "60", value_parser = parse_seconds)]
+    pub node_keepalive: Duration,
+
+    /// Unused connections to nodes kept open, at most, over the whole router.
+    #[arg(
+        long,
+        env = "LLM_ROUTER_MAX_IDLE_NODE_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    pub max_idle_node_connections: usize,
+
     /// Nodes tried for one request before the client gets an error.
     #[arg(long, env = "LLM_ROUTER_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_attempts: u16,
@@ -74,6 +86,11 @@ pub struct Config {
     /// Largest client request body on the LLM routes, in bytes (chat with images).
     #[arg(long, env = "LLM_ROUTER_MAX_REQUEST_BODY", default_value_t = 100 * 1024 * 1024)]
     pub max_request_body: usize,
+
+    /// Networks nodes may be in, as CIDR, comma-separated (such as
+    /// 10.0.0.0/8,fd00::/8) [default: any address a machine can have].
+    #[arg(long, env = "LLM_ROUTER_NODE_NETWORKS", value_parser = parse_node_networks)]
+    pub node_networks: Option<NodeNetworks>,
 
     /// Most agents the registry holds; registering one more is refused (503).
     #[arg(long, env = "LLM_ROUTER_MAX_AGENTS", default_value_t = 1_000_000)]
@@ -160,6 +177,8 @@ impl Config {
             max_attempts: usize::from(self.max_attempts),
             max_request_body: self.max_request_body,
             body_read_timeout: self.body_read_timeout,
+            node_keepalive: self.node_keepalive,
+            max_idle_node_connections: self.max_idle_node_connections,
         }
     }
 
@@ -175,11 +194,14 @@ impl Config {
             balancer: Policy::RoundRobin,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
+            node_keepalive: Duration::from_secs(60),
+            max_idle_node_connections: 1024,
             max_attempts: 3,
             max_request_body: 100 * 1024 * 1024,
             threads: 1,
             log_format: LogFormat::Text,
             max_agents: 1_000_000,
+            node_networks: None,
             header_read_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(60),
             agent_token: None,
@@ -271,4 +293,12 @@ pub fn parse_seconds(text: &str) -> Result<Duration, String> {
         return Err(format!("{text:?}: seconds must be a positive number"));
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+/// `--node-networks`, parsed.
+#[derive(Debug, Clone, Default)]
+pub struct NodeNetworks(pub Vec<ipnet::IpNet>);
+
+fn parse_node_networks(text: &str) -> Result<NodeNetworks, String> {
+    crate::node_address::parse_networks(text).map(NodeNetworks)
 }

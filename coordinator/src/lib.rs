@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod health;
 pub mod listen;
+pub mod node_address;
 pub mod proxy;
 pub mod registry;
 mod serve;
@@ -39,6 +40,7 @@ pub use registry::Registry;
 fn spawn_event_loops(
     listener: &TcpListener,
     app: &axum::Router,
+    proxy: &Arc<proxy::Proxy>,
     options: serve::ServeOptions,
     count: usize,
     stop: &CancellationToken,
@@ -49,7 +51,7 @@ fn spawn_event_loops(
     for n in 1..=count {
         let shared = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
         shared.set_nonblocking(true)?;
-        let (app, stop) = (app.clone(), stop.clone());
+        let (app, stop, proxy) = (app.clone(), stop.clone(), Arc::clone(proxy));
         let handle = std::thread::Builder::new()
             .name(format!("event-loop-{n}"))
             .spawn(move || {
@@ -61,6 +63,7 @@ fn spawn_event_loops(
                     Err(error) => return tracing::error!(%error, "Could not start an event loop."),
                 };
                 let served = runtime.block_on(async move {
+                    tokio::spawn(prune_node_connections(proxy, stop.clone()));
                     let listener = match listen::bind_reusing_port(address) {
                         Ok(own) => own,
                         Err(_) => TcpListener::from_std(shared)?,
@@ -75,6 +78,38 @@ fn spawn_event_loops(
         handles.push(handle);
     }
     Ok(handles)
+}
+
+/// Nodes loaded from disk at an address the policy now refuses (it changed,
+/// or the file was edited) stay out of rotation until they register at an
+/// address it allows.
+fn hold_out_nodes_at_refused_addresses(
+    registry: &Registry,
+    policy: &node_address::NodeAddressPolicy,
+) {
+    for view in registry.list(None) {
+        let agent = &view.agent;
+        let Ok(ip) = agent.ip_address.parse() else {
+            continue;
+        };
+        if let Err(refusal) = policy.check(ip, agent.port) {
+            tracing::warn!(agent_id = %agent.id, machine_name = %agent.machine_name, "Kept out of rotation: {refusal}.");
+            registry.hold_out(agent.id);
+        }
+    }
+}
+
+/// Each event loop's idle node connections are its own (thread-local), so
+/// each loop prunes its own, every second, until it stops.
+async fn prune_node_connections(proxy: Arc<proxy::Proxy>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => proxy.prune_idle_connections(),
+        }
+    }
 }
 
 /// Whoever can reach the port can register a node, and so receive prompts,
@@ -147,14 +182,21 @@ pub async fn run(
     let address = listener.local_addr()?;
     tracing::info!(%address, "llm-router listening on http://{address}");
     warn_if_open_to_the_network(address.ip(), &credentials);
+    let proxy = Arc::new(proxy::Proxy::new(
+        Arc::clone(&registry),
+        config.proxy_options(),
+    ));
+    let node_addresses = Arc::new(node_address::NodeAddressPolicy::for_this_machine(
+        address,
+        config.node_networks.clone().unwrap_or_default().0,
+    ));
+    hold_out_nodes_at_refused_addresses(&registry, &node_addresses);
     let state = AppState {
+        node_addresses,
         credentials,
         body_read_timeout: config.body_read_timeout,
         registry: Arc::clone(&registry),
-        proxy: Arc::new(proxy::Proxy::new(
-            Arc::clone(&registry),
-            config.proxy_options(),
-        )),
+        proxy: Arc::clone(&proxy),
     };
     let app = app(state);
     let serve_options = serve::ServeOptions {
@@ -164,6 +206,7 @@ pub async fn run(
     let event_loops = spawn_event_loops(
         &listener,
         &app,
+        &proxy,
         serve_options,
         config.serving_threads() - 1,
         &stop_event_loops,
@@ -173,6 +216,7 @@ pub async fn run(
         shutdown.await;
         stop_serving.cancel();
     });
+    tokio::spawn(prune_node_connections(proxy, stop_event_loops.clone()));
     serve::serve(listener, app, serve_options, stop_event_loops).await;
     for event_loop in event_loops {
         // Each stops accepting and lets its open requests finish.

@@ -75,6 +75,80 @@ pub struct StandInStats {
     pub generations_completed: AtomicU64,
     /// Streams dropped before their last chunk: the client went away.
     pub generations_cancelled: AtomicU64,
+    /// Client connections open now: a router's pooled connections show here
+    /// until the router closes them.
+    pub connections_open: Arc<AtomicU64>,
+}
+
+/// The stand-in's listener: counts each connection while it is open.
+struct CountingListener {
+    listener: TcpListener,
+    open: Arc<AtomicU64>,
+}
+
+/// A client connection, counted until dropped (when either side closes it).
+struct CountedStream {
+    stream: tokio::net::TcpStream,
+    open: Arc<AtomicU64>,
+}
+
+impl Drop for CountedStream {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl tokio::io::AsyncRead for CountedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(context, buffer)
+    }
+}
+
+impl tokio::io::AsyncWrite for CountedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(context, buffer)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(context)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(context)
+    }
+}
+
+impl axum::serve::Listener for CountingListener {
+    type Io = CountedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (stream, address) = axum::serve::Listener::accept(&mut self.listener).await;
+        self.open.fetch_add(1, Ordering::SeqCst);
+        let stream = CountedStream {
+            stream,
+            open: Arc::clone(&self.open),
+        };
+        (stream, address)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
 }
 
 impl StandInStats {
@@ -84,6 +158,7 @@ impl StandInStats {
             "generations_in_flight": self.generations_in_flight.load(Ordering::SeqCst),
             "generations_completed": self.generations_completed.load(Ordering::SeqCst),
             "generations_cancelled": self.generations_cancelled.load(Ordering::SeqCst),
+            "connections_open": self.connections_open.load(Ordering::SeqCst),
         })
     }
 }
@@ -119,6 +194,10 @@ impl StandIn {
             stats: Arc::clone(&stats),
             gate: Arc::new(tokio::sync::Semaphore::new(0)),
         }));
+        let listener = CountingListener {
+            listener,
+            open: Arc::clone(&stats.connections_open),
+        };
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

@@ -24,6 +24,7 @@ use super::error::ApiError;
 use super::guard::{AuthorizedAgent, JoinAllowed, SelfOnly, SelfOrAdmin};
 use super::json::{AgentIdParam, JsonBody, OptionalJsonBody};
 use crate::auth::{Credentials, JoinAccess, TokenDigest};
+use crate::node_address::NodeAddressPolicy;
 use crate::registry::{AgentUpdate, IdentityProof, RegisterOutcome, Registration, Registry};
 
 /// Limits on free-text fields, so one agent cannot bloat the registry.
@@ -50,6 +51,7 @@ const MAX_MODELS: usize = 4_096;
 pub async fn register(
     State(registry): State<Arc<Registry>>,
     State(credentials): State<Arc<Credentials>>,
+    State(node_addresses): State<Arc<NodeAddressPolicy>>,
     JoinAllowed(access): JoinAllowed,
     JsonBody(request): JsonBody<RegisterRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -57,7 +59,7 @@ pub async fn register(
         .agent_secret
         .as_deref()
         .map(|secret| TokenDigest::of(secret.as_bytes()));
-    let registration = validate_registration(request)?;
+    let registration = validate_registration(request, &node_addresses)?;
     let proof = match access {
         JoinAccess::Admin => IdentityProof::Admin,
         // A secret means something only when agents must present one.
@@ -174,10 +176,14 @@ pub async fn heartbeat(
     ))]
 pub async fn update(
     State(registry): State<Arc<Registry>>,
+    State(node_addresses): State<Arc<NodeAddressPolicy>>,
     AuthorizedAgent(id, _): AuthorizedAgent<SelfOrAdmin>,
     JsonBody(request): JsonBody<UpdateAgentRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let update = validate_update(request)?;
+    // The port is part of the identity and never changes: the address is
+    // checked with it.
+    let port = registry.get(id)?.agent.port;
+    let update = validate_update(request, &node_addresses, port)?;
     Ok(Json(registry.update(id, update).await?))
 }
 
@@ -201,7 +207,10 @@ pub async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn validate_registration(request: RegisterRequest) -> Result<Registration, ApiError> {
+fn validate_registration(
+    request: RegisterRequest,
+    node_addresses: &NodeAddressPolicy,
+) -> Result<Registration, ApiError> {
     let machine_name = request.machine_name.trim().to_owned();
     if machine_name.is_empty() {
         return Err(invalid("machine_name", "must not be empty"));
@@ -221,7 +230,7 @@ fn validate_registration(request: RegisterRequest) -> Result<Registration, ApiEr
     check_models("models", &request.models)?;
     Ok(Registration {
         machine_name,
-        ip_address: parse_ip(&request.ip_address)?,
+        ip_address: node_address(&request.ip_address, request.port, node_addresses)?,
         port: request.port,
         runtime_version: request.runtime_version,
         system_info: request.system_info,
@@ -230,7 +239,11 @@ fn validate_registration(request: RegisterRequest) -> Result<Registration, ApiEr
     })
 }
 
-fn validate_update(request: UpdateAgentRequest) -> Result<AgentUpdate, ApiError> {
+fn validate_update(
+    request: UpdateAgentRequest,
+    node_addresses: &NodeAddressPolicy,
+    port: u16,
+) -> Result<AgentUpdate, ApiError> {
     if let Some(version) = &request.runtime_version {
         check_text("runtime_version", version)?;
     }
@@ -241,7 +254,11 @@ fn validate_update(request: UpdateAgentRequest) -> Result<AgentUpdate, ApiError>
         check_models("models", models)?;
     }
     Ok(AgentUpdate {
-        ip_address: request.ip_address.as_deref().map(parse_ip).transpose()?,
+        ip_address: request
+            .ip_address
+            .as_deref()
+            .map(|ip| node_address(ip, port, node_addresses))
+            .transpose()?,
         runtime_version: request.runtime_version,
         system_info: request.system_info,
         models: request.models,
@@ -268,15 +285,19 @@ fn validate_report(report: &HeartbeatReport) -> Result<(), ApiError> {
 }
 
 /// An address the router can send requests to: not unspecified, not multicast.
-fn parse_ip(text: &str) -> Result<IpAddr, ApiError> {
+/// A node's address, in canonical form, if the policy lets a node be there.
+fn node_address(
+    text: &str,
+    port: u16,
+    node_addresses: &NodeAddressPolicy,
+) -> Result<IpAddr, ApiError> {
     let ip: IpAddr = text
         .trim()
         .parse()
         .map_err(|_| invalid("ip_address", &format!("{text:?} is not an IP address")))?;
-    if ip.is_unspecified() || ip.is_multicast() {
-        return Err(invalid("ip_address", &format!("{ip} cannot be routed to")));
-    }
-    Ok(ip)
+    node_addresses
+        .check(ip, port)
+        .map_err(|refusal| invalid("ip_address", &refusal.to_string()))
 }
 
 fn check_system_info(system_info: &SystemInfo) -> Result<(), ApiError> {

@@ -40,6 +40,17 @@ async fn forward_counted(
 ) -> (Response, String, Arc<str>) {
     let no_node = || Arc::from("none");
     let (parts, body) = request.into_parts();
+    if proxy.already_forwarded(&parts.headers) {
+        let response = error(
+            api,
+            StatusCode::LOOP_DETECTED,
+            "loop_detected",
+            "this request has already passed through this router (its Via header names it): \
+             a node's registered address leads back to a router. Correct that node's address, \
+             or remove it (llm-router agents list shows each node's address)",
+        );
+        return (response, String::new(), no_node());
+    }
     let read = super::json::within(
         proxy.body_read_timeout(),
         axum::body::to_bytes(body, proxy.max_request_body()),

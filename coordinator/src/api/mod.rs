@@ -12,6 +12,8 @@ pub mod openai;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::node_address::NodeAddressPolicy;
+
 use axum::extract::{DefaultBodyLimit, FromRef, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
@@ -39,6 +41,8 @@ pub const REGISTRY_BODY_LIMIT: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
+    /// Where nodes may be (see `node_address`).
+    pub node_addresses: Arc<NodeAddressPolicy>,
     pub proxy: Arc<Proxy>,
     pub credentials: Arc<Credentials>,
     pub body_read_timeout: Duration,
@@ -59,6 +63,12 @@ impl FromRef<AppState> for BodyReadTimeout {
 impl FromRef<AppState> for Arc<Registry> {
     fn from_ref(state: &AppState) -> Self {
         Arc::clone(&state.registry)
+    }
+}
+
+impl FromRef<AppState> for Arc<NodeAddressPolicy> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(&state.node_addresses)
     }
 }
 

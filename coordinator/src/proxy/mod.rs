@@ -5,12 +5,15 @@
 mod body;
 mod upstream;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::uri::PathAndQuery;
-use axum::http::{header, HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri};
+use axum::http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+};
 use bytes::Bytes;
 use http_body_util::Full;
 
@@ -36,6 +39,10 @@ pub struct ProxyOptions {
     pub max_request_body: usize,
     /// How long a client may take to send its whole request body.
     pub body_read_timeout: Duration,
+    /// How long an unused node connection is kept.
+    pub node_keepalive: Duration,
+    /// Unused node connections kept, at most, over the whole process.
+    pub max_idle_node_connections: usize,
 }
 
 impl Default for ProxyOptions {
@@ -47,6 +54,8 @@ impl Default for ProxyOptions {
             max_attempts: 3,
             max_request_body: 100 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(60),
+            node_keepalive: Duration::from_secs(60),
+            max_idle_node_connections: 1024,
         }
     }
 }
@@ -86,26 +95,77 @@ pub struct Proxy {
     balancer: Balancer,
     upstream: Arc<UpstreamPool>,
     options: ProxyOptions,
+    /// This router's name in `Via` (RFC 9110, section 7.6.3): random per
+    /// process, so that a request that comes back to the router that sent
+    /// it (a node whose address leads to this router, directly or through
+    /// other routers) is recognised and refused instead of looping.
+    via_name: String,
+    /// `1.1 <via_name>`, the value added to every forwarded request.
+    via: HeaderValue,
 }
 
-/// Hop-by-hop headers, which belong to one connection and are not passed on.
-const HOP_BY_HOP: [HeaderName; 6] = [
+/// Hop-by-hop headers, which belong to one connection and are not passed on
+/// (RFC 9110, section 7.6.1), beside those the `Connection` header names.
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
 
 impl Proxy {
     pub fn new(registry: Arc<Registry>, options: ProxyOptions) -> Self {
+        let via_name = format!("llm-router-{:016x}", rand::random::<u64>());
+        let via = HeaderValue::try_from(format!("1.1 {via_name}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("1.1 llm-router"));
         Proxy {
+            via_name,
+            via,
             registry,
             balancer: Balancer::new(options.policy),
-            upstream: UpstreamPool::new(options.connect_timeout),
+            upstream: UpstreamPool::new(
+                options.connect_timeout,
+                options.node_keepalive,
+                options.max_idle_node_connections,
+            ),
             options,
         }
+    }
+
+    /// Whether this request has been through this very router already: its
+    /// `Via` names us. Forwarding it again would make a loop.
+    pub fn already_forwarded(&self, headers: &HeaderMap) -> bool {
+        headers.get_all(header::VIA).iter().any(|value| {
+            value.to_str().is_ok_and(|text| {
+                text.split(',')
+                    .any(|hop| hop.split_whitespace().nth(1) == Some(self.via_name.as_str()))
+            })
+        })
+    }
+
+    /// Closes this thread's idle node connections that are too old, closed by
+    /// their node, or to an address no routable node has now (removed,
+    /// moved, out of rotation). Each event loop calls it every second.
+    pub fn prune_idle_connections(&self) {
+        if !self.upstream.has_idle_on_this_thread() {
+            return;
+        }
+        let table = self.registry.routing_table();
+        let addresses: std::collections::HashSet<SocketAddr> = table
+            .candidates()
+            .iter()
+            .map(|candidate| candidate.address)
+            .collect();
+        self.upstream.prune(|address| addresses.contains(&address));
+    }
+
+    /// Idle node connections now, over every thread.
+    pub fn idle_node_connections(&self) -> usize {
+        self.upstream.idle_connections()
     }
 
     pub fn max_request_body(&self) -> usize {
@@ -185,7 +245,8 @@ impl Proxy {
         timing: RequestTiming,
     ) -> Attempt {
         let in_flight = InFlightGuard::new(&candidate.in_flight);
-        let build = || upstream_request(candidate, path_and_query, headers, body.clone());
+        let build =
+            || upstream_request(candidate, path_and_query, headers, body.clone(), &self.via);
         let sent = tokio::time::timeout(
             self.options.idle_timeout,
             self.upstream.send(candidate.address, build),
@@ -241,24 +302,37 @@ fn upstream_request(
     path_and_query: &PathAndQuery,
     headers: &HeaderMap,
     body: Bytes,
+    via: &HeaderValue,
 ) -> Request<Full<Bytes>> {
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = Method::POST;
     *request.uri_mut() = Uri::from(path_and_query.clone());
     let upstream_headers = request.headers_mut();
-    upstream_headers.reserve(headers.len() + 1);
+    upstream_headers.reserve(headers.len() + 2);
     upstream_headers.insert(header::HOST, candidate.host_header.clone());
+    // Headers the client's `Connection` names belong to its connection too.
+    let named_by_connection = |name: &HeaderName| {
+        headers.get_all(header::CONNECTION).iter().any(|value| {
+            value.to_str().is_ok_and(|text| {
+                text.split(',')
+                    .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+            })
+        })
+    };
+    let has_connection_header = headers.contains_key(header::CONNECTION);
     for (name, value) in headers {
         // The router's own credentials and the connection's details stay here.
         if name == header::HOST
             || name == header::CONTENT_LENGTH
             || name == header::AUTHORIZATION
             || HOP_BY_HOP.contains(name)
+            || (has_connection_header && named_by_connection(name))
         {
             continue;
         }
         upstream_headers.append(name, value.clone());
     }
+    upstream_headers.append(header::VIA, via.clone());
     if !upstream_headers.contains_key(header::CONTENT_TYPE) {
         upstream_headers.insert(
             header::CONTENT_TYPE,

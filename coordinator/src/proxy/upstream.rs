@@ -12,15 +12,22 @@
 //! Idle connections are kept per thread: the router serves each client
 //! connection on one thread from accept to close (one event loop per core),
 //! and a node connection stays with the thread whose event loop owns it.
+//! They are bounded three ways, so that they cannot eat the process's file
+//! descriptors: at most [`MAX_IDLE_PER_NODE`] per node and thread, at most
+//! `max_idle` in the whole process, and none older than `idle_timeout`.
+//! Each event loop runs [`UpstreamPool::prune`] every second, which also
+//! closes at once the connections of nodes that were removed or moved, and
+//! those the node has closed (which would otherwise sit in CLOSE-WAIT).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -57,17 +64,68 @@ pub struct UpstreamConnection {
     reused: bool,
 }
 
+/// A connection waiting in the pool, and since when.
+struct IdleConnection {
+    connection: UpstreamConnection,
+    since: Instant,
+}
+
 thread_local! {
-    static IDLE: RefCell<HashMap<SocketAddr, Vec<UpstreamConnection>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<HashMap<SocketAddr, Vec<IdleConnection>>> = RefCell::new(HashMap::new());
 }
 
 pub struct UpstreamPool {
     connect_timeout: Duration,
+    /// How long a connection may wait in the pool.
+    idle_timeout: Duration,
+    /// Idle connections in the whole process, at most.
+    max_idle: usize,
+    /// Idle connections now, over every thread's pool.
+    idle_count: AtomicUsize,
 }
 
 impl UpstreamPool {
-    pub fn new(connect_timeout: Duration) -> Arc<Self> {
-        Arc::new(UpstreamPool { connect_timeout })
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Arc<Self> {
+        Arc::new(UpstreamPool {
+            connect_timeout,
+            idle_timeout,
+            max_idle,
+            idle_count: AtomicUsize::new(0),
+        })
+    }
+
+    /// Whether this thread keeps any idle connection.
+    pub fn has_idle_on_this_thread(&self) -> bool {
+        IDLE.with_borrow(|idle| !idle.is_empty())
+    }
+
+    /// Idle connections now, over every thread.
+    pub fn idle_connections(&self) -> usize {
+        self.idle_count.load(Ordering::Relaxed)
+    }
+
+    /// Closes this thread's idle connections that are too old, that the node
+    /// has closed, or whose node `keep` no longer names (removed, or at
+    /// another address now).
+    pub fn prune(&self, keep: impl Fn(SocketAddr) -> bool) {
+        let now = Instant::now();
+        let mut closed = 0;
+        IDLE.with_borrow_mut(|idle| {
+            idle.retain(|address, connections| {
+                let before = connections.len();
+                if keep(*address) {
+                    connections.retain_mut(|idle| {
+                        now.duration_since(idle.since) < self.idle_timeout
+                            && still_open(&mut idle.connection)
+                    });
+                } else {
+                    connections.clear();
+                }
+                closed += before - connections.len();
+                !connections.is_empty()
+            });
+        });
+        self.idle_count.fetch_sub(closed, Ordering::Relaxed);
     }
 
     /// Sends the request `build` makes to `address` and returns the answer's
@@ -129,13 +187,13 @@ impl UpstreamPool {
     fn checkout(&self, address: SocketAddr) -> Option<UpstreamConnection> {
         IDLE.with_borrow_mut(|idle| {
             let connections = idle.get_mut(&address)?;
-            while let Some(mut connection) = connections.pop() {
-                // One poll shows a close the node made while we were not looking.
-                let mut context = Context::from_waker(std::task::Waker::noop());
-                let closed = Pin::new(&mut connection.connection)
-                    .poll(&mut context)
-                    .is_ready();
-                if !closed && !connection.sender.is_closed() {
+            while let Some(IdleConnection {
+                mut connection,
+                since,
+            }) = connections.pop()
+            {
+                self.idle_count.fetch_sub(1, Ordering::Relaxed);
+                if since.elapsed() < self.idle_timeout && still_open(&mut connection) {
                     connection.reused = true;
                     return Some(connection);
                 }
@@ -148,10 +206,21 @@ impl UpstreamPool {
         if connection.sender.is_closed() {
             return;
         }
+        // Counted before it is kept, so that threads checking in at once
+        // cannot pass the cap together.
+        if self.idle_count.fetch_add(1, Ordering::Relaxed) >= self.max_idle {
+            self.idle_count.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
         IDLE.with_borrow_mut(|idle| {
             let connections = idle.entry(address).or_default();
             if connections.len() < MAX_IDLE_PER_NODE {
-                connections.push(connection);
+                connections.push(IdleConnection {
+                    connection,
+                    since: Instant::now(),
+                });
+            } else {
+                self.idle_count.fetch_sub(1, Ordering::Relaxed);
             }
         });
     }
@@ -175,8 +244,21 @@ impl UpstreamPool {
     }
 }
 
+/// Whether an idle connection is still usable: one poll shows a close the
+/// node made while nobody was looking (and lets hyper close our end).
+fn still_open(connection: &mut UpstreamConnection) -> bool {
+    let mut context = Context::from_waker(std::task::Waker::noop());
+    let ended = Pin::new(&mut connection.connection)
+        .poll(&mut context)
+        .is_ready();
+    !ended && !connection.sender.is_closed()
+}
+
 /// Polls `future` to completion while also polling the connection that
-/// makes it progress. The connection ending first is an error.
+/// makes it progress. The connection ending first is an error, unless the
+/// future got its result on the way: a node that answers with
+/// `Connection: close` ends the connection in the same poll that delivers
+/// the answer, and that answer is good.
 async fn drive_until<T>(
     driver: &mut Connection<Io, Full<Bytes>>,
     future: impl Future<Output = Result<T, hyper::Error>>,
@@ -186,11 +268,15 @@ async fn drive_until<T>(
         if let Poll::Ready(result) = future.as_mut().poll(context) {
             return Poll::Ready(result.map_err(UpstreamError::Http));
         }
-        match Pin::new(&mut *driver).poll(context) {
-            Poll::Ready(Ok(())) => Poll::Ready(Err(UpstreamError::Closed)),
-            Poll::Ready(Err(error)) => Poll::Ready(Err(UpstreamError::Http(error))),
-            Poll::Pending => Poll::Pending,
+        let ended = match Pin::new(&mut *driver).poll(context) {
+            Poll::Ready(Ok(())) => UpstreamError::Closed,
+            Poll::Ready(Err(error)) => UpstreamError::Http(error),
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Poll::Ready(result) = future.as_mut().poll(context) {
+            return Poll::Ready(result.map_err(UpstreamError::Http));
         }
+        Poll::Ready(Err(ended))
     })
     .await
 }

@@ -670,6 +670,16 @@ impl Registry {
         self.mark_routing_stale();
     }
 
+    /// Keeps a node out of rotation with no probe to bring it back: for a
+    /// node whose address the router must not use. Only registering or
+    /// updating it to another address (which is checked) ends it.
+    pub fn hold_out(&self, id: Uuid) {
+        let Ok(slot) = self.slot(id) else { return };
+        lock(&slot).unreachable = true;
+        lock(&self.probes).remove(&id);
+        self.mark_routing_stale();
+    }
+
     /// The unreachable nodes whose next probe is due, at most `limit`; each
     /// is not handed out again until [`Registry::record_probe`] reports on
     /// it. Also when the next one falls due, for the prober's sleep.

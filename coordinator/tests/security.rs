@@ -1,0 +1,432 @@
+//! The security review's findings, against the real binary: nodes only at
+//! addresses they may be at, no request loops, node connections that do not
+//! pile up, and answers passed on as the node sent them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client, eventually, register, registration, RouterProcess};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use testkit::{StandIn, StandInOptions};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+async fn try_register(client: &reqwest::Client, base: &str, body: &Value) -> (StatusCode, Value) {
+    let response = client
+        .post(format!("{base}/api/agents/register"))
+        .json(body)
+        .send()
+        .await
+        .expect("register");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn at(name: &str, ip: &str, port: u16) -> Value {
+    let mut body = registration(name);
+    body["ip_address"] = json!(ip);
+    body["port"] = json!(port);
+    body
+}
+
+/// Every class the review found accepted, in plain and IPv4-mapped IPv6
+/// form, is refused with a 422 that names the problem, and nothing is
+/// registered. (These are refused before anything could contact them.)
+#[tokio::test]
+async fn addresses_no_node_may_have_are_refused_in_every_spelling() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn(dir.path(), &[]).await;
+    let (client, base) = (client(), router.url(""));
+    let refused = [
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("::ffff:0.0.0.0", "unspecified"),
+        ("255.255.255.255", "broadcast"),
+        ("224.0.0.1", "multicast"),
+        ("::ffff:224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("169.254.169.254", "link-local"),
+        ("::ffff:169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("64:ff9b::a9fe:a9fe", "NAT64"),
+        ("::169.254.169.254", "IPv4-compatible"),
+    ];
+    for (ip, class) in refused {
+        let (status, answer) = try_register(&client, &base, &at("sneaky", ip, 11434)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{ip}: {answer}");
+        let message = answer["error"]["message"].as_str().expect("message");
+        assert!(
+            message.starts_with("ip_address: ") && message.contains(class),
+            "{ip}: {message}"
+        );
+    }
+    // An IPv4-mapped loopback address is allowed, and stored as plain IPv4.
+    let (status, answer) =
+        try_register(&client, &base, &at("mapped", "::ffff:127.0.0.2", 11434)).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let agents = common::list(&client, &base).await;
+    assert_eq!(agents.len(), 1, "only the allowed one: {agents:?}");
+    assert_eq!(agents[0]["ip_address"], "127.0.0.2");
+
+    // PUT is held to the same rules.
+    let id = answer["id"].as_str().expect("id");
+    let response = client
+        .put(format!("{base}/api/agents/{id}"))
+        .json(&json!({"ip_address": "::ffff:169.254.169.254"}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        common::list(&client, &base).await[0]["ip_address"],
+        "127.0.0.2"
+    );
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    router.finished_log().await;
+}
+
+/// A node at the router's own address would make each request call the
+/// router again: refused, on a router bound to one address and on one bound
+/// to every interface (where any loopback address on its port is itself).
+#[tokio::test]
+async fn a_node_at_the_routers_own_address_is_refused() {
+    for host in ["127.0.0.1", "0.0.0.0"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut router = RouterProcess::spawn_on_host(dir.path(), host, &[]).await;
+        let port = router.address.port();
+        let base = format!("http://127.0.0.1:{port}");
+        let client = client();
+        let mut own = vec!["127.0.0.1", "::ffff:127.0.0.1"];
+        if host == "0.0.0.0" {
+            own.push("127.0.0.9");
+        }
+        for ip in own {
+            let (status, answer) = try_register(&client, &base, &at("myself", ip, port)).await;
+            assert_eq!(
+                status,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{host} {ip}: {answer}"
+            );
+            assert!(
+                answer["error"]["message"]
+                    .as_str()
+                    .is_some_and(|message| message.contains("this router's own address")),
+                "{answer}"
+            );
+        }
+        // Another port on the same address is another server.
+        let (status, _) =
+            try_register(&client, &base, &at("neighbour", "127.0.0.1", port ^ 1)).await;
+        assert_eq!(status, StatusCode::CREATED);
+        nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        router.finished_log().await;
+    }
+}
+
+/// `--node-networks` narrows where nodes may be; a node loaded from disk
+/// outside them is kept out of rotation, and the log says why.
+#[tokio::test]
+async fn node_networks_keep_nodes_where_the_operator_allows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn(dir.path(), &[]).await;
+    let (client, base) = (client(), router.url(""));
+    let outside = register(&client, &base, &at("outside", "127.0.0.3", 11434)).await;
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    router.finished_log().await;
+
+    let mut router =
+        RouterProcess::spawn(dir.path(), &["--node-networks", "127.0.0.2/32,::1/128"]).await;
+    let base = router.url("");
+    let (status, _) = try_register(&client, &base, &at("inside", "127.0.0.2", 11434)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, answer) = try_register(&client, &base, &at("elsewhere", "127.0.0.4", 11434)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("--node-networks 127.0.0.2/32,::1/128")),
+        "{answer}"
+    );
+    let loaded = client
+        .get(format!("{base}/api/agents/{outside}"))
+        .send()
+        .await
+        .expect("get")
+        .json::<Value>()
+        .await
+        .expect("json");
+    assert_eq!(loaded["routable"], false, "{loaded}");
+    assert_eq!(loaded["state"], "unreachable");
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let log = router.finished_log().await.join("\n");
+    assert!(
+        log.contains("Kept out of rotation") && log.contains("outside the networks"),
+        "{log}"
+    );
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .args(["--node-networks", "10.0.0.0/33"])
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("CIDR"));
+}
+
+async fn requests_counted(client: &reqwest::Client, base: &str) -> f64 {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter(|line| line.starts_with("llm_router_requests_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Two routers, each with a "node" that is the other router: one chat makes
+/// at most one round trip before the router that sent it sees its own name
+/// in `Via` and answers 508, instead of thousands of nested requests.
+#[tokio::test]
+async fn two_routers_pointed_at_each_other_stop_at_the_first_return() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let mut router_a = RouterProcess::spawn(dir_a.path(), &[]).await;
+    let mut router_b = RouterProcess::spawn(dir_b.path(), &[]).await;
+    let client = client();
+    let (a, b) = (router_a.url(""), router_b.url(""));
+    register(
+        &client,
+        &a,
+        &at("router-b", "127.0.0.1", router_b.address.port()),
+    )
+    .await;
+    register(
+        &client,
+        &b,
+        &at("router-a", "127.0.0.1", router_a.address.port()),
+    )
+    .await;
+
+    let response = client
+        .post(format!("{a}/api/chat"))
+        .json(&json!({"model": "smollm2:135m", "messages": [{"role": "user", "content": "hi"}], "stream": false}))
+        .send()
+        .await
+        .expect("chat");
+    assert!(response.status().is_server_error(), "{}", response.status());
+    let answer: Value = response.json().await.expect("json");
+    assert!(
+        answer["error"].is_string(),
+        "Ollama's error shape: {answer}"
+    );
+
+    // A handled the client's request and the one that came back; B handled
+    // the one A sent. Nothing more.
+    let (at_a, at_b) = (
+        requests_counted(&client, &a).await,
+        requests_counted(&client, &b).await,
+    );
+    assert_eq!(at_a, 2.0, "router A");
+    assert_eq!(at_b, 1.0, "router B");
+
+    // The answer A gave itself: 508, in the route's own shape.
+    let looped = client
+        .post(format!("{a}/v1/chat/completions"))
+        .header("via", "1.1 some-proxy")
+        .json(&json!({"model": "smollm2:135m", "messages": []}))
+        .send()
+        .await
+        .expect("chat");
+    assert_ne!(
+        looped.status(),
+        StatusCode::LOOP_DETECTED,
+        "another proxy's Via is no loop"
+    );
+    for router in [&mut router_a, &mut router_b] {
+        nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let log = router.finished_log().await.join("\n");
+        assert!(!log.contains("Too many open files"), "{log}");
+    }
+}
+
+/// Pooled connections to a node are closed when the node is removed, and
+/// when they have been idle past `--node-keepalive`: the node sees them go.
+#[tokio::test]
+async fn idle_node_connections_close_when_the_node_goes_and_after_the_keepalive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router =
+        RouterProcess::spawn(dir.path(), &["--node-keepalive", "2", "--threads", "2"]).await;
+    let standin = StandIn::spawn(StandInOptions::ollama("pooled", &["smollm2:135m"]))
+        .await
+        .expect("stand-in");
+    let (client, base) = (client(), router.url(""));
+    let mut body = at("pooled", "127.0.0.1", standin.address.port());
+    body["ip_address"] = json!("127.0.0.1");
+    let chat = || async {
+        let response = client
+            .post(format!("{base}/api/chat"))
+            .json(&json!({"model": "smollm2:135m", "messages": [], "stream": false}))
+            .send()
+            .await
+            .expect("chat");
+        assert_eq!(response.status(), StatusCode::OK);
+        response.bytes().await.expect("body");
+    };
+    let open = || {
+        standin
+            .stats
+            .connections_open
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+
+    let id = register(&client, &base, &body).await;
+    for _ in 0..4 {
+        chat().await;
+    }
+    assert!(
+        open() >= 1,
+        "the router keeps a connection for the next request"
+    );
+    let removed = client
+        .delete(format!("{base}/api/agents/{id}"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(removed.status(), StatusCode::NO_CONTENT);
+    eventually(
+        Duration::from_secs(5),
+        "the removed node's connections close",
+        || async { (open() == 0).then_some(()) },
+    )
+    .await;
+
+    register(&client, &base, &body).await;
+    chat().await;
+    assert!(open() >= 1);
+    eventually(
+        Duration::from_secs(8),
+        "idle connections close after the keepalive",
+        || async { (open() == 0).then_some(()) },
+    )
+    .await;
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    router.finished_log().await;
+}
+
+/// A node written by hand: answers every request with one JSON body and
+/// `Connection: close`, and hands back the request heads it got.
+async fn closing_node() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (heads, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let heads = heads.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                // Read the head and the body (Content-Length) whole.
+                loop {
+                    let Ok(read) = stream.read(&mut buffer).await else {
+                        return;
+                    };
+                    if read == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buffer[..read]);
+                    let text = String::from_utf8_lossy(&request).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|line| {
+                                line.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            let _ = heads.send(text[..end].to_owned());
+                            break;
+                        }
+                    }
+                }
+                let body = r#"{"model":"smollm2:135m","message":{"role":"assistant","content":"closing"},"done":true}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (port, received)
+}
+
+/// A node answering 200 with `Connection: close` is answered once, not
+/// taken for a failure and asked again elsewhere; and hop-by-hop headers
+/// (`Keep-Alive`, `Proxy-Connection`, those `Connection` names) stay on the
+/// client's connection, while the router adds its `Via`.
+#[tokio::test]
+async fn connection_close_answers_count_and_hop_by_hop_headers_stay_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn(dir.path(), &[]).await;
+    let (client, base) = (client(), router.url(""));
+    let (first_port, mut first_heads) = closing_node().await;
+    let (second_port, mut second_heads) = closing_node().await;
+    register(&client, &base, &at("closer-1", "127.0.0.1", first_port)).await;
+    register(&client, &base, &at("closer-2", "127.0.0.1", second_port)).await;
+
+    for _ in 0..4 {
+        let response = client
+            .post(format!("{base}/api/chat"))
+            .header("connection", "keep-alive, x-hop-secret")
+            .header("x-hop-secret", "for the router only")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("x-end-to-end", "passed on")
+            .json(&json!({"model": "smollm2:135m", "messages": [], "stream": false}))
+            .send()
+            .await
+            .expect("chat");
+        assert_eq!(response.status(), StatusCode::OK);
+        let answer: Value = response.json().await.expect("json");
+        assert_eq!(answer["message"]["content"], "closing");
+    }
+    let mut heads = Vec::new();
+    while let Ok(head) = first_heads.try_recv() {
+        heads.push(head);
+    }
+    while let Ok(head) = second_heads.try_recv() {
+        heads.push(head);
+    }
+    assert_eq!(
+        heads.len(),
+        4,
+        "each request reached exactly one node once: {heads:#?}"
+    );
+    for head in &heads {
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("x-end-to-end: passed on"), "{head}");
+        assert!(head.contains("\r\nvia: 1.1 llm-router-"), "{head}");
+        for hop in ["x-hop-secret", "keep-alive:", "proxy-connection"] {
+            assert!(!head.contains(hop), "{hop} was forwarded: {head}");
+        }
+    }
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let log = router.finished_log().await.join("\n");
+    assert!(
+        !log.contains("closed the connection before answering"),
+        "{log}"
+    );
+}
