@@ -92,6 +92,12 @@ pub struct Config {
     #[arg(long, env = "LLM_ROUTER_NODE_NETWORKS", value_parser = parse_node_networks)]
     pub node_networks: Option<NodeNetworks>,
 
+    /// Host names clients may reach the router by, comma-separated (such as
+    /// router.lan,127.0.0.1); a request naming another is refused (421),
+    /// which defeats DNS rebinding [default: any].
+    #[arg(long, env = "LLM_ROUTER_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+
     /// Most agents the registry holds; registering one more is refused (503).
     #[arg(long, env = "LLM_ROUTER_MAX_AGENTS", default_value_t = 1_000_000)]
     pub max_agents: usize,
@@ -202,6 +208,7 @@ impl Config {
             log_format: LogFormat::Text,
             max_agents: 1_000_000,
             node_networks: None,
+            allowed_hosts: Vec::new(),
             header_read_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(60),
             agent_token: None,

@@ -192,6 +192,14 @@ pub async fn run(
     ));
     hold_out_nodes_at_refused_addresses(&registry, &node_addresses);
     let state = AppState {
+        origin_policy: Arc::new(api::origin::OriginPolicy {
+            allowed_hosts: config
+                .allowed_hosts
+                .iter()
+                .map(|host| host.trim().to_owned())
+                .filter(|host| !host.is_empty())
+                .collect(),
+        }),
         node_addresses,
         credentials,
         body_read_timeout: config.body_read_timeout,

@@ -430,3 +430,72 @@ async fn connection_close_answers_count_and_hop_by_hop_headers_stay_behind() {
         "{log}"
     );
 }
+
+/// What a web page in an operator's browser could send: a registration as
+/// `text/plain` (no preflight), one from a foreign `Origin`, one with no
+/// type at all. Each is refused and nothing is registered; with
+/// `--allowed-hosts`, a rebound host name is refused on every route.
+#[tokio::test]
+async fn a_web_page_cannot_register_a_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router =
+        RouterProcess::spawn(dir.path(), &["--allowed-hosts", "localhost,127.0.0.1"]).await;
+    let (client, base) = (client(), router.url(""));
+    let body = serde_json::to_string(&registration("from-a-page")).expect("json");
+    let attempts = [
+        (Some("text/plain"), None, StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        (None, None, StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        (
+            Some("application/json"),
+            Some("http://evil.example"),
+            StatusCode::FORBIDDEN,
+        ),
+        (Some("text/plain"), Some("null"), StatusCode::FORBIDDEN),
+    ];
+    for (content_type, origin, expected) in attempts {
+        let mut request = client
+            .post(format!("{base}/api/agents/register"))
+            .body(body.clone());
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        let response = request.send().await.expect("register");
+        assert_eq!(response.status(), expected, "{content_type:?} {origin:?}");
+        let answer: Value = response.json().await.expect("json error");
+        assert!(answer["error"]["message"].is_string(), "{answer}");
+    }
+    assert!(
+        common::list(&client, &base).await.is_empty(),
+        "nothing registered"
+    );
+
+    // The router's own page (same origin) and plain clients get in.
+    let response = client
+        .post(format!("{base}/api/agents/register"))
+        .header("origin", base.clone())
+        .json(&registration("same-origin"))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(response.status(), StatusCode::CREATED);
+
+    let rebound = client
+        .get(format!("{base}/api/tags"))
+        .header("host", format!("rebound.example:{}", router.address.port()))
+        .send()
+        .await
+        .expect("tags");
+    assert_eq!(rebound.status(), StatusCode::MISDIRECTED_REQUEST);
+    let answer: Value = rebound.json().await.expect("json");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|message| message.contains("--allowed-hosts")),
+        "Ollama's shape: {answer}"
+    );
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    router.finished_log().await;
+}

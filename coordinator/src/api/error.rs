@@ -138,7 +138,7 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
 
 /// The Ollama and OpenAI routes answer in the shape their official clients
 /// parse; the registry and everything else in its own.
-fn in_shape_of(uri: &Uri, error: ApiError) -> Response {
+pub fn in_shape_of(uri: &Uri, error: ApiError) -> Response {
     match llm_api_of(uri.path()) {
         Some(api) => super::forward::error(api, error.status, error.code, &error.message),
         None => error.into_response(),

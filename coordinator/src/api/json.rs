@@ -33,12 +33,16 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let declared_json = declares_json(&request);
         let bytes = read_body(request, state).await?;
         if is_blank(&bytes) {
             return Err(ApiError::bad_request(
                 "empty_body",
                 "the request needs a JSON body",
             ));
+        }
+        if !declared_json {
+            return Err(super::origin::unsupported_media_type());
         }
         parse(&bytes).map(JsonBody)
     }
@@ -53,12 +57,25 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let declared_json = declares_json(&request);
         let bytes = read_body(request, state).await?;
         if is_blank(&bytes) {
             return Ok(OptionalJsonBody(None));
         }
+        if !declared_json {
+            return Err(super::origin::unsupported_media_type());
+        }
         parse(&bytes).map(|value| OptionalJsonBody(Some(value)))
     }
+}
+
+/// Whether the request says its body is JSON. A body without a type is
+/// refused too: a web page can send one without asking the router first.
+fn declares_json(request: &Request) -> bool {
+    request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|value| super::origin::is_json(value.as_bytes()))
 }
 
 async fn read_body<S>(request: Request, state: &S) -> Result<Bytes, ApiError>

@@ -8,6 +8,7 @@ pub mod guard;
 pub mod json;
 pub mod ollama;
 pub mod openai;
+pub mod origin;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +42,8 @@ pub const REGISTRY_BODY_LIMIT: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
+    /// Which requests a browser may have been made to send (see `origin`).
+    pub origin_policy: Arc<origin::OriginPolicy>,
     /// Where nodes may be (see `node_address`).
     pub node_addresses: Arc<NodeAddressPolicy>,
     pub proxy: Arc<Proxy>,
@@ -83,6 +86,7 @@ impl FromRef<AppState> for Arc<Proxy> {
 /// `#[utoipa::path]`: the OpenAPI document served at `/openapi.json` is made
 /// from the same declarations as the routing, so the two cannot drift.
 pub fn app(state: AppState) -> Router {
+    let origin_policy = Arc::clone(&state.origin_policy);
     let (router, openapi) = documented_routes(&state).split_for_parts();
     let openapi_json: Arc<str> = openapi_with_itself(openapi).into();
     router
@@ -98,6 +102,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)
+        .layer(middleware::from_fn_with_state(origin_policy, origin::guard))
 }
 
 fn documented_routes(state: &AppState) -> OpenApiRouter<AppState> {
