@@ -54,7 +54,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     // The address last checked for reachability, so the check (and its
     // warning) runs once per address rather than at every registration.
     let mut checked_address: Option<IpAddr> = None;
-    tracing::info!(router = %router.base_url(), backend = %backend.base_url(), from = %server_source, %machine_name, "Agent starting.");
+    tracing::info!(router = %router.base_url(), backend = %backend.base_url(), from = %server_source, machine_name = machine_name.as_str(), "Agent starting.");
 
     loop {
         let state = backend.probe().await;

@@ -93,7 +93,7 @@ fn hold_out_nodes_at_refused_addresses(
             continue;
         };
         if let Err(refusal) = policy.check(ip, agent.port) {
-            tracing::warn!(agent_id = %agent.id, machine_name = %agent.machine_name, "Kept out of rotation: {refusal}.");
+            tracing::warn!(agent_id = %agent.id, machine_name = agent.machine_name.as_str(), "Kept out of rotation: {refusal}.");
             registry.hold_out(agent.id);
         }
     }

@@ -97,7 +97,10 @@ async fn dashboard_shows_agents_and_a_status_change_without_reloading() {
     let http = client();
     let base = router.url("");
     let steady = register(&http, &base, &registration("gpu-steady")).await;
-    let fading = register(&http, &base, &registration("gpu-<b>fading</b>")).await;
+    // Names are host names now; a model name can still carry markup.
+    let mut fading_registration = registration("gpu-fading");
+    fading_registration["models"] = json!(["smollm2:135m", "<b>bold</b>"]);
+    let fading = register(&http, &base, &fading_registration).await;
     // Both heartbeat (with a report) until the test says stop.
     let fading_beats = CancellationToken::new();
     let steady_beats = CancellationToken::new();
@@ -147,15 +150,14 @@ async fn dashboard_shows_agents_and_a_status_change_without_reloading() {
     for expected in ["127.0.0.2:11434", "smollm2:135m", "42 %", "3.0 GiB"] {
         assert!(text.contains(expected), "{expected:?} in {text:?}");
     }
-    // Names are shown as text, never run as HTML.
-    let name = script(
+    // What agents send is shown as text, never run as HTML.
+    assert!(text.contains("<b>bold</b>"), "{text:?}");
+    let markup = script(
         &browser,
-        &format!(
-            "return document.querySelector('tr[data-agent-id=\"{fading}\"]').cells[0].textContent;"
-        ),
+        &format!("return document.querySelector('tr[data-agent-id=\"{fading}\"] b') === null;"),
     )
     .await;
-    assert_eq!(name, "gpu-<b>fading</b>");
+    assert_eq!(markup, true, "no <b> element was made");
     // Laid out for a phone: no table header, each agent a card.
     let header_shown = script(
         &browser,

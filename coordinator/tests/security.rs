@@ -499,3 +499,47 @@ async fn a_web_page_cannot_register_a_node() {
     nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     router.finished_log().await;
 }
+
+/// A name that could forge a log field or spoof a CLI table is refused:
+/// machine names are host names, and no text field takes invisible or
+/// reordering characters. Names the router logs are quoted.
+#[tokio::test]
+async fn names_cannot_forge_logs_or_tables() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn(dir.path(), &[]).await;
+    let (client, base) = (client(), router.url(""));
+    for name in [
+        "gpu-1 address=127.0.0.66",
+        "gpu-1\u{202E}lanretni",
+        "gpu\u{200B}-1",
+        "gpu-1\u{2028}Agent removed.",
+        "<b>gpu</b>",
+        "gpu/1",
+    ] {
+        let (status, answer) = try_register(&client, &base, &registration(name)).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{name:?}: {answer}"
+        );
+    }
+    let mut hidden_in_version = registration("gpu-1");
+    hidden_in_version["runtime_version"] = json!("0.5.7\u{2066}");
+    let (status, answer) = try_register(&client, &base, &hidden_in_version).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("U+2066")),
+        "{answer}"
+    );
+    assert!(common::list(&client, &base).await.is_empty());
+
+    register(&client, &base, &registration("gpu_1.lab-a")).await;
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let log = router.finished_log().await.join("\n");
+    assert!(
+        log.contains("machine_name=\"gpu_1.lab-a\""),
+        "quoted in the text log: {log}"
+    );
+}

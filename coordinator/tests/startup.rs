@@ -213,7 +213,7 @@ async fn start_up_and_registration_log_lines_read_plainly() {
         .find(|line| line.contains("Agent registered."))
         .expect("a registration line");
     assert!(
-        registered.contains("machine_name=gpu-logs")
+        registered.contains("machine_name=\"gpu-logs\"")
             && registered.contains("address=127.0.0.2:11500"),
         "{registered}"
     );

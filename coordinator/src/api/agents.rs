@@ -222,6 +222,7 @@ fn validate_registration(
         ));
     }
     check_text("machine_name", &machine_name)?;
+    check_host_name(&machine_name)?;
     if request.port == 0 {
         return Err(invalid("port", "must be between 1 and 65535"));
     }
@@ -315,7 +316,48 @@ fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
     if value.chars().any(char::is_control) {
         return Err(invalid(field, "must not contain control characters"));
     }
+    if let Some(hidden) = value.chars().find(|&c| is_invisible_or_reordering(c)) {
+        return Err(invalid(
+            field,
+            &format!(
+                "must not contain invisible or text-reordering characters (found U+{:04X})",
+                u32::from(hidden)
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// Characters that change how text around them reads without showing:
+/// bidirectional overrides and isolates, zero-width characters, line and
+/// paragraph separators. In a name they can make a log line or a CLI table
+/// say something else than what the node sent.
+fn is_invisible_or_reordering(c: char) -> bool {
+    matches!(c,
+        '\u{200B}'..='\u{200F}'   // zero-width space, joiners, LRM, RLM
+        | '\u{2028}'..='\u{202E}' // line/paragraph separators, bidi embeddings and overrides
+        | '\u{2060}'..='\u{2064}' // word joiner, invisible operators
+        | '\u{2066}'..='\u{2069}' // bidi isolates
+        | '\u{061C}'              // Arabic letter mark
+        | '\u{FEFF}'              // zero-width no-break space
+    )
+}
+
+/// A machine name is a host name: letters, digits, `-`, `_` and `.`, so
+/// that it reads the same in a log, a table and a file name.
+fn check_host_name(name: &str) -> Result<(), ApiError> {
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        None => Ok(()),
+        Some(other) => Err(invalid(
+            "machine_name",
+            &format!(
+                "{other:?} is not allowed: a machine name is a host name (letters, digits, '-', '_' and '.'); the agent uses the host name unless --machine-name says otherwise"
+            ),
+        )),
+    }
 }
 
 fn check_models(field: &str, models: &[String]) -> Result<(), ApiError> {

@@ -424,10 +424,10 @@ impl Registry {
         let machine_name = &registration.machine_name;
         match outcome {
             RegisterOutcome::Created => {
-                tracing::info!(agent_id = %id, %machine_name, %address, "Agent registered.")
+                tracing::info!(agent_id = %id, machine_name = machine_name.as_str(), %address, "Agent registered.")
             }
             RegisterOutcome::Refreshed => {
-                tracing::info!(agent_id = %id, %machine_name, %address, "Agent registered again; same id kept.")
+                tracing::info!(agent_id = %id, machine_name = machine_name.as_str(), %address, "Agent registered again; same id kept.")
             }
         }
         Ok((id, outcome, secret))
@@ -648,7 +648,7 @@ impl Registry {
             record.unreachable = true;
             tracing::warn!(
                 agent_id = %id,
-                machine_name = %record.agent.machine_name,
+                machine_name = &*record.agent.machine_name,
                 address = %record.address(),
                 "The router could not get an answer from this node's LLM server; out of rotation until the router reaches it again."
             );
@@ -726,7 +726,7 @@ impl Registry {
             record.unreachable = false;
             tracing::info!(
                 agent_id = %target.id,
-                machine_name = %record.agent.machine_name,
+                machine_name = &*record.agent.machine_name,
                 address = %target.address,
                 "The router reaches this node's LLM server again; back in rotation."
             );
@@ -800,7 +800,7 @@ impl Registry {
                 record.agent.status = AgentStatus::Offline;
                 record.touched = true;
                 changed += 1;
-                tracing::warn!(agent_id = %record.agent.id, machine_name = %record.agent.machine_name, "Agent Offline: no heartbeat within the timeout.");
+                tracing::warn!(agent_id = %record.agent.id, machine_name = &*record.agent.machine_name, "Agent Offline: no heartbeat within the timeout.");
             }
         }
         if changed > 0 {
