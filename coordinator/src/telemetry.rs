@@ -64,12 +64,14 @@ pub fn install() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+const REQUESTS_HELP: &str =
+    "Client requests on the LLM routes, by route, model, node and status code";
+const FAILOVERS_HELP: &str =
+    "Attempts that failed on a node (connect error, 5xx, silence) before any byte reached the client";
+
 fn describe() {
     use metrics::{describe_counter, describe_histogram, Unit};
-    describe_counter!(
-        REQUESTS,
-        "Client requests on the LLM routes, by route, model, node and status code"
-    );
+    describe_counter!(REQUESTS, REQUESTS_HELP);
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,
@@ -80,10 +82,7 @@ fn describe() {
         Unit::Seconds,
         "From a client request's arrival to its answer's head, ready to send"
     );
-    describe_counter!(
-        FAILOVERS,
-        "Attempts that failed on a node (connect error, 5xx, silence) before any byte reached the client"
-    );
+    describe_counter!(FAILOVERS, FAILOVERS_HELP);
     describe_counter!(
         STORE_WRITES,
         "Journal writes (one per group commit), by result"
@@ -139,6 +138,34 @@ pub fn route_histograms(index: usize) -> &'static RouteHistograms {
     &all[index.min(all.len() - 1)]
 }
 
+/// The traffic one node has had: its series of `llm_router_requests_total`
+/// and `llm_router_failovers_total`. It lives beside the node's record in
+/// the registry (not in the metrics recorder, which can never forget a
+/// series), so a node's series leave `/metrics` when the node does.
+#[derive(Debug, Default)]
+pub struct NodeTraffic {
+    /// Answers this node gave, by route, status and model.
+    requests: std::sync::Mutex<std::collections::HashMap<(usize, u16, String), u64>>,
+    /// Attempts that failed on this node, by route.
+    failovers: [std::sync::atomic::AtomicU64; LLM_ROUTES.len()],
+}
+
+impl NodeTraffic {
+    fn count_request(&self, route: usize, status: u16, model: String) {
+        let mut requests = self
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *requests.entry((route, status, model)).or_insert(0) += 1;
+    }
+
+    /// Counts an attempt that failed on this node.
+    pub fn count_failover(&self, route: usize) {
+        self.failovers[route.min(LLM_ROUTES.len() - 1)]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The labels of one `llm_router_requests_total` series.
 #[derive(PartialEq, Eq, Hash)]
 struct RequestSeries {
@@ -156,13 +183,18 @@ thread_local! {
         std::cell::RefCell::default();
 }
 
-/// Counts one client request on an LLM route.
-pub fn count_request(route: usize, status: u16, model: String, node: std::sync::Arc<str>) {
+/// Counts one client request on an LLM route: with the node that answered,
+/// or as `node="none"` when none did.
+pub fn count_request(route: usize, status: u16, model: String, node: Option<&NodeTraffic>) {
+    let route = route.min(LLM_ROUTES.len() - 1);
+    if let Some(node) = node {
+        return node.count_request(route, status, model);
+    }
     let series = RequestSeries {
-        route: route.min(LLM_ROUTES.len() - 1),
+        route,
         status,
         model,
-        node,
+        node: std::sync::Arc::from("none"),
     };
     REQUEST_COUNTERS.with(|counters| {
         let mut counters = counters.borrow_mut();
@@ -204,6 +236,67 @@ pub fn render(registry: &Registry) -> String {
     sorted_exposition(&text)
 }
 
+/// Every registered node's requests and failovers. Two nodes of one name
+/// (two servers on one machine) share their series, as they share the label.
+fn render_node_traffic(
+    traffic: &[(std::sync::Arc<str>, std::sync::Arc<NodeTraffic>)],
+    out: &mut String,
+) {
+    use std::collections::BTreeMap;
+    let mut requests: BTreeMap<(&str, usize, &str, u16), u64> = BTreeMap::new();
+    let mut failovers: BTreeMap<(&str, usize), u64> = BTreeMap::new();
+    let guards: Vec<_> = traffic
+        .iter()
+        .map(|(name, node)| {
+            let counts = node
+                .requests
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (name, node, counts)
+        })
+        .collect();
+    for (name, node, counts) in &guards {
+        for ((route, status, model), count) in counts.iter() {
+            *requests.entry((name, *route, model, *status)).or_insert(0) += count;
+        }
+        for (route, count) in node.failovers.iter().enumerate() {
+            let count = count.load(std::sync::atomic::Ordering::Relaxed);
+            if count > 0 {
+                *failovers.entry((name, route)).or_insert(0) += count;
+            }
+        }
+    }
+    if !requests.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP {REQUESTS} {REQUESTS_HELP}\n# TYPE {REQUESTS} counter"
+        );
+        for ((node, route, model, status), count) in requests {
+            let _ = writeln!(
+                out,
+                "{REQUESTS}{{route=\"{}\",model=\"{}\",node=\"{}\",status=\"{status}\"}} {count}",
+                LLM_ROUTES[route],
+                escape_label(model),
+                escape_label(node),
+            );
+        }
+    }
+    if !failovers.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP {FAILOVERS} {FAILOVERS_HELP}\n# TYPE {FAILOVERS} counter"
+        );
+        for ((node, route), count) in failovers {
+            let _ = writeln!(
+                out,
+                "{FAILOVERS}{{route=\"{}\",node=\"{}\"}} {count}",
+                LLM_ROUTES[route],
+                escape_label(node),
+            );
+        }
+    }
+}
+
 /// The text format with its families sorted by name and, within each
 /// family, its series by their labels. A histogram's or summary's lines for
 /// one label set (`_bucket` by `le`, `_sum`, `_count`) stay together and in
@@ -223,7 +316,12 @@ fn sorted_exposition(text: &str) -> String {
         }
         if let Some(comment) = line.strip_prefix("# ") {
             if let Some(name) = comment.split_whitespace().nth(1) {
-                families.entry(name).or_default().header.push(line);
+                // A family written by the recorder and by the registry (a
+                // node's requests) has its header once.
+                let header = &mut families.entry(name).or_default().header;
+                if !header.contains(&line) {
+                    header.push(line);
+                }
                 current = Some(name);
             }
             continue;
@@ -289,6 +387,7 @@ fn series_key(line: &str) -> String {
 
 fn render_registry(registry: &Registry, out: &mut String) {
     let facts = registry.fleet_facts();
+    render_node_traffic(&facts.traffic, out);
     let _ = writeln!(
         out,
         "# HELP llm_router_agents Registered agents, by status\n# TYPE llm_router_agents gauge"

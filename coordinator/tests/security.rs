@@ -543,3 +543,97 @@ async fn names_cannot_forge_logs_or_tables() {
         "quoted in the text log: {log}"
     );
 }
+
+/// A node's request and failover series leave `/metrics` with the node:
+/// rounds of register, request, remove do not grow the exposition.
+#[tokio::test]
+async fn a_removed_nodes_series_leave_the_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn(dir.path(), &[]).await;
+    let (client, base) = (client(), router.url(""));
+    let standin = StandIn::spawn(StandInOptions::ollama("counted", &["smollm2:135m"]))
+        .await
+        .expect("stand-in");
+    let series = || async {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let mut sizes = Vec::new();
+    for round in 0..3 {
+        let name = format!("passing-{round}");
+        let id = register(
+            &client,
+            &base,
+            &at(&name, "127.0.0.1", standin.address.port()),
+        )
+        .await;
+        // A second node that refuses connections: a failover series too.
+        let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let dead = register(
+            &client,
+            &base,
+            &at(&format!("dead-{round}"), "127.0.0.1", dead_port),
+        )
+        .await;
+        for _ in 0..4 {
+            let response = client
+                .post(format!("{base}/api/chat"))
+                .json(&json!({"model": "smollm2:135m", "messages": [], "stream": false}))
+                .send()
+                .await
+                .expect("chat");
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        let during = series().await;
+        assert!(
+            during
+                .iter()
+                .any(|line| line.starts_with("llm_router_requests_total{")
+                    && line.contains(&format!("node=\"{name}\""))),
+            "{during:#?}"
+        );
+        assert!(
+            during
+                .iter()
+                .any(|line| line.starts_with("llm_router_failovers_total{")
+                    && line.contains(&format!("node=\"dead-{round}\""))),
+            "{during:#?}"
+        );
+        for id in [id, dead] {
+            let removed = client
+                .delete(format!("{base}/api/agents/{id}"))
+                .send()
+                .await
+                .expect("delete");
+            assert_eq!(removed.status(), StatusCode::NO_CONTENT);
+        }
+        let after = series().await;
+        assert!(
+            !after
+                .iter()
+                .any(|line| line.contains("node=\"passing-") || line.contains("node=\"dead-")),
+            "{after:#?}"
+        );
+        sizes.push(after.len());
+    }
+    assert_eq!(
+        sizes[1], sizes[2],
+        "the exposition does not grow: {sizes:?}"
+    );
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    router.finished_log().await;
+}

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::balancer::{ApiKind, NoRoute};
 use crate::proxy::{no_route_status, ForwardRequest, Forwarded, Proxy, ProxyError};
+use crate::registry::Candidate;
 use crate::telemetry;
 
 /// Forwards one client request; every failure answers in the route's shape.
@@ -23,7 +24,12 @@ pub async fn forward(proxy: &Arc<Proxy>, api: ApiKind, request: Request) -> Resp
     let started = std::time::Instant::now();
     let route = telemetry::route_index(request.uri().path());
     let (response, model, node) = forward_counted(proxy, api, route, started, request).await;
-    telemetry::count_request(route, response.status().as_u16(), model, node);
+    telemetry::count_request(
+        route,
+        response.status().as_u16(),
+        model,
+        node.as_deref().map(|node| &*node.traffic),
+    );
     response
 }
 
@@ -37,8 +43,8 @@ async fn forward_counted(
     route: usize,
     started: std::time::Instant,
     request: Request,
-) -> (Response, String, Arc<str>) {
-    let no_node = || Arc::from("none");
+) -> (Response, String, Option<Arc<Candidate>>) {
+    let no_node = || None;
     let (parts, body) = request.into_parts();
     if proxy.already_forwarded(&parts.headers) {
         let response = error(
@@ -108,7 +114,7 @@ async fn forward_counted(
         })
         .await;
     match forwarded {
-        Ok(Forwarded { response, node }) => (response, model, node),
+        Ok(Forwarded { response, node }) => (response, model, Some(node)),
         Err(ProxyError::NoRoute(no_route)) => {
             let message = match no_route {
                 NoRoute::UnknownModel => format!("model '{model}' not found on any node"),

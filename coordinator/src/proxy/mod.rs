@@ -76,7 +76,7 @@ pub struct ForwardRequest<'a> {
 /// An answer from a node, and which node gave it.
 pub struct Forwarded {
     pub response: Response<Body>,
-    pub node: Arc<str>,
+    pub node: Arc<Candidate>,
 }
 
 /// Why a request could not be forwarded; the API layer shapes the answer
@@ -206,7 +206,7 @@ impl Proxy {
                 Attempt::Answered(response) => Some(response),
                 Attempt::ServerError(response) => {
                     self.registry.mark_unreachable(candidate.id);
-                    last_server_error = Some((response, Arc::clone(&candidate.name)));
+                    last_server_error = Some((response, Arc::clone(&candidate)));
                     None
                 }
                 Attempt::Failed => {
@@ -220,15 +220,10 @@ impl Proxy {
                     .record(started.elapsed());
                 return Ok(Forwarded {
                     response,
-                    node: Arc::clone(&candidate.name),
+                    node: Arc::clone(&candidate),
                 });
             }
-            metrics::counter!(
-                telemetry::FAILOVERS,
-                "route" => telemetry::LLM_ROUTES[route.min(telemetry::LLM_ROUTES.len() - 1)],
-                "node" => Arc::clone(&candidate.name),
-            )
-            .increment(1);
+            candidate.traffic.count_failover(route);
         }
         // Every node failed; a node's own 5xx says more than ours would.
         last_server_error

@@ -114,6 +114,8 @@ pub struct Candidate {
     pub loaded_models: ModelList,
     /// Requests the router has in flight to this node.
     pub in_flight: Arc<AtomicU64>,
+    /// Its traffic counters, for `/metrics`.
+    pub traffic: Arc<crate::telemetry::NodeTraffic>,
     /// `Host` for requests to it, made once here rather than per request.
     pub host_header: axum::http::HeaderValue,
 }
@@ -181,6 +183,8 @@ pub struct FleetFacts {
     pub by_state: [u64; NodeState::ALL.len()],
     /// Every Online node, with the requests the router has in flight to it.
     pub nodes: Vec<NodeLoad>,
+    /// Every registered node's name and traffic counters.
+    pub traffic: Vec<(Arc<str>, Arc<crate::telemetry::NodeTraffic>)>,
 }
 
 #[derive(Debug)]
@@ -210,6 +214,8 @@ struct AgentRecord {
     touched: bool,
     /// Requests the router has in flight to this node (not stored).
     in_flight: Arc<AtomicU64>,
+    /// Its requests and failovers, for `/metrics` (not stored; gone with it).
+    traffic: Arc<crate::telemetry::NodeTraffic>,
     /// The node said it is leaving (not stored; cleared when it registers).
     draining: bool,
     /// A request from the router to its LLM server failed; out of rotation
@@ -226,6 +232,7 @@ impl AgentRecord {
             revision,
             touched: false,
             in_flight: Arc::new(AtomicU64::new(0)),
+            traffic: Arc::default(),
             draining: false,
             unreachable: false,
         }
@@ -501,6 +508,10 @@ impl Registry {
             if let Some(index) = NodeState::ALL.iter().position(|s| *s == state) {
                 facts.by_state[index] += 1;
             }
+            facts.traffic.push((
+                Arc::from(&*record.agent.machine_name),
+                Arc::clone(&record.traffic),
+            ));
             match record.agent.status {
                 AgentStatus::Online => {
                     facts.online += 1;
@@ -875,6 +886,7 @@ impl Registry {
                     .clone()
                     .unwrap_or_else(|| Arc::from([])),
                 in_flight: Arc::clone(&record.in_flight),
+                traffic: Arc::clone(&record.traffic),
             });
         }
         // A stable order keeps round-robin fair across rebuilds.
