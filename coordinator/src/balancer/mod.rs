@@ -334,6 +334,7 @@ mod tests {
             models: models.iter().map(|m| Arc::from(*m)).collect(),
             loaded_models: loaded.iter().map(|m| Arc::from(*m)).collect(),
             in_flight: Arc::new(AtomicU64::new(0)),
+            traffic: Default::default(),
             host_header: axum::http::HeaderValue::from_static("127.0.0.1:11434"),
         }
     }
