@@ -98,6 +98,20 @@ pub struct Config {
     #[arg(long, env = "LLM_ROUTER_ALLOWED_HOSTS", value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
 
+    /// Client connections open at once, at most; past it a new connection is
+    /// answered 503 and closed [default 0: half the file descriptor limit].
+    #[arg(long, env = "LLM_ROUTER_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Client connections from one address, at most [default 0: a quarter
+    /// of --max-connections].
+    #[arg(
+        long,
+        env = "LLM_ROUTER_MAX_CONNECTIONS_PER_CLIENT",
+        default_value_t = 0
+    )]
+    pub max_connections_per_client: usize,
+
     /// Most agents the registry holds; registering one more is refused (503).
     #[arg(long, env = "LLM_ROUTER_MAX_AGENTS", default_value_t = 1_000_000)]
     pub max_agents: usize,
@@ -208,6 +222,8 @@ impl Config {
             log_format: LogFormat::Text,
             max_agents: 1_000_000,
             node_networks: None,
+            max_connections: 0,
+            max_connections_per_client: 0,
             allowed_hosts: Vec::new(),
             header_read_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(60),

@@ -51,7 +51,12 @@ fn spawn_event_loops(
     for n in 1..=count {
         let shared = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
         shared.set_nonblocking(true)?;
-        let (app, stop, proxy) = (app.clone(), stop.clone(), Arc::clone(proxy));
+        let (app, stop, proxy, options) = (
+            app.clone(),
+            stop.clone(),
+            Arc::clone(proxy),
+            options.clone(),
+        );
         let handle = std::thread::Builder::new()
             .name(format!("event-loop-{n}"))
             .spawn(move || {
@@ -97,6 +102,33 @@ fn hold_out_nodes_at_refused_addresses(
             registry.hold_out(agent.id);
         }
     }
+}
+
+/// The connection caps: as configured, or from the descriptor limit. Half
+/// of the descriptors go to clients; the rest stay for node connections,
+/// the data files and the listening sockets. One address may hold a quarter
+/// of the clients' share, so that one misbehaving client (or many silent
+/// connections from one attacker) cannot take every slot.
+fn connection_limits(config: &Config) -> serve::ConnectionLimits {
+    let descriptors = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _hard)| soft);
+    let total = match config.max_connections {
+        0 => usize::try_from(descriptors / 2)
+            .unwrap_or(usize::MAX)
+            .max(16),
+        n => n,
+    };
+    let per_client = match config.max_connections_per_client {
+        0 => (total / 4).max(4),
+        n => n,
+    };
+    tracing::info!(
+        max_connections = total,
+        max_connections_per_client = per_client,
+        file_descriptors = descriptors,
+        "Connection limits set."
+    );
+    serve::ConnectionLimits::new(total, per_client)
 }
 
 /// Each event loop's idle node connections are its own (thread-local), so
@@ -179,6 +211,7 @@ pub async fn run(
     // Also stops it if start-up fails below.
     let stop_prober = stop_prober.drop_guard();
 
+    let connection_limits = Arc::new(connection_limits(&config));
     let address = listener.local_addr()?;
     tracing::info!(%address, "llm-router listening on http://{address}");
     warn_if_open_to_the_network(address.ip(), &credentials);
@@ -209,13 +242,14 @@ pub async fn run(
     let app = app(state);
     let serve_options = serve::ServeOptions {
         header_read_timeout: config.header_read_timeout,
+        limits: connection_limits,
     };
     let stop_event_loops = CancellationToken::new();
     let event_loops = spawn_event_loops(
         &listener,
         &app,
         &proxy,
-        serve_options,
+        serve_options.clone(),
         config.serving_threads() - 1,
         &stop_event_loops,
     )?;

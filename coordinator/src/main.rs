@@ -32,6 +32,7 @@ async fn serve_or_run_command() -> anyhow::Result<()> {
     let config = cli.serve;
     init_tracing(config.log_format);
     survive_file_size_limit();
+    raise_descriptor_limit();
     let address = config.listen_address()?;
     // Held until the process ends: no other router may serve this port.
     let (listener, _port_lock) = coordinator::listen::listen_exclusively(address)?;
@@ -64,6 +65,22 @@ fn survive_file_size_limit() {
         // once the stream is dropped; the signal then only wakes nobody.
         Ok(stream) => drop(stream),
         Err(error) => tracing::warn!(%error, "Could not catch SIGXFSZ."),
+    }
+}
+
+/// Every client, agent and node connection is a file descriptor, and the
+/// soft limit is often 1,024 while the hard one is far higher: raise the
+/// soft limit to the hard one, as nginx does (`worker_rlimit_nofile`).
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, hard, "Could not raise the file descriptor limit.");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "Could not read the file descriptor limit."),
     }
 }
 

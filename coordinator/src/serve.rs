@@ -16,7 +16,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -34,13 +34,104 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 /// Connection settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// How long a client may take to send a request head, counted from when
     /// the connection starts waiting for one (at accept, and after each
     /// answer). So it also closes connections idle between requests: a slow
     /// or silent client holds a connection no longer than this.
     pub header_read_timeout: Duration,
+    /// Client connections open at once, shared by every event loop.
+    pub limits: Arc<ConnectionLimits>,
+}
+
+/// How many client connections may be open: in all, and from one address.
+/// Past either, a new connection is answered `503` and closed at once, so
+/// that descriptors stay for the clients and agents already connected.
+#[derive(Debug)]
+pub struct ConnectionLimits {
+    max_total: usize,
+    /// 0: no limit per address.
+    max_per_client: usize,
+    total: AtomicUsize,
+    per_client: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+impl ConnectionLimits {
+    pub fn new(max_total: usize, max_per_client: usize) -> Self {
+        ConnectionLimits {
+            max_total,
+            max_per_client,
+            total: AtomicUsize::new(0),
+            per_client: std::sync::Mutex::default(),
+        }
+    }
+
+    /// A slot for a new connection from `client`, or why there is none.
+    fn admit(self: &Arc<Self>, client: std::net::IpAddr) -> Result<ConnectionSlot, &'static str> {
+        if self.total.fetch_add(1, Ordering::Relaxed) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::Relaxed);
+            return Err("the router has as many connections open as --max-connections allows");
+        }
+        if self.max_per_client > 0 {
+            let mut per_client = self
+                .per_client
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let open = per_client.entry(client).or_insert(0);
+            if *open >= self.max_per_client {
+                drop(per_client);
+                self.total.fetch_sub(1, Ordering::Relaxed);
+                return Err("this address has as many connections open as --max-connections-per-client allows");
+            }
+            *open += 1;
+        }
+        Ok(ConnectionSlot {
+            limits: Arc::clone(self),
+            client,
+        })
+    }
+}
+
+/// One admitted connection; dropping it frees its place.
+struct ConnectionSlot {
+    limits: Arc<ConnectionLimits>,
+    client: std::net::IpAddr,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.limits.total.fetch_sub(1, Ordering::Relaxed);
+        if self.limits.max_per_client > 0 {
+            let mut per_client = self
+                .limits
+                .per_client
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(open) = per_client.get_mut(&self.client) {
+                *open -= 1;
+                if *open == 0 {
+                    per_client.remove(&self.client);
+                }
+            }
+        }
+    }
+}
+
+/// Answers a connection over the limits and closes it, without reading the
+/// request: the client gets a reason rather than a reset.
+fn shed(stream: TcpStream, reason: &str) {
+    let body = format!(
+        "{{\"error\":{{\"code\":\"too_many_connections\",\"message\":\"{reason}; retry later\"}}}}"
+    );
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // A fresh socket's send buffer takes this whole; if not, the client
+    // gets a reset instead, which is what shedding would be anyway.
+    let _ = stream.try_write(answer.as_bytes());
+    tracing::debug!(reason, "Connection shed.");
 }
 
 /// Serves `app` on `listener` until `stop` is cancelled, then waits for the
@@ -60,13 +151,20 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, client) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors, or a connection reset before it
                 // was accepted: wait a moment rather than spin.
                 tracing::warn!(%error, "Accept failed.");
                 tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let slot = match options.limits.admit(client.ip()) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                shed(stream, reason);
                 continue;
             }
         };
@@ -87,6 +185,7 @@ pub async fn serve(
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "Client connection ended with an error.");
             }
+            drop(slot);
         });
     }
     drop(listener);
@@ -101,6 +200,10 @@ struct ConnectionClock {
     busy: AtomicBool,
     /// Nanoseconds after `origin` at which the wait for a head began.
     idle_since: AtomicU64,
+    /// The read that found the connection busy, and so set no deadline: it
+    /// is woken when the answer ends, to set one. Without this, hyper's read
+    /// stays parked on the socket and an idle connection is never timed out.
+    parked_read: std::sync::Mutex<Option<std::task::Waker>>,
 }
 
 impl ConnectionClock {
@@ -109,6 +212,7 @@ impl ConnectionClock {
             origin: Instant::now(),
             busy: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
+            parked_read: std::sync::Mutex::new(None),
         }
     }
 
@@ -120,6 +224,25 @@ impl ConnectionClock {
         let since = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.idle_since.store(since, Ordering::Relaxed);
         self.busy.store(false, Ordering::Relaxed);
+        let parked = self
+            .parked_read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(waker) = parked {
+            waker.wake();
+        }
+    }
+
+    /// Remembers the read to wake when the answer ends.
+    fn park_read(&self, waker: &std::task::Waker) {
+        let mut parked = self
+            .parked_read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !parked.as_ref().is_some_and(|old| old.will_wake(waker)) {
+            *parked = Some(waker.clone());
+        }
     }
 
     fn is_busy(&self) -> bool {
@@ -155,7 +278,11 @@ impl AsyncRead for HeadDeadline {
         // While a request is served, reads only watch for the client
         // leaving: no deadline then (a generation may take minutes).
         if this.clock.is_busy() {
-            return Poll::Pending;
+            this.clock.park_read(context.waker());
+            // The answer may have ended between the check and the parking.
+            if this.clock.is_busy() {
+                return Poll::Pending;
+            }
         }
         let clock = &this.clock;
         let timeout = this.timeout;

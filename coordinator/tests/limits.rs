@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, config, data_dir_bytes, registration, TestRouter};
+use common::{client, config, data_dir_bytes, registration, RouterProcess, TestRouter};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -194,4 +194,158 @@ async fn answers_slower_than_the_header_timeout_are_not_cut() {
         );
     }
     router.stop().await.expect("clean stop");
+}
+
+/// Sends one request on a raw connection and reads its whole answer,
+/// leaving the connection open (HTTP/1.1 keep-alive).
+async fn one_request(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    loop {
+        let read = stream.read(&mut buffer).await.expect("read");
+        assert!(read > 0, "closed before answering");
+        answer.extend_from_slice(&buffer[..read]);
+        let text = String::from_utf8_lossy(&answer).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|line| {
+                    line.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if answer.len() >= end + 4 + length {
+                return text;
+            }
+        }
+    }
+}
+
+/// Whether the router closes the connection within `limit`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buffer = [0u8; 64];
+    matches!(
+        tokio::time::timeout(limit, stream.read(&mut buffer)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// The review's case: 100 connections that each sent one request at once
+/// and then fell silent are all closed once the header read timeout has
+/// passed since their answer, not left open.
+#[tokio::test]
+async fn connections_idle_after_an_answer_close_at_the_header_read_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn(dir.path(), &["--header-read-timeout", "2"]).await;
+    let address = router.address;
+    let mut connections = Vec::new();
+    for _ in 0..100 {
+        connections.push(
+            tokio::net::TcpStream::connect(address)
+                .await
+                .expect("connect"),
+        );
+    }
+    let answers = futures::future::join_all(connections.iter_mut().map(one_request)).await;
+    assert!(answers
+        .iter()
+        .all(|answer| answer.starts_with("HTTP/1.1 200")));
+    let closed = futures::future::join_all(
+        connections
+            .iter_mut()
+            .map(|stream| closed_within(stream, Duration::from_secs(10))),
+    )
+    .await;
+    let still_open = closed.iter().filter(|closed| !**closed).count();
+    assert_eq!(still_open, 0, "connections left open after the timeout");
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    router.finished_log().await;
+}
+
+/// Opens a connection from a given loopback address.
+async fn connect_from(source: [u8; 4], to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .expect("bind the source address");
+    socket.connect(to).await.expect("connect")
+}
+
+/// Under a 400-descriptor limit, 250 silent connections from one address
+/// take at most their share; the rest are answered 503 and closed, and
+/// `/health` from another address still answers. The soft descriptor limit
+/// is raised to the hard one at start.
+#[tokio::test]
+async fn silent_connections_cannot_take_every_descriptor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn_wrapped(
+        &["prlimit", "--nofile=400:400", "--"],
+        dir.path(),
+        "127.0.0.1",
+        &[],
+    )
+    .await;
+    let address = router.address;
+    let mut silent = Vec::new();
+    for _ in 0..250 {
+        silent.push(connect_from([127, 0, 0, 2], address).await);
+    }
+    // The ones past this address's share (a quarter of 200) were shed with
+    // a reason.
+    let mut shed = 0;
+    for stream in &mut silent {
+        use tokio::io::AsyncReadExt as _;
+        let mut buffer = [0u8; 512];
+        if let Ok(Ok(read)) =
+            tokio::time::timeout(Duration::from_millis(20), stream.read(&mut buffer)).await
+        {
+            if read > 0 {
+                let text = String::from_utf8_lossy(&buffer[..read]);
+                assert!(
+                    text.starts_with("HTTP/1.1 503")
+                        && text.contains("--max-connections-per-client"),
+                    "{text}"
+                );
+                shed += 1;
+            }
+        }
+    }
+    assert_eq!(shed, 200, "250 connections, 50 admitted from one address");
+    let health = client()
+        .get(router.url("/health"))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(
+        health.status(),
+        StatusCode::OK,
+        "other clients still get in"
+    );
+    drop(silent);
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let log = router.finished_log().await.join("\n");
+    assert!(
+        log.contains("max_connections=200") && log.contains("file_descriptors=400"),
+        "{log}"
+    );
+
+    // A soft limit below the hard one is raised.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn_wrapped(
+        &["prlimit", "--nofile=256:4096", "--"],
+        dir.path(),
+        "127.0.0.1",
+        &[],
+    )
+    .await;
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let log = router.finished_log().await.join("\n");
+    assert!(log.contains("file_descriptors=4096"), "{log}");
 }
