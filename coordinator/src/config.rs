@@ -54,6 +54,11 @@ pub struct Config {
     #[arg(long, env = "LLM_ROUTER_IDLE_TIMEOUT", default_value = "300", value_parser = parse_seconds)]
     pub idle_timeout: Duration,
 
+    /// Bytes of client request bodies held at once, over every request; past
+    /// it a request is answered 503 before its body is read.
+    #[arg(long, env = "LLM_ROUTER_MAX_BODY_MEMORY", default_value_t = 1024 * 1024 * 1024)]
+    pub max_body_memory: usize,
+
     /// Seconds an unused connection to a node is kept for the next request.
     #[arg(long, env = "LLM_ROUTER_NODE_KEEPALIVE", default_value = "60", value_parser = parse_seconds)]
     pub node_keepalive: Duration,
@@ -120,6 +125,11 @@ pub struct Config {
     /// idle connection is kept (above the agents' 30 s heartbeat interval).
     #[arg(long, env = "LLM_ROUTER_HEADER_READ_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
     pub header_read_timeout: Duration,
+
+    /// Seconds a client may leave its answer unread before the router closes
+    /// the connection (and so stops the node's generation).
+    #[arg(long, env = "LLM_ROUTER_SEND_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    pub send_timeout: Duration,
 
     /// Seconds a client may take to send a request's whole body.
     #[arg(long, env = "LLM_ROUTER_BODY_READ_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
@@ -198,6 +208,7 @@ impl Config {
             max_request_body: self.max_request_body,
             body_read_timeout: self.body_read_timeout,
             node_keepalive: self.node_keepalive,
+            max_body_memory: self.max_body_memory,
             max_idle_node_connections: self.max_idle_node_connections,
         }
     }
@@ -215,6 +226,7 @@ impl Config {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
             node_keepalive: Duration::from_secs(60),
+            max_body_memory: 1024 * 1024 * 1024,
             max_idle_node_connections: 1024,
             max_attempts: 3,
             max_request_body: 100 * 1024 * 1024,
@@ -227,6 +239,7 @@ impl Config {
             allowed_hosts: Vec::new(),
             header_read_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             agent_token: None,
             agent_token_file: None,
             api_keys: Vec::new(),

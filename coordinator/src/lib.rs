@@ -242,6 +242,7 @@ pub async fn run(
     let app = app(state);
     let serve_options = serve::ServeOptions {
         header_read_timeout: config.header_read_timeout,
+        send_timeout: config.send_timeout,
         limits: connection_limits,
     };
     let stop_event_loops = CancellationToken::new();

@@ -41,6 +41,10 @@ pub struct ServeOptions {
     /// answer). So it also closes connections idle between requests: a slow
     /// or silent client holds a connection no longer than this.
     pub header_read_timeout: Duration,
+    /// How long a write to a client may wait for the client to read: past
+    /// it the connection is closed, which ends the answer and so frees the
+    /// node's generation and the request's in-flight count.
+    pub send_timeout: Duration,
     /// Client connections open at once, shared by every event loop.
     pub limits: Arc<ConnectionLimits>,
 }
@@ -175,6 +179,9 @@ pub async fn serve(
             clock: Arc::clone(&clock),
             timeout: options.header_read_timeout,
             timer: None,
+            send_timeout: options.send_timeout,
+            write_stall: None,
+            write_stalled: false,
         });
         let service = TrackingService {
             app: app.clone(),
@@ -263,6 +270,49 @@ struct HeadDeadline {
     timeout: Duration,
     /// Made when the connection first waits, then only moved when it fires.
     timer: Option<Pin<Box<Sleep>>>,
+    send_timeout: Duration,
+    /// Made when a write first finds the client not reading; moved at each
+    /// new stall.
+    write_stall: Option<Pin<Box<Sleep>>>,
+    /// A write is waiting for the client now.
+    write_stalled: bool,
+}
+
+impl HeadDeadline {
+    /// What a write that made no progress returns: still pending, or, once
+    /// the client has read nothing for the send timeout, an error that ends
+    /// the connection.
+    fn write_pending<T>(&mut self, context: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        let deadline = tokio::time::Instant::now() + self.send_timeout;
+        let timer = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.write_stalled {
+            self.write_stalled = true;
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(context).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing of its answer within the send timeout",
+            )));
+        }
+        Poll::Pending
+    }
+
+    fn wrote<T>(
+        &mut self,
+        result: Poll<std::io::Result<T>>,
+        context: &mut Context<'_>,
+    ) -> Poll<std::io::Result<T>> {
+        match result {
+            Poll::Pending => self.write_pending(context),
+            ready => {
+                self.write_stalled = false;
+                ready
+            }
+        }
+    }
 }
 
 impl AsyncRead for HeadDeadline {
@@ -313,7 +363,9 @@ impl AsyncWrite for HeadDeadline {
         context: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(context, buf)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write(context, buf);
+        this.wrote(result, context)
     }
 
     fn poll_write_vectored(
@@ -321,7 +373,9 @@ impl AsyncWrite for HeadDeadline {
         context: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(context, bufs)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write_vectored(context, bufs);
+        this.wrote(result, context)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -329,7 +383,9 @@ impl AsyncWrite for HeadDeadline {
     }
 
     fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(context)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_flush(context);
+        this.wrote(result, context)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -637,3 +637,183 @@ async fn a_removed_nodes_series_leave_the_metrics() {
     nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     router.finished_log().await;
 }
+
+/// Request bodies the router holds at once stay within `--max-body-memory`:
+/// while one slow upload holds most of it, a second large one is refused
+/// with a 503 as soon as its length is known (the rest of its body is read
+/// and thrown away, never held), and is taken once the first is gone.
+#[tokio::test]
+async fn bodies_held_at_once_stay_within_the_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn(
+        dir.path(),
+        &[
+            "--max-body-memory",
+            "3000000",
+            "--max-request-body",
+            "2500000",
+        ],
+    )
+    .await;
+    let standin = StandIn::spawn(StandInOptions::ollama("budget", &["smollm2:135m"]))
+        .await
+        .expect("stand-in");
+    let (client, base) = (client(), router.url(""));
+    register(
+        &client,
+        &base,
+        &at("budget", "127.0.0.1", standin.address.port()),
+    )
+    .await;
+
+    // A slow client: declares 2 MB, sends a few bytes, waits.
+    let mut slow = tokio::net::TcpStream::connect(router.address)
+        .await
+        .expect("connect");
+    slow.write_all(
+        b"POST /api/chat HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 2000000\r\n\r\n{\"model\":",
+    )
+    .await
+    .expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let big_chat = || {
+        let padding = "x".repeat(1_500_000);
+        json!({"model": "smollm2:135m", "messages": [{"role": "user", "content": padding}], "stream": false})
+    };
+    let refused = client
+        .post(format!("{base}/api/chat"))
+        .json(&big_chat())
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"));
+    let answer: Value = refused.json().await.expect("json");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("--max-body-memory")),
+        "{answer}"
+    );
+
+    // Small requests still fit beside the slow one.
+    let small = client
+        .post(format!("{base}/api/chat"))
+        .json(&json!({"model": "smollm2:135m", "messages": [], "stream": false}))
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(small.status(), StatusCode::OK);
+
+    drop(slow);
+    let taken = eventually(Duration::from_secs(5), "the budget is freed", || {
+        let (client, base, body) = (client.clone(), base.clone(), big_chat());
+        async move {
+            let response = client
+                .post(format!("{base}/api/chat"))
+                .json(&body)
+                .send()
+                .await
+                .ok()?;
+            (response.status() == StatusCode::OK).then_some(())
+        }
+    })
+    .await;
+    let () = taken;
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    router.finished_log().await;
+}
+
+/// A client that asks for a stream and never reads it: once its socket
+/// buffers are full, the router waits `--send-timeout`, then closes the
+/// connection, which stops the node's generation and frees the in-flight
+/// count.
+#[tokio::test]
+async fn a_client_that_stops_reading_frees_the_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn(dir.path(), &["--send-timeout", "1"]).await;
+    let mut options = StandInOptions::ollama("flood", &["smollm2:135m"]);
+    options.chunks = 1_000_000;
+    let standin = StandIn::spawn(options).await.expect("stand-in");
+    let (client, base) = (client(), router.url(""));
+    let id = register(
+        &client,
+        &base,
+        &at("flood", "127.0.0.1", standin.address.port()),
+    )
+    .await;
+
+    let mut reader_that_never_reads = tokio::net::TcpStream::connect(router.address)
+        .await
+        .expect("connect");
+    let body =
+        r#"{"model":"smollm2:135m","messages":[{"role":"user","content":"go"}],"stream":true}"#;
+    reader_that_never_reads
+        .write_all(
+            format!(
+                "POST /api/chat HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+    let stats = || standin.stats.to_json_for_tests();
+    eventually(Duration::from_secs(10), "the generation starts", || async {
+        (stats()["generations_in_flight"] == 1).then_some(())
+    })
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the stalled stream is cut and the node told",
+        || async { (stats()["generations_cancelled"] == 1).then_some(()) },
+    )
+    .await;
+    let agent: Value = client
+        .get(format!("{base}/api/agents/{id}"))
+        .send()
+        .await
+        .expect("agent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(agent["in_flight"], 0, "{agent}");
+    drop(reader_that_never_reads);
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    router.finished_log().await;
+}
+
+/// What one agent may register is capped: models per agent and bytes per
+/// record, so that listings over the fleet stay proportionate.
+#[tokio::test]
+async fn what_one_agent_may_register_is_capped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn(dir.path(), &[]).await;
+    let (client, base) = (client(), router.url(""));
+    let mut many = registration("hoarder");
+    many["models"] = json!((0..257).map(|n| format!("m{n}")).collect::<Vec<_>>());
+    let (status, answer) = try_register(&client, &base, &many).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("256")),
+        "{answer}"
+    );
+    let mut long_name = registration("hoarder");
+    long_name["models"] = json!(["m".repeat(257)]);
+    let (status, _) = try_register(&client, &base, &long_name).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let mut large = registration("hoarder");
+    large["models"] = json!((0..200).map(|n| format!("{n:0>200}")).collect::<Vec<_>>());
+    let (status, _) = try_register(&client, &base, &large).await;
+    assert_eq!(
+        status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "a record over 32 KiB"
+    );
+    assert!(common::list(&client, &base).await.is_empty());
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    router.finished_log().await;
+}

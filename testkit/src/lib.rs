@@ -152,6 +152,11 @@ impl axum::serve::Listener for CountingListener {
 }
 
 impl StandInStats {
+    /// What `/standin/stats` answers, read in place.
+    pub fn to_json_for_tests(&self) -> Value {
+        self.to_json()
+    }
+
     fn to_json(&self) -> Value {
         json!({
             "requests": self.requests.load(Ordering::SeqCst),

@@ -29,8 +29,8 @@ use crate::registry::{AgentUpdate, IdentityProof, RegisterOutcome, Registration,
 
 /// Limits on free-text fields, so one agent cannot bloat the registry.
 const MAX_TEXT_BYTES: usize = 256;
-const MAX_MODEL_NAME_BYTES: usize = 512;
-const MAX_MODELS: usize = 4_096;
+const MAX_MODEL_NAME_BYTES: usize = 256;
+const MAX_MODELS: usize = 256;
 
 /// Register a machine, or register a known one again (same id).
 #[utoipa::path(post, path = "/api/agents/register", tag = "registry",
@@ -44,7 +44,7 @@ const MAX_MODELS: usize = 4_096;
         (status = 403, description = "Another kind of credential", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 409, description = "A known machine, without its agent's secret", body = ErrorBody),
-        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 413, description = "The body is over 32 KiB", body = ErrorBody),
         (status = 422, description = "A missing or invalid field", body = ErrorBody),
         (status = 503, description = "The store cannot write, or the agent limit is reached", body = ErrorBody),
     ))]

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::balancer::{ApiKind, NoRoute};
 use crate::proxy::{no_route_status, ForwardRequest, Forwarded, Proxy, ProxyError};
+use crate::proxy::{BodyBudget, BodyReservation};
 use crate::registry::Candidate;
 use crate::telemetry;
 
@@ -57,36 +58,58 @@ async fn forward_counted(
         );
         return (response, String::new(), no_node());
     }
+    let declared_length = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok());
     let read = super::json::within(
         proxy.body_read_timeout(),
-        axum::body::to_bytes(body, proxy.max_request_body()),
+        read_body(
+            body,
+            declared_length,
+            proxy.max_request_body(),
+            proxy.body_budget(),
+        ),
     )
     .await;
-    let body = match read {
-        Ok(Ok(body)) => body,
+    // Held until the request has been forwarded: the body's bytes count
+    // against the budget while the router keeps them.
+    let (body, _reservation) = match read {
+        Ok(Ok(read)) => read,
         Err(_elapsed) => {
             let (code, message) = super::json::BODY_READ_TIMEOUT;
             let response = error(api, StatusCode::REQUEST_TIMEOUT, code, message);
             return (response, String::new(), no_node());
         }
-        Ok(Err(read_error)) => {
-            let too_large = std::error::Error::source(&read_error)
-                .is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
-            let response = if too_large {
-                error(
-                    api,
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "the request body is too large",
-                )
-            } else {
-                error(
-                    api,
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "the request body could not be read",
-                )
-            };
+        Ok(Err(BodyError::TooLarge)) => {
+            let response = error(
+                api,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                &format!(
+                    "the request body is larger than this router takes ({} bytes, --max-request-body)",
+                    proxy.max_request_body()
+                ),
+            );
+            return (response, String::new(), no_node());
+        }
+        Ok(Err(BodyError::OverBudget)) => {
+            let mut response = error(
+                api,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_busy",
+                "the router is holding as many request bodies as --max-body-memory allows; retry shortly",
+            );
+            retry_after(&mut response);
+            return (response, String::new(), no_node());
+        }
+        Ok(Err(BodyError::Unreadable)) => {
+            let response = error(
+                api,
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request body could not be read",
+            );
             return (response, String::new(), no_node());
         }
     };
@@ -145,6 +168,64 @@ async fn forward_counted(
                 &format!("{attempts} node(s) failed to answer"),
             );
             (response, model, no_node())
+        }
+    }
+}
+
+enum BodyError {
+    TooLarge,
+    OverBudget,
+    Unreadable,
+}
+
+/// Reads a request body whole, counting its bytes against the budget of
+/// bodies held at once: a declared length up front (so a large upload is
+/// refused before a byte of it is read), a chunked one as it arrives.
+async fn read_body(
+    body: Body,
+    declared_length: Option<usize>,
+    limit: usize,
+    budget: &Arc<BodyBudget>,
+) -> Result<(bytes::Bytes, BodyReservation), BodyError> {
+    use http_body_util::BodyExt as _;
+    if declared_length.is_some_and(|length| length > limit) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = body;
+    let Some(mut reservation) = budget.reserve(declared_length.unwrap_or(0)) else {
+        discard(&mut body, limit).await;
+        return Err(BodyError::OverBudget);
+    };
+    let mut collected = bytes::BytesMut::with_capacity(declared_length.unwrap_or(0));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| BodyError::Unreadable)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if collected.len() + data.len() > limit {
+            return Err(BodyError::TooLarge);
+        }
+        let needed = (collected.len() + data.len()).saturating_sub(reservation.bytes());
+        if needed > 0 && !reservation.grow(needed) {
+            drop((collected, reservation));
+            discard(&mut body, limit).await;
+            return Err(BodyError::OverBudget);
+        }
+        collected.extend_from_slice(&data);
+    }
+    Ok((collected.freeze(), reservation))
+}
+
+/// Reads the rest of a body refused for want of memory and throws it
+/// away as it comes, so that the client, still sending, gets the 503
+/// rather than a reset connection. Nothing of it is held.
+async fn discard(body: &mut Body, limit: usize) {
+    use http_body_util::BodyExt as _;
+    let mut read = 0;
+    while let Some(Ok(frame)) = body.frame().await {
+        read += frame.data_ref().map_or(0, bytes::Buf::remaining);
+        if read > limit {
+            return;
         }
     }
 }

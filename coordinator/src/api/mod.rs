@@ -35,7 +35,7 @@ use crate::registry::Registry;
 pub use json::BodyReadTimeout;
 
 /// Registry bodies are small; anything larger is a mistake or an attack.
-pub const REGISTRY_BODY_LIMIT: usize = 64 * 1024;
+pub const REGISTRY_BODY_LIMIT: usize = 32 * 1024;
 
 /// What handlers share: the registry, the proxy in front of the nodes, who
 /// may do what, and how long a client may take to send a body.

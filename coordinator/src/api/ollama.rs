@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use serde_json::json;
 
 use super::forward::{error, forward, json_response, retry_after};
@@ -56,15 +56,56 @@ ollama_route!(
     "A model's details (`model`, or `name` as older clients send it)."
 );
 
-fn model_entry(name: &str) -> serde_json::Value {
-    json!({
-        "name": name,
-        "model": name,
-        "modified_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        "size": 0,
-        "digest": "",
-        "details": {"parent_model": "", "format": "", "family": "", "families": [], "parameter_size": "", "quantization_level": ""}
-    })
+/// One model as Ollama lists it, serialized straight from borrowed names:
+/// a listing over a large fleet costs its output, not a JSON tree per model.
+#[derive(serde::Serialize)]
+struct ModelEntry<'a> {
+    name: &'a str,
+    model: &'a str,
+    modified_at: &'a str,
+    size: u64,
+    digest: &'a str,
+    details: ModelDetails,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size_vram: Option<u64>,
+}
+
+/// Ollama's `details`, empty: agents report names only.
+#[derive(serde::Serialize)]
+struct ModelDetails {
+    parent_model: &'static str,
+    format: &'static str,
+    family: &'static str,
+    families: [&'static str; 0],
+    parameter_size: &'static str,
+    quantization_level: &'static str,
+}
+
+fn model_entry<'a>(name: &'a str, modified_at: &'a str) -> ModelEntry<'a> {
+    ModelEntry {
+        name,
+        model: name,
+        modified_at,
+        size: 0,
+        digest: "",
+        details: ModelDetails {
+            parent_model: "",
+            format: "",
+            family: "",
+            families: [],
+            parameter_size: "",
+            quantization_level: "",
+        },
+        expires_at: None,
+        size_vram: None,
+    }
+}
+
+#[derive(serde::Serialize)]
+struct ModelList<'a> {
+    models: Vec<ModelEntry<'a>>,
 }
 
 /// `GET /api/tags`: every model some routable Ollama node serves, once.
@@ -76,8 +117,12 @@ pub async fn tags(State(registry): State<Arc<Registry>>) -> Response {
         .serving(ApiKind::Ollama)
         .flat_map(|c| c.models.iter().map(|m| &**m))
         .collect();
-    let models: Vec<_> = names.into_iter().map(model_entry).collect();
-    json_response(json!({ "models": models }))
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let models = names
+        .into_iter()
+        .map(|name| model_entry(name, &now))
+        .collect();
+    axum::Json(ModelList { models }).into_response()
 }
 
 /// `GET /api/ps`: every model some routable Ollama node holds in memory, once.
@@ -89,18 +134,19 @@ pub async fn ps(State(registry): State<Arc<Registry>>) -> Response {
         .serving(ApiKind::Ollama)
         .flat_map(|c| c.loaded_models.iter().map(|m| &**m))
         .collect();
-    let expires = (chrono::Utc::now() + chrono::Duration::minutes(5))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let models: Vec<_> = names
+    let now = chrono::Utc::now();
+    let modified_at = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let expires =
+        (now + chrono::Duration::minutes(5)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let models = names
         .into_iter()
-        .map(|name| {
-            let mut entry = model_entry(name);
-            entry["expires_at"] = json!(expires);
-            entry["size_vram"] = json!(0);
-            entry
+        .map(|name| ModelEntry {
+            expires_at: Some(&expires),
+            size_vram: Some(0),
+            ..model_entry(name, &modified_at)
         })
         .collect();
-    json_response(json!({ "models": models }))
+    axum::Json(ModelList { models }).into_response()
 }
 
 /// `GET /api/version`: the oldest Ollama version among the nodes in

@@ -5,10 +5,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::response::Response;
-use serde_json::json;
+use axum::response::{IntoResponse as _, Response};
 
-use super::forward::{forward, json_response};
+use super::forward::forward;
 use crate::balancer::ApiKind;
 use crate::proxy::Proxy;
 use crate::registry::Registry;
@@ -50,9 +49,30 @@ pub async fn models(State(registry): State<Arc<Registry>>) -> Response {
         .serving(ApiKind::OpenAi)
         .flat_map(|c| c.models.iter().map(|m| &**m))
         .collect();
-    let data: Vec<_> = names
+    #[derive(serde::Serialize)]
+    struct Model<'a> {
+        id: &'a str,
+        object: &'static str,
+        created: u64,
+        owned_by: &'static str,
+    }
+    #[derive(serde::Serialize)]
+    struct List<'a> {
+        object: &'static str,
+        data: Vec<Model<'a>>,
+    }
+    let data = names
         .into_iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-router"}))
+        .map(|id| Model {
+            id,
+            object: "model",
+            created: 0,
+            owned_by: "llm-router",
+        })
         .collect();
-    json_response(json!({ "object": "list", "data": data }))
+    axum::Json(List {
+        object: "list",
+        data,
+    })
+    .into_response()
 }

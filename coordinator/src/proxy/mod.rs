@@ -43,6 +43,80 @@ pub struct ProxyOptions {
     pub node_keepalive: Duration,
     /// Unused node connections kept, at most, over the whole process.
     pub max_idle_node_connections: usize,
+    /// Bytes of client request bodies held at once, at most, over the
+    /// whole process; past it a request is refused (503) before it is read.
+    pub max_body_memory: usize,
+}
+
+/// The bytes of request bodies the router holds now, against a ceiling, so
+/// that clients sending large bodies slowly cannot make it hold more memory
+/// than the operator allowed.
+#[derive(Debug)]
+pub struct BodyBudget {
+    capacity: usize,
+    used: std::sync::atomic::AtomicUsize,
+}
+
+impl BodyBudget {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(BodyBudget {
+            capacity,
+            used: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// Room for `bytes`, held until the reservation is dropped; `None` when
+    /// the budget has not that much left.
+    pub fn reserve(self: &Arc<Self>, bytes: usize) -> Option<BodyReservation> {
+        let mut reservation = BodyReservation {
+            budget: Arc::clone(self),
+            bytes: 0,
+        };
+        reservation.grow(bytes).then_some(reservation)
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Bytes of the body budget one request holds.
+#[derive(Debug)]
+pub struct BodyReservation {
+    budget: Arc<BodyBudget>,
+    bytes: usize,
+}
+
+impl BodyReservation {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Holds `more` bytes as well, if the budget has them.
+    pub fn grow(&mut self, more: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let granted = self
+            .budget
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(more)
+                    .filter(|total| *total <= self.budget.capacity)
+            })
+            .is_ok();
+        if granted {
+            self.bytes += more;
+        }
+        granted
+    }
+}
+
+impl Drop for BodyReservation {
+    fn drop(&mut self) {
+        self.budget
+            .used
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Default for ProxyOptions {
@@ -56,6 +130,7 @@ impl Default for ProxyOptions {
             body_read_timeout: Duration::from_secs(60),
             node_keepalive: Duration::from_secs(60),
             max_idle_node_connections: 1024,
+            max_body_memory: 1024 * 1024 * 1024,
         }
     }
 }
@@ -95,6 +170,7 @@ pub struct Proxy {
     balancer: Balancer,
     upstream: Arc<UpstreamPool>,
     options: ProxyOptions,
+    body_budget: Arc<BodyBudget>,
     /// This router's name in `Via` (RFC 9110, section 7.6.3): random per
     /// process, so that a request that comes back to the router that sent
     /// it (a node whose address leads to this router, directly or through
@@ -123,6 +199,7 @@ impl Proxy {
         let via = HeaderValue::try_from(format!("1.1 {via_name}"))
             .unwrap_or_else(|_| HeaderValue::from_static("1.1 llm-router"));
         Proxy {
+            body_budget: BodyBudget::new(options.max_body_memory),
             via_name,
             via,
             registry,
@@ -166,6 +243,10 @@ impl Proxy {
     /// Idle node connections now, over every thread.
     pub fn idle_node_connections(&self) -> usize {
         self.upstream.idle_connections()
+    }
+
+    pub fn body_budget(&self) -> &Arc<BodyBudget> {
+        &self.body_budget
     }
 
     pub fn max_request_body(&self) -> usize {
