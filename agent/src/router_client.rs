@@ -122,13 +122,15 @@ impl RouterClient {
         Ok(check(response).await?.json().await?)
     }
 
-    /// Requests the router has in flight to this node now.
-    pub async fn in_flight(&self, id: Uuid) -> Result<u64, RouterError> {
-        let response = self
-            .http
-            .get(format!("{}/api/agents/{id}", self.base_url))
-            .send()
-            .await?;
+    /// Requests the router has in flight to this node now. The secret reads
+    /// its own record when the router protects its listings.
+    pub async fn in_flight(&self, id: Uuid, secret: Option<&str>) -> Result<u64, RouterError> {
+        let response = with_bearer(
+            self.http.get(format!("{}/api/agents/{id}", self.base_url)),
+            secret,
+        )
+        .send()
+        .await?;
         let view: AgentView = check(response).await?.json().await?;
         Ok(view.in_flight)
     }

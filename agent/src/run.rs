@@ -177,7 +177,7 @@ async fn drain(router: &RouterClient, id: Uuid, secret: Option<&str>, timeout: D
         }
     }
     loop {
-        match router.in_flight(id).await {
+        match router.in_flight(id, secret).await {
             Ok(0) => {
                 tracing::info!(agent_id = %id, "Drained.");
                 return;

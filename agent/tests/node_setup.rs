@@ -23,13 +23,18 @@ struct Router {
 
 impl Router {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(configure: impl FnOnce(&mut coordinator::Config)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let address = listener.local_addr().expect("address");
         let (stop, stopped) = oneshot::channel::<()>();
-        let config = coordinator::Config::for_data_dir(dir.path());
+        let mut config = coordinator::Config::for_data_dir(dir.path());
+        configure(&mut config);
         tokio::spawn(coordinator::run(listener, config, async move {
             let _ = stopped.await;
         }));
@@ -416,4 +421,53 @@ async fn a_bad_router_url_is_refused_naming_the_flag() {
         message.contains("--router-url") && message.contains("from 1 to 65535"),
         "{message}"
     );
+}
+
+/// With the router's listings protected, an agent still drains properly on
+/// SIGTERM: it reads its own record's in-flight count with its secret.
+#[tokio::test]
+async fn an_agent_drains_when_the_router_protects_its_listings() {
+    let router = Router::start_with(|config| {
+        config.agent_token = Some(coordinator::auth::Secret::new("drain-join-token"));
+        config.admin_token = Some(coordinator::auth::Secret::new("drain-admin-token"));
+        config.protect_listings = true;
+    })
+    .await;
+    let standin = StandIn::spawn(StandInOptions::ollama("drainer", &["smollm2:135m"]))
+        .await
+        .expect("stand-in");
+    let agent = AgentProcess::spawn(
+        &[
+            "--router-url",
+            &router.url(""),
+            "--backend-url",
+            &standin.url(),
+            "--machine-name",
+            "drainer",
+            "--heartbeat-interval",
+            "0.2",
+            "--token",
+            "drain-join-token",
+        ],
+        &[],
+    );
+    eventually(Duration::from_secs(10), "the agent registers", || async {
+        (agent.count("Registered with the router.") > 0).then_some(())
+    })
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(agent.child.id().expect("pid")).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    eventually(
+        Duration::from_secs(10),
+        "the agent drains and stops",
+        || async { (agent.count("Agent stopped.") > 0).then_some(()) },
+    )
+    .await;
+    let log = agent.log();
+    assert!(log.contains("Drained."), "{log}");
+    assert!(!log.contains("Lost the router"), "{log}");
+    agent.stop().await;
 }

@@ -99,20 +99,49 @@ function renderRates(text) {
   previous = now;
 }
 
+// With --protect-listings the router wants a reader's credential (the admin
+// token or an API key). It is asked for once and kept for this tab only.
+const TOKEN_KEY = "llm-router-token";
+
+class NeedsToken extends Error {}
+
+async function get(path) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  const response = await fetch(path, { cache: "no-store", headers });
+  if (response.status === 401 || response.status === 403) throw new NeedsToken();
+  if (!response.ok) throw new Error(`${path} answered ${response.status}`);
+  return response;
+}
+
+function askForToken() {
+  const form = document.getElementById("login");
+  form.hidden = false;
+  form.onsubmit = (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, document.getElementById("token").value.trim());
+    form.hidden = true;
+    refresh();
+  };
+}
+
 async function refresh() {
   try {
     const [agents, metrics] = await Promise.all([
-      fetch("/api/agents", { cache: "no-store" }).then((r) => r.json()),
-      fetch("/metrics", { cache: "no-store" }).then((r) => r.text()),
+      get("/api/agents").then((r) => r.json()),
+      get("/metrics").then((r) => r.text()),
     ]);
     renderAgents(agents);
     renderRates(metrics);
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (error) {
+    if (error instanceof NeedsToken) {
+      document.getElementById("updated").textContent = "this router needs a token to show its fleet";
+      return askForToken();
+    }
     document.getElementById("updated").textContent = `cannot reach the router (${error.message})`;
-  } finally {
-    setTimeout(refresh, REFRESH_MS);
   }
+  setTimeout(refresh, REFRESH_MS);
 }
 
 refresh();

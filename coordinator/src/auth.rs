@@ -105,6 +105,18 @@ pub struct Credentials {
     join_token: Option<TokenDigest>,
     api_keys: Vec<TokenDigest>,
     admin_token: Option<TokenDigest>,
+    /// Listings, `/metrics` and the dashboard's data need a credential.
+    protect_listings: bool,
+}
+
+/// How a listing request is let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListingAccess {
+    /// Listings are open, or an admin token or API key was presented.
+    Allowed,
+    /// An unknown token: only an agent's own record may take it, if it is
+    /// that agent's secret.
+    MustBeAgent(TokenDigest),
 }
 
 /// Why a request was refused.
@@ -183,7 +195,44 @@ impl Credentials {
             join_token: join_token.map(digest),
             api_keys: api_keys.iter().map(digest).collect(),
             admin_token: admin_token.map(digest),
+            protect_listings: false,
         }
+    }
+
+    /// Requires a credential for the listings (`GET /api/agents...`),
+    /// `/metrics` and the dashboard's data: the admin token or an API key,
+    /// or for an agent's own record its secret. Refused when neither an
+    /// admin token nor an API key is configured, since nobody could read.
+    pub fn protecting_listings(mut self) -> anyhow::Result<Self> {
+        if self.admin_token.is_none() && self.api_keys.is_empty() {
+            anyhow::bail!(
+                "--protect-listings needs a credential to read them with: configure --admin-token or --api-keys too"
+            );
+        }
+        self.protect_listings = true;
+        Ok(self)
+    }
+
+    /// `GET /api/agents`, `GET /api/agents/:id`, `/metrics`.
+    pub fn check_listing(
+        &self,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<ListingAccess, Refusal> {
+        if !self.protect_listings {
+            return Ok(ListingAccess::Allowed);
+        }
+        let presented = presented_digest(authorization)?;
+        let mut reader = subtle::Choice::from(0);
+        for digest in self.api_keys.iter().chain(&self.admin_token) {
+            reader |= digest.0.ct_eq(&presented.0);
+        }
+        if reader.into() {
+            return Ok(ListingAccess::Allowed);
+        }
+        if self.knows(&presented) {
+            return Err(Refusal::Forbidden);
+        }
+        Ok(ListingAccess::MustBeAgent(presented))
     }
 
     /// Whether registration needs the join token.

@@ -65,7 +65,8 @@ pub struct ClientArgs {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
-    /// The router's admin token, for `agents remove` when it requires one.
+    /// The router's admin token, for `agents remove` when it requires one,
+    /// and for every command when the router protects its listings.
     /// (Named apart from the server's `--admin-token`, a different argument.)
     #[arg(
         long,

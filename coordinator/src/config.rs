@@ -117,6 +117,11 @@ pub struct Config {
     )]
     pub max_connections_per_client: usize,
 
+    /// Require the admin token or an API key to list agents, read /metrics
+    /// and the dashboard's data (they show every node's address).
+    #[arg(long, env = "LLM_ROUTER_PROTECT_LISTINGS")]
+    pub protect_listings: bool,
+
     /// Most agents the registry holds; registering one more is refused (503).
     #[arg(long, env = "LLM_ROUTER_MAX_AGENTS", default_value_t = 1_000_000)]
     pub max_agents: usize,
@@ -235,6 +240,7 @@ impl Config {
             max_agents: 1_000_000,
             node_networks: None,
             max_connections: 0,
+            protect_listings: false,
             max_connections_per_client: 0,
             allowed_hosts: Vec::new(),
             header_read_timeout: Duration::from_secs(60),
@@ -257,11 +263,11 @@ impl Config {
         if let Some(path) = &self.api_keys_file {
             api_keys.extend(auth::read_api_key_file(path)?);
         }
-        Ok(Credentials::new(
-            join_token.as_ref(),
-            &api_keys,
-            admin_token.as_ref(),
-        ))
+        let credentials = Credentials::new(join_token.as_ref(), &api_keys, admin_token.as_ref());
+        if self.protect_listings {
+            return credentials.protecting_listings();
+        }
+        Ok(credentials)
     }
 }
 

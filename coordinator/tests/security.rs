@@ -817,3 +817,115 @@ async fn what_one_agent_may_register_is_capped() {
     nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     router.finished_log().await;
 }
+
+/// With `--protect-listings`, who may see the fleet: a reader's credential
+/// (admin token, API key), or an agent's own secret for its own record.
+/// The dashboard's page stays open; its data does not.
+#[tokio::test]
+async fn protected_listings_need_a_readers_credential() {
+    const JOIN: &str = "join-token-protect-0001";
+    const ADMIN: &str = "admin-token-protect-0001";
+    const KEY: &str = "api-key-protect-0001";
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .args(["--port", "0", "--protect-listings"])
+        .arg("--data-dir")
+        .arg(tempfile::tempdir().expect("tempdir").path())
+        .output()
+        .expect("run");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--protect-listings needs"));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn(
+        dir.path(),
+        &[
+            "--protect-listings",
+            "--agent-token",
+            JOIN,
+            "--admin-token",
+            ADMIN,
+            "--api-keys",
+            KEY,
+        ],
+    )
+    .await;
+    let (client, base) = (client(), router.url(""));
+    let register_as = |name: &'static str| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let answer: Value = client
+                .post(format!("{base}/api/agents/register"))
+                .bearer_auth(JOIN)
+                .json(&registration(name))
+                .send()
+                .await
+                .expect("register")
+                .json()
+                .await
+                .expect("json");
+            (
+                answer["id"].as_str().expect("id").to_owned(),
+                answer["agent_secret"].as_str().expect("secret").to_owned(),
+            )
+        }
+    };
+    let (id, secret) = register_as("reader-a").await;
+    let (_, other_secret) = register_as("reader-b").await;
+    let get = |path: String, token: Option<String>| {
+        let client = client.clone();
+        async move {
+            let mut request = client.get(path);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            request.send().await.expect("get").status()
+        }
+    };
+    for path in ["/api/agents", "/metrics"] {
+        let url = format!("{base}{path}");
+        assert_eq!(
+            get(url.clone(), None).await,
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+        assert_eq!(
+            get(url.clone(), Some(KEY.into())).await,
+            StatusCode::OK,
+            "{path}"
+        );
+        assert_eq!(
+            get(url.clone(), Some(ADMIN.into())).await,
+            StatusCode::OK,
+            "{path}"
+        );
+        assert_eq!(
+            get(url.clone(), Some(JOIN.into())).await,
+            StatusCode::FORBIDDEN,
+            "{path}"
+        );
+        assert_eq!(
+            get(url.clone(), Some(secret.clone())).await,
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+    }
+    let own = format!("{base}/api/agents/{id}");
+    assert_eq!(
+        get(own.clone(), Some(secret.clone())).await,
+        StatusCode::OK,
+        "its own record"
+    );
+    assert_eq!(
+        get(own.clone(), Some(other_secret)).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(get(own, None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get(format!("{base}/dashboard"), None).await,
+        StatusCode::OK,
+        "the page itself"
+    );
+    assert_eq!(get(format!("{base}/health"), None).await, StatusCode::OK);
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    router.finished_log().await;
+}

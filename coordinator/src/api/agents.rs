@@ -21,7 +21,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::guard::{AuthorizedAgent, JoinAllowed, SelfOnly, SelfOrAdmin};
+use super::guard::{
+    AuthorizedAgent, JoinAllowed, ListingAllowed, RecordReadable, SelfOnly, SelfOrAdmin,
+};
 use super::json::{AgentIdParam, JsonBody, OptionalJsonBody};
 use crate::auth::{Credentials, JoinAccess, TokenDigest};
 use crate::node_address::NodeAddressPolicy;
@@ -97,6 +99,7 @@ pub struct ListQuery {
     ))]
 pub async fn list(
     State(registry): State<Arc<Registry>>,
+    _: ListingAllowed,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Query(query) =
@@ -130,6 +133,7 @@ pub async fn list(
     ))]
 pub async fn show(
     State(registry): State<Arc<Registry>>,
+    _: RecordReadable,
     AgentIdParam(id): AgentIdParam,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(registry.get(id)?))

@@ -46,7 +46,10 @@ pub async fn style() -> impl IntoResponse {
 /// Prometheus metrics, in the text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "router",
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)))]
-pub async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+pub async fn metrics(
+    State(registry): State<Arc<Registry>>,
+    _: super::guard::ListingAllowed,
+) -> impl IntoResponse {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         telemetry::render(&registry),

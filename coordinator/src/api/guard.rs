@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::json::AgentIdParam;
-use crate::auth::{AgentAccess, AgentRoute, Credentials, JoinAccess};
+use crate::auth::{AgentAccess, AgentRoute, Credentials, JoinAccess, ListingAccess, Refusal};
 use crate::registry::Registry;
 
 /// Registration: the join token, when one is configured.
@@ -71,5 +71,52 @@ where
             }
         }
         Ok(AuthorizedAgent(id, PhantomData))
+    }
+}
+
+/// Admits a listing (`GET /api/agents`, `/metrics`) when listings are open
+/// or a reader's credential (admin token, API key) came with it.
+pub struct ListingAllowed;
+
+impl<S> FromRequestParts<S> for ListingAllowed
+where
+    S: Send + Sync,
+    Arc<Credentials>: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let credentials = Arc::<Credentials>::from_ref(state);
+        match credentials.check_listing(parts.headers.get(AUTHORIZATION))? {
+            ListingAccess::Allowed => Ok(ListingAllowed),
+            ListingAccess::MustBeAgent(_) => Err(Refusal::Unauthenticated.into()),
+        }
+    }
+}
+
+/// Admits reading one agent's record: as a listing, or with that agent's
+/// own secret (an agent reads its own in-flight count while it drains).
+pub struct RecordReadable;
+
+impl<S> FromRequestParts<S> for RecordReadable
+where
+    S: Send + Sync,
+    Arc<Credentials>: FromRef<S>,
+    Arc<Registry>: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let credentials = Arc::<Credentials>::from_ref(state);
+        match credentials.check_listing(parts.headers.get(AUTHORIZATION))? {
+            ListingAccess::Allowed => Ok(RecordReadable),
+            ListingAccess::MustBeAgent(presented) => {
+                let AgentIdParam(id) = AgentIdParam::from_request_parts(parts, state).await?;
+                Arc::<Registry>::from_ref(state)
+                    .verify_agent_secret(id, &presented)
+                    .map_err(|_| ApiError::from(Refusal::Unauthenticated))?;
+                Ok(RecordReadable)
+            }
+        }
     }
 }
