@@ -62,6 +62,11 @@ pub struct AgentConfig {
     #[arg(long, env = "LLM_ROUTER_DRAIN_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
     pub drain_timeout: Duration,
 
+    /// A PEM file of CA certificates to trust for an https:// router, besides
+    /// the system's (for a router whose certificate a private CA signed).
+    #[arg(long, env = "LLM_ROUTER_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
+
     /// Where the agent keeps its secret across restarts [default:
     /// $STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/llm-router-agent,
     /// else ~/.local/state/llm-router-agent].
@@ -105,6 +110,28 @@ impl AgentConfig {
             Some(token) if token.is_empty() => anyhow::bail!("the join token must not be empty"),
             token => Ok(token),
         }
+    }
+
+    /// The certificates of `--ca-cert`, if given.
+    pub fn ca_certificates(&self) -> anyhow::Result<Vec<reqwest::Certificate>> {
+        let Some(path) = &self.ca_cert else {
+            return Ok(Vec::new());
+        };
+        let pem = std::fs::read(path)
+            .map_err(|error| anyhow::anyhow!("--ca-cert {}: {error}", path.display()))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|error| {
+            anyhow::anyhow!(
+                "--ca-cert {}: not PEM certificates: {error}",
+                path.display()
+            )
+        })?;
+        if certificates.is_empty() {
+            anyhow::bail!(
+                "--ca-cert {}: the file holds no PEM certificate",
+                path.display()
+            );
+        }
+        Ok(certificates)
     }
 
     pub fn state_dir(&self) -> std::path::PathBuf {

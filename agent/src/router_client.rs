@@ -42,17 +42,27 @@ pub struct Registration {
 }
 
 impl RouterClient {
-    pub fn new(base_url: String, join_token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
+    /// `ca_certificates`: trusted besides the system's, for a router whose
+    /// certificate a private CA (or the router itself) signed.
+    pub fn new(
+        base_url: String,
+        join_token: Option<String>,
+        ca_certificates: Vec<reqwest::Certificate>,
+    ) -> anyhow::Result<Self> {
+        let mut http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(3))
+            .connect_timeout(Duration::from_secs(3));
+        for certificate in ca_certificates {
+            http = http.add_root_certificate(certificate);
+        }
+        let http = http
             .build()
-            .unwrap_or_default();
-        RouterClient {
+            .map_err(|error| anyhow::anyhow!("cannot set up HTTPS to the router: {error}"))?;
+        Ok(RouterClient {
             base_url,
             http,
             join_token,
-        }
+        })
     }
 
     pub fn base_url(&self) -> &str {

@@ -29,7 +29,10 @@ struct Registered {
 /// Runs until `shutdown` is cancelled. Errors only on a configuration that
 /// cannot work (an unparsable URL); an unreachable router is waited out.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let router = RouterClient::new(config.router_url(), config.join_token()?);
+    let join_token = config.join_token()?;
+    let router_url = config.router_url();
+    warn_if_secrets_in_clear(&router_url, join_token.is_some());
+    let router = RouterClient::new(router_url, join_token, config.ca_certificates()?)?;
     let (server, server_source, server_warning) = config.backend_address()?;
     if let Some(warning) = server_warning {
         tracing::warn!("{warning}");
@@ -252,6 +255,23 @@ async fn warn_if_unreachable_at(ip: IpAddr, server: &ServerAddress) {
         server.port,
         server.port,
     );
+}
+
+/// A join token and the agent's secret sent over plain HTTP to another
+/// machine can be read by anyone on the way.
+fn warn_if_secrets_in_clear(router_url: &str, has_token: bool) {
+    let Ok(url) = reqwest::Url::parse(router_url) else {
+        return;
+    };
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => true,
+    };
+    if has_token && url.scheme() == "http" && !loopback {
+        tracing::warn!(router = router_url, "SECURITY: the join token and this agent's secret go to the router over plain http://; serve the router with --tls-cert and --tls-key and use an https:// URL.");
+    }
 }
 
 /// The LLM server came up, or came back as another kind or version.

@@ -22,11 +22,12 @@ pub fn parse_router_url(text: &str) -> Result<String, String> {
         other => format!("{other}: write it as http://ROUTER_HOST:8080"),
     })?;
     match parsed.scheme() {
-        "http" => {}
-        "https" => {
-            return Err("https:// is not supported yet: use http:// (behind a TLS-terminating proxy if the network is not trusted)".to_owned())
+        "http" | "https" => {}
+        other => {
+            return Err(format!(
+                "{other}:// is not a router URL: use http://ROUTER_HOST:8080, or https:// when the router serves TLS"
+            ))
         }
-        other => return Err(format!("{other}:// is not a router URL: use http://ROUTER_HOST:8080")),
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err("the URL names no host: write it as http://ROUTER_HOST:8080".to_owned());
@@ -51,6 +52,7 @@ mod tests {
             ("127.0.0.1:8080", "http://127.0.0.1:8080"),
             ("localhost", "http://localhost"),
             (" http://[::1]:8080 ", "http://[::1]:8080"),
+            ("https://127.0.0.1:8443/", "https://127.0.0.1:8443"),
         ] {
             assert_eq!(parse_router_url(given).as_deref(), Ok(expected), "{given}");
         }

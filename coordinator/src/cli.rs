@@ -75,13 +75,21 @@ pub struct ClientArgs {
         hide_env_values = true
     )]
     pub token: Option<String>,
+    /// A PEM file of CA certificates to trust for an https:// router,
+    /// besides the system's.
+    #[arg(long, global = true, env = "LLM_ROUTER_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 /// Runs one command against a running router, printing to stdout.
 pub async fn run_command(command: Command) -> anyhow::Result<()> {
     let output = match command {
         Command::Agents { action, client } => {
-            let api = Api::new(&client.router_url, client.token.clone());
+            let api = Api::new(
+                &client.router_url,
+                client.token.clone(),
+                client.ca_cert.as_deref(),
+            )?;
             let output = match action {
                 AgentsAction::List => {
                     let agents: Vec<AgentView> = api.get_json("/api/agents").await?;
@@ -108,7 +116,11 @@ pub async fn run_command(command: Command) -> anyhow::Result<()> {
             output
         }
         Command::Status { client } => {
-            let api = Api::new(&client.router_url, client.token.clone());
+            let api = Api::new(
+                &client.router_url,
+                client.token.clone(),
+                client.ca_cert.as_deref(),
+            )?;
             let agents: Vec<AgentView> = api.get_json("/api/agents").await?;
             let status = Summary::of(&agents);
             if client.json {
@@ -129,12 +141,26 @@ struct Api {
 }
 
 impl Api {
-    fn new(base: &str, admin_token: Option<String>) -> Self {
-        Api {
-            base: base.trim_end_matches('/').to_owned(),
-            http: reqwest::Client::new(),
-            admin_token,
+    fn new(
+        base: &str,
+        admin_token: Option<String>,
+        ca_cert: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let mut http = reqwest::Client::builder();
+        if let Some(path) = ca_cert {
+            let pem =
+                std::fs::read(path).with_context(|| format!("--ca-cert {}", path.display()))?;
+            for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("--ca-cert {}: not PEM certificates", path.display()))?
+            {
+                http = http.add_root_certificate(certificate);
+            }
         }
+        Ok(Api {
+            base: base.trim_end_matches('/').to_owned(),
+            http: http.build().context("setting up HTTPS")?,
+            admin_token,
+        })
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {

@@ -122,6 +122,14 @@ pub struct Config {
     #[arg(long, env = "LLM_ROUTER_PROTECT_LISTINGS")]
     pub protect_listings: bool,
 
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, env = "LLM_ROUTER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "LLM_ROUTER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Most agents the registry holds; registering one more is refused (503).
     #[arg(long, env = "LLM_ROUTER_MAX_AGENTS", default_value_t = 1_000_000)]
     pub max_agents: usize,
@@ -240,6 +248,8 @@ impl Config {
             max_agents: 1_000_000,
             node_networks: None,
             max_connections: 0,
+            tls_cert: None,
+            tls_key: None,
             protect_listings: false,
             max_connections_per_client: 0,
             allowed_hosts: Vec::new(),

@@ -16,6 +16,7 @@ pub mod registry;
 mod serve;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -212,8 +213,13 @@ pub async fn run(
     let stop_prober = stop_prober.drop_guard();
 
     let connection_limits = Arc::new(connection_limits(&config));
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let address = listener.local_addr()?;
-    tracing::info!(%address, "llm-router listening on http://{address}");
+    tracing::info!(%address, "llm-router listening on {scheme}://{address}");
     warn_if_open_to_the_network(address.ip(), &credentials);
     let proxy = Arc::new(proxy::Proxy::new(
         Arc::clone(&registry),
@@ -244,6 +250,7 @@ pub async fn run(
         header_read_timeout: config.header_read_timeout,
         send_timeout: config.send_timeout,
         limits: connection_limits,
+        tls,
     };
     let stop_event_loops = CancellationToken::new();
     let event_loops = spawn_event_loops(

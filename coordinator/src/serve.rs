@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 /// Connection settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     /// How long a client may take to send a request head, counted from when
     /// the connection starts waiting for one (at accept, and after each
@@ -47,6 +47,8 @@ pub struct ServeOptions {
     pub send_timeout: Duration,
     /// Client connections open at once, shared by every event loop.
     pub limits: Arc<ConnectionLimits>,
+    /// Serve HTTPS with this, when configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// How many client connections may be open: in all, and from one address.
@@ -187,8 +189,27 @@ pub async fn serve(
             app: app.clone(),
             clock,
         };
-        let connection = graceful.watch(builder.serve_connection(io, service));
+        let Some(tls) = &options.tls else {
+            let connection = graceful.watch(builder.serve_connection(io, service));
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "Client connection ended with an error.");
+                }
+                drop(slot);
+            });
+            continue;
+        };
+        // The handshake happens on the connection's own task; the head
+        // deadline bounds it, as it bounds a silent plain connection.
+        let (tls, watcher, builder) = (tls.clone(), graceful.watcher(), builder.clone());
         tokio::spawn(async move {
+            let stream = match tls.accept(io.into_inner()).await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    return tracing::debug!(%error, "TLS handshake failed.");
+                }
+            };
+            let connection = watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "Client connection ended with an error.");
             }

@@ -48,6 +48,7 @@ impl RunningAgent {
     ) -> Self {
         let config = AgentConfig {
             state_dir: Some(state_dir.to_owned()),
+            ca_cert: None,
             token: token.map(str::to_owned),
             token_file: None,
             router_url,

@@ -178,6 +178,7 @@ async fn a_router_restart_under_1000_live_agents_brings_all_back_with_their_ids(
                 token: None,
                 token_file: None,
                 state_dir: Some(dir.path().join("agents")),
+                ca_cert: None,
             };
             tokio::spawn(agent::run(config, stop.clone()))
         })

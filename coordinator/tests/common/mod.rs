@@ -152,7 +152,11 @@ impl RouterProcess {
         let address = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await.expect("read log") {
                 seen.lock().expect("log").push(line.clone());
-                if let Some(rest) = line.split("listening on http://").nth(1) {
+                let rest = line
+                    .split("listening on http://")
+                    .nth(1)
+                    .or_else(|| line.split("listening on https://").nth(1));
+                if let Some(rest) = rest {
                     // Text logs end the address with a space, JSON ones with a quote.
                     let address: String = rest
                         .chars()

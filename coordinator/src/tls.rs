@@ -1,0 +1,45 @@
+//! The router's own TLS (`--tls-cert`, `--tls-key`): so that join tokens,
+//! agent secrets and API keys need not cross the network in clear.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A TLS acceptor from a PEM certificate chain and its PEM private key
+/// (PKCS#8, PKCS#1 or SEC1), speaking HTTP/1.1 as the router does.
+pub fn acceptor(cert_path: &Path, key_path: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
+        .and_then(Iterator::collect)
+        .with_context(|| {
+            format!(
+                "--tls-cert {}: cannot read a PEM certificate chain from it",
+                cert_path.display()
+            )
+        })?;
+    if chain.is_empty() {
+        anyhow::bail!(
+            "--tls-cert {}: the file holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            cert_path.display()
+        );
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).with_context(|| {
+        format!(
+            "--tls-key {}: cannot read a PEM private key from it",
+            key_path.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS: the default protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context(
+            "--tls-cert and --tls-key do not make a usable pair: is the key the certificate's?",
+        )?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}

@@ -1,0 +1,199 @@
+//! TLS end to end with the real binaries: the router serves HTTPS with a
+//! certificate made here for 127.0.0.1; the CLI and an agent reach it with
+//! that certificate as their CA; plain HTTP and an untrusted client fail.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, registration, RouterProcess};
+use reqwest::StatusCode;
+use serde_json::Value;
+use testkit::{StandIn, StandInOptions};
+
+/// A self-signed certificate for 127.0.0.1, its key, and where they are.
+fn certificate(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, reqwest::Certificate) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("a certificate");
+    let cert_pem = certified.cert.pem();
+    let cert_path = dir.join("router.crt");
+    let key_path = dir.join("router.key");
+    std::fs::write(&cert_path, &cert_pem).expect("write cert");
+    std::fs::write(&key_path, certified.key_pair.serialize_pem()).expect("write key");
+    let trusted = reqwest::Certificate::from_pem(cert_pem.as_bytes()).expect("pem");
+    (cert_path, key_path, trusted)
+}
+
+#[tokio::test]
+async fn the_router_the_cli_and_an_agent_speak_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key, trusted) = certificate(dir.path());
+    let (cert_arg, key_arg) = (cert.display().to_string(), key.display().to_string());
+    let mut router = RouterProcess::spawn(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            &cert_arg,
+            "--tls-key",
+            &key_arg,
+            "--agent-token",
+            "tls-join-token",
+        ],
+    )
+    .await;
+    let base = format!("https://127.0.0.1:{}", router.address.port());
+
+    let client = reqwest::Client::builder()
+        .add_root_certificate(trusted)
+        .build()
+        .expect("client");
+    let health = client
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .expect("https");
+    assert_eq!(health.status(), StatusCode::OK);
+    // Not trusted: refused by the client. Plain HTTP: no answer.
+    assert!(common::client()
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .is_err());
+    assert!(common::client()
+        .get(router.url("/health"))
+        .send()
+        .await
+        .is_err());
+
+    // A registration over TLS, with the join token.
+    let registered = client
+        .post(format!("{base}/api/agents/register"))
+        .bearer_auth("tls-join-token")
+        .json(&registration("tls-node"))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(registered.status(), StatusCode::CREATED);
+
+    // The CLI, trusting the certificate.
+    let listed = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .args([
+            "agents",
+            "list",
+            "--json",
+            "--router-url",
+            &base,
+            "--ca-cert",
+            &cert_arg,
+        ])
+        .output()
+        .await
+        .expect("cli");
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let agents: Vec<Value> = serde_json::from_slice(&listed.stdout).expect("json");
+    assert_eq!(agents[0]["machine_name"], "tls-node");
+    let untrusted = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .args(["status", "--router-url", &base])
+        .output()
+        .await
+        .expect("cli");
+    assert!(
+        !untrusted.status.success(),
+        "an untrusted certificate is refused"
+    );
+
+    // An agent over TLS: registers, heartbeats, drains.
+    let standin = StandIn::spawn(StandInOptions::ollama("tls-agent", &["smollm2:135m"]))
+        .await
+        .expect("stand-in");
+    let agent_config = agent::AgentConfig {
+        router_url: base.clone(),
+        backend_url: Some(standin.url()),
+        heartbeat_interval: Duration::from_millis(100),
+        machine_name: Some("tls-agent".to_owned()),
+        advertise_ip: None,
+        log_format: agent::config::LogFormat::Text,
+        token: Some("tls-join-token".to_owned()),
+        token_file: None,
+        drain_timeout: Duration::from_secs(5),
+        ca_cert: Some(cert.clone()),
+        state_dir: Some(dir.path().join("agent-state")),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(agent::run(agent_config, stop.clone()));
+    let seen = eventually(
+        Duration::from_secs(10),
+        "the agent reports over TLS",
+        || {
+            let (client, base) = (client.clone(), base.clone());
+            async move {
+                let agents: Vec<Value> = client
+                    .get(format!("{base}/api/agents"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                agents.into_iter().find(|agent| {
+                    agent["machine_name"] == "tls-agent" && agent["report"]["llm_server_up"] == true
+                })
+            }
+        },
+    )
+    .await;
+    stop.cancel();
+    task.await.expect("agent task").expect("agent run");
+    let after: Value = client
+        .get(format!(
+            "{base}/api/agents/{}",
+            seen["id"].as_str().expect("id")
+        ))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(after["draining"], true, "the drain went over TLS too");
+
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let log = router.finished_log().await.join("\n");
+    assert!(log.contains("listening on https://"), "{log}");
+    assert!(!log.contains("tls-join-token"));
+}
+
+#[tokio::test]
+async fn a_bad_certificate_or_key_stops_start_up_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, _key, _) = certificate(dir.path());
+    let other = tempfile::tempdir().expect("tempdir");
+    let (_, other_key, _) = certificate(other.path());
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").expect("write");
+    for (cert, key, says) in [
+        (&garbage, &other_key, "--tls-cert"),
+        (&cert, &garbage, "--tls-key"),
+        (&cert, &other_key, "do not make a usable pair"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
+            .args(["--port", "0", "--host", "127.0.0.1", "--tls-cert"])
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("run");
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{says}: {stderr}");
+    }
+}
