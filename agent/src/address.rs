@@ -28,6 +28,13 @@ pub struct ServerAddress {
     pub port: u16,
 }
 
+impl ServerAddress {
+    /// The server speaks HTTPS: the router must connect with TLS too.
+    pub fn is_https(&self) -> bool {
+        self.url.starts_with("https://")
+    }
+}
+
 /// The host part, as the router's view of the node depends on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerHost {
@@ -46,14 +53,10 @@ pub fn parse_server_address(raw: &str) -> Result<(ServerAddress, Option<String>)
     let (scheme, hostport, default_port) = match value.split_once("://") {
         None => ("http", value, OLLAMA_PORT),
         Some(("http", rest)) => ("http", rest, 80),
-        Some(("https", _)) => {
-            return Err(format!(
-                "{raw:?}: https:// to the LLM server is not supported; the agent reaches its server over plain http, usually on this machine"
-            ))
-        }
+        Some(("https", rest)) => ("https", rest, 443),
         Some((other, _)) => {
             return Err(format!(
-                "{raw:?}: {other}:// is not an LLM server URL; write it as http://HOST:PORT or HOST:PORT"
+                "{raw:?}: {other}:// is not an LLM server URL; write it as http://HOST:PORT, https://HOST:PORT or HOST:PORT"
             ))
         }
     };
@@ -241,9 +244,23 @@ mod tests {
 
     #[test]
     fn schemes_the_agent_cannot_speak_are_refused_with_a_fix() {
-        for raw in ["https://127.0.0.1:11434", "ftp://127.0.0.1"] {
+        for raw in ["ftp://127.0.0.1", "unix:///run/ollama.sock"] {
             let error = parse_server_address(raw).expect_err(raw);
             assert!(error.contains("http"), "{raw}: {error}");
         }
+    }
+
+    #[test]
+    fn https_servers_keep_their_scheme_and_default_to_443() {
+        let (address, _) = parse_server_address("https://127.0.0.1").expect("parses");
+        assert_eq!(
+            (address.url.as_str(), address.port),
+            ("https://127.0.0.1:443", 443)
+        );
+        assert!(address.is_https());
+        let (address, _) = parse_server_address("https://127.0.0.1:8443").expect("parses");
+        assert_eq!(address.port, 8443);
+        let (address, _) = parse_server_address("127.0.0.1:8443").expect("parses");
+        assert!(!address.is_https());
     }
 }

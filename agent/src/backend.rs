@@ -52,13 +52,22 @@ struct OpenAiModel {
 }
 
 impl Backend {
-    pub fn new(base_url: String) -> Self {
-        let http = reqwest::Client::builder()
+    /// `ca_certificates`: trusted besides the system's, for a server over
+    /// HTTPS whose certificate a private CA signed.
+    pub fn new(
+        base_url: String,
+        ca_certificates: Vec<reqwest::Certificate>,
+    ) -> anyhow::Result<Self> {
+        let mut http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
-            .connect_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(2));
+        for certificate in ca_certificates {
+            http = http.add_root_certificate(certificate);
+        }
+        let http = http
             .build()
-            .unwrap_or_default();
-        Backend { base_url, http }
+            .map_err(|error| anyhow::anyhow!("cannot set up HTTPS to the LLM server: {error}"))?;
+        Ok(Backend { base_url, http })
     }
 
     pub fn base_url(&self) -> &str {

@@ -37,7 +37,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     if let Some(warning) = server_warning {
         tracing::warn!("{warning}");
     }
-    let backend = Backend::new(server.url.clone());
+    let backend = Backend::new(server.url.clone(), config.ca_certificates()?)?;
     let router_url = reqwest::Url::parse(router.base_url())?;
     let machine_name = config.machine_name.clone().unwrap_or_else(host_name);
     let identity = IdentityFile::open(
@@ -102,6 +102,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 }
                 let request = advertised.map(|ip| RegisterRequest {
                     agent_secret: secret.clone(),
+                    tls: server.is_https(),
                     ..register_request(&machine_name, ip, server.port, &system_info, state.as_ref())
                 });
                 let result = match request {
@@ -298,6 +299,7 @@ fn register_request(
         system_info: system_info.clone(),
         models: state.map(|s| s.models.clone()).unwrap_or_default(),
         backend: state.map(|s| s.kind).unwrap_or_default(),
+        tls: false,
         agent_secret: None,
     }
 }

@@ -22,6 +22,7 @@ fn fleet(nodes: u32) -> RoutingTable {
                 11434,
             )),
             backend: BackendKind::Ollama,
+            tls: false,
             runtime_version: Arc::from("0.5.7"),
             models: [
                 "llama3.1:8b".to_owned(),

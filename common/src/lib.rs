@@ -54,6 +54,11 @@ pub struct RegisterRequest {
     /// The API its LLM server speaks; Ollama when absent (the seed's case).
     #[serde(default)]
     pub backend: BackendKind,
+    /// The node's LLM server speaks HTTPS: the router connects to it with
+    /// TLS, checking its certificate (the system's roots, or the router's
+    /// `--node-ca-cert`) for `ip_address`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
     /// The secret this agent was given when its identity was first
     /// registered: registering a known `(machine_name, port)` again needs
     /// it (or the admin token), so that no one else can take the identity.
@@ -198,6 +203,9 @@ pub struct Agent {
     /// What the latest heartbeat reported (empty before the first one).
     #[serde(default)]
     pub report: HeartbeatReport,
+    /// The router reaches its LLM server over HTTPS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
     /// SHA-256 of the agent's secret, in hex. Only in the stored form: API
     /// answers never carry it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

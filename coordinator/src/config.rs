@@ -130,6 +130,11 @@ pub struct Config {
     #[arg(long, env = "LLM_ROUTER_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// A PEM file of CA certificates to trust for nodes that speak HTTPS,
+    /// besides the system's.
+    #[arg(long, env = "LLM_ROUTER_NODE_CA_CERT")]
+    pub node_ca_cert: Option<PathBuf>,
+
     /// Most agents the registry holds; registering one more is refused (503).
     #[arg(long, env = "LLM_ROUTER_MAX_AGENTS", default_value_t = 1_000_000)]
     pub max_agents: usize,
@@ -222,6 +227,7 @@ impl Config {
             body_read_timeout: self.body_read_timeout,
             node_keepalive: self.node_keepalive,
             max_body_memory: self.max_body_memory,
+            node_ca_certificates: Vec::new(),
             max_idle_node_connections: self.max_idle_node_connections,
         }
     }
@@ -249,6 +255,7 @@ impl Config {
             node_networks: None,
             max_connections: 0,
             tls_cert: None,
+            node_ca_cert: None,
             tls_key: None,
             protect_listings: false,
             max_connections_per_client: 0,

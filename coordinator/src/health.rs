@@ -25,15 +25,25 @@ const MAX_CONCURRENT_PROBES: usize = 64;
 const IDLE_TICK: Duration = Duration::from_millis(250);
 
 /// Runs the prober until `stop` is cancelled; the caller awaits it.
-pub async fn run_prober(registry: Arc<Registry>, timeout: Duration, stop: CancellationToken) {
-    let http = match reqwest::Client::builder()
+/// `node_ca`: trusted for nodes that speak HTTPS, as the proxy trusts them.
+pub async fn run_prober(
+    registry: Arc<Registry>,
+    timeout: Duration,
+    node_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    stop: CancellationToken,
+) {
+    let mut http = reqwest::Client::builder()
         .connect_timeout(timeout)
         .timeout(timeout)
         // A probe is a one-off: keep no connection to a node that failed.
         .pool_max_idle_per_host(0)
-        .no_proxy()
-        .build()
-    {
+        .no_proxy();
+    for certificate in &node_ca {
+        if let Ok(certificate) = reqwest::Certificate::from_der(certificate) {
+            http = http.add_root_certificate(certificate);
+        }
+    }
+    let http = match http.build() {
         Ok(http) => http,
         Err(error) => {
             return tracing::error!(%error, "Could not start the node prober; unreachable nodes stay out of rotation.");
@@ -73,7 +83,8 @@ async fn probe(http: &reqwest::Client, target: &ProbeTarget) -> bool {
         BackendKind::Ollama => "/api/version",
         BackendKind::Openai => "/v1/models",
     };
-    let url = format!("http://{}{path}", target.address);
+    let scheme = if target.tls { "https" } else { "http" };
+    let url = format!("{scheme}://{}{path}", target.address);
     match http.get(&url).send().await {
         Ok(response) if response.status().is_success() => true,
         Ok(response) => {

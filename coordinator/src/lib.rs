@@ -202,11 +202,16 @@ pub async fn run(
         store,
     ));
 
+    let node_ca_certificates = match &config.node_ca_cert {
+        Some(path) => tls::read_certificates(path, "--node-ca-cert")?,
+        None => Vec::new(),
+    };
     let sweeper = registry::Sweeper::start(Arc::clone(&registry), config.flush_interval)?;
     let stop_prober = CancellationToken::new();
     let prober = tokio::spawn(health::run_prober(
         Arc::clone(&registry),
         config.connect_timeout,
+        node_ca_certificates.clone(),
         stop_prober.clone(),
     ));
     // Also stops it if start-up fails below.
@@ -221,10 +226,9 @@ pub async fn run(
     let address = listener.local_addr()?;
     tracing::info!(%address, "llm-router listening on {scheme}://{address}");
     warn_if_open_to_the_network(address.ip(), &credentials);
-    let proxy = Arc::new(proxy::Proxy::new(
-        Arc::clone(&registry),
-        config.proxy_options(),
-    ));
+    let mut proxy_options = config.proxy_options();
+    proxy_options.node_ca_certificates = node_ca_certificates;
+    let proxy = Arc::new(proxy::Proxy::new(Arc::clone(&registry), proxy_options));
     let node_addresses = Arc::new(node_address::NodeAddressPolicy::for_this_machine(
         address,
         config.node_networks.clone().unwrap_or_default().0,

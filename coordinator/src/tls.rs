@@ -43,3 +43,37 @@ pub fn acceptor(cert_path: &Path, key_path: &Path) -> anyhow::Result<tokio_rustl
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
+
+/// Reads PEM certificates (a CA bundle), for the flag named `flag`.
+pub fn read_certificates(path: &Path, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(Iterator::collect)
+        .with_context(|| {
+            format!(
+                "{flag} {}: cannot read PEM certificates from it",
+                path.display()
+            )
+        })?;
+    if certificates.is_empty() {
+        anyhow::bail!(
+            "{flag} {}: the file holds no PEM certificate",
+            path.display()
+        );
+    }
+    Ok(certificates)
+}
+
+/// How the router checks the certificates of nodes that speak HTTPS: the
+/// system's trust store plus `extra` (`--node-ca-cert`). A node's
+/// certificate must name the address it registered.
+pub fn node_connector(extra: &[CertificateDer<'static>]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    roots.add_parsable_certificates(extra.iter().cloned());
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}

@@ -412,5 +412,6 @@ fn registry_registration(name: &str) -> coordinator::registry::Registration {
         system_info: request.system_info,
         models: request.models,
         backend: request.backend,
+        tls: request.tls,
     }
 }

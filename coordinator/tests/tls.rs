@@ -197,3 +197,122 @@ async fn a_bad_certificate_or_key_stops_start_up_with_the_reason() {
         assert!(stderr.contains(says), "{says}: {stderr}");
     }
 }
+
+/// A node whose LLM server speaks HTTPS: its agent finds it at an https://
+/// backend URL and registers it with `tls`; the router connects with TLS,
+/// checking the node's certificate against `--node-ca-cert`, streaming
+/// included. A router that does not trust the certificate does not send
+/// prompts there.
+#[tokio::test]
+async fn nodes_that_speak_https_are_reached_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
+    let (cert_pem, key_pem) = (certified.cert.pem(), certified.key_pair.serialize_pem());
+    let ca_path = dir.path().join("node-ca.pem");
+    std::fs::write(&ca_path, &cert_pem).expect("write");
+    let standin = StandIn::spawn_tls(
+        StandInOptions::ollama("secure-node", &["smollm2:135m"]),
+        &cert_pem,
+        &key_pem,
+    )
+    .await
+    .expect("TLS stand-in");
+    let ca_arg = ca_path.display().to_string();
+    let mut router =
+        RouterProcess::spawn(&dir.path().join("data"), &["--node-ca-cert", &ca_arg]).await;
+    let (client, base) = (common::client(), router.url(""));
+
+    let agent_config = agent::AgentConfig {
+        router_url: base.clone(),
+        backend_url: Some(format!("https://127.0.0.1:{}", standin.address.port())),
+        heartbeat_interval: Duration::from_millis(100),
+        machine_name: Some("secure-node".to_owned()),
+        advertise_ip: None,
+        log_format: agent::config::LogFormat::Text,
+        token: None,
+        token_file: None,
+        drain_timeout: Duration::from_secs(5),
+        ca_cert: Some(ca_path.clone()),
+        state_dir: Some(dir.path().join("agent-state")),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(agent::run(agent_config, stop.clone()));
+    let node = eventually(
+        Duration::from_secs(10),
+        "the agent registers its https server",
+        || {
+            let (client, base) = (client.clone(), base.clone());
+            async move {
+                let agents: Vec<Value> = client
+                    .get(format!("{base}/api/agents"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                agents.into_iter().find(|agent| {
+                    agent["machine_name"] == "secure-node"
+                        && agent["report"]["llm_server_up"] == true
+                })
+            }
+        },
+    )
+    .await;
+    assert_eq!(node["tls"], true, "{node}");
+
+    let answer: Value = client
+        .post(format!("{base}/api/chat"))
+        .json(&serde_json::json!({"model": "smollm2:135m", "messages": [], "stream": false}))
+        .send()
+        .await
+        .expect("chat")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        answer["message"]["content"]
+            .as_str()
+            .is_some_and(|text| text.contains("secure-node")),
+        "{answer}"
+    );
+    let streamed = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&serde_json::json!({"model": "smollm2:135m", "messages": [], "stream": true}))
+        .send()
+        .await
+        .expect("stream")
+        .text()
+        .await
+        .expect("text");
+    assert!(streamed.contains("data: [DONE]"), "{streamed}");
+    stop.cancel();
+    task.await.expect("agent task").expect("agent run");
+    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    router.finished_log().await;
+
+    // A router that does not trust the node's certificate.
+    let mut untrusting = RouterProcess::spawn(&dir.path().join("data-2"), &[]).await;
+    let base = untrusting.url("");
+    let mut body = registration("secure-node");
+    body["ip_address"] = serde_json::json!("127.0.0.1");
+    body["port"] = serde_json::json!(standin.address.port());
+    body["tls"] = serde_json::json!(true);
+    common::register(&client, &base, &body).await;
+    let requests_before = standin.stats.to_json_for_tests()["requests"].clone();
+    let refused = client
+        .post(format!("{base}/api/chat"))
+        .json(&serde_json::json!({"model": "smollm2:135m", "messages": [], "stream": false}))
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        standin.stats.to_json_for_tests()["requests"],
+        requests_before,
+        "no prompt reached it untrusted"
+    );
+    nix::sys::signal::kill(untrusting.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let log = untrusting.finished_log().await.join("\n");
+    assert!(log.contains("TLS with the node"), "{log}");
+}

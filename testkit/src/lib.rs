@@ -80,17 +80,37 @@ pub struct StandInStats {
     pub connections_open: Arc<AtomicU64>,
 }
 
-/// The stand-in's listener: counts each connection while it is open.
+/// The stand-in's listener: counts each connection while it is open, and
+/// speaks TLS when given a certificate (as a server started with its own
+/// certificate does: vLLM's `--ssl-certfile`, llama.cpp's `--ssl-cert-file`).
 struct CountingListener {
     listener: TcpListener,
     open: Arc<AtomicU64>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// A client connection, counted until dropped (when either side closes it).
 struct CountedStream {
-    stream: tokio::net::TcpStream,
+    stream: ClientStream,
     open: Arc<AtomicU64>,
 }
+
+enum ClientStream {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl ClientStream {
+    fn pinned(&mut self) -> std::pin::Pin<&mut dyn AsyncStream> {
+        match self {
+            ClientStream::Plain(stream) => std::pin::Pin::new(stream),
+            ClientStream::Tls(stream) => std::pin::Pin::new(stream.as_mut()),
+        }
+    }
+}
+
+trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream for T {}
 
 impl Drop for CountedStream {
     fn drop(&mut self) {
@@ -104,7 +124,7 @@ impl tokio::io::AsyncRead for CountedStream {
         context: &mut std::task::Context<'_>,
         buffer: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(context, buffer)
+        self.stream.pinned().poll_read(context, buffer)
     }
 }
 
@@ -114,21 +134,21 @@ impl tokio::io::AsyncWrite for CountedStream {
         context: &mut std::task::Context<'_>,
         buffer: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(context, buffer)
+        self.stream.pinned().poll_write(context, buffer)
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         context: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(context)
+        self.stream.pinned().poll_flush(context)
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         context: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(context)
+        self.stream.pinned().poll_shutdown(context)
     }
 }
 
@@ -137,13 +157,23 @@ impl axum::serve::Listener for CountingListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (stream, address) = axum::serve::Listener::accept(&mut self.listener).await;
-        self.open.fetch_add(1, Ordering::SeqCst);
-        let stream = CountedStream {
-            stream,
-            open: Arc::clone(&self.open),
-        };
-        (stream, address)
+        loop {
+            let (stream, address) = axum::serve::Listener::accept(&mut self.listener).await;
+            let stream = match &self.tls {
+                None => ClientStream::Plain(stream),
+                // A failed handshake (an untrusting client) is that client's.
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => ClientStream::Tls(Box::new(stream)),
+                    Err(_) => continue,
+                },
+            };
+            self.open.fetch_add(1, Ordering::SeqCst);
+            let stream = CountedStream {
+                stream,
+                open: Arc::clone(&self.open),
+            };
+            return (stream, address);
+        }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
@@ -189,7 +219,43 @@ impl StandIn {
         Ok(Self::serve(listener, options))
     }
 
+    /// Serves HTTPS on `127.0.0.1:0` with a PEM certificate and key.
+    pub async fn spawn_tls(
+        options: StandInOptions,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> std::io::Result<Self> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let invalid = |error: &dyn std::fmt::Display| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, error.to_string())
+        };
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| invalid(&error))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|error| invalid(&error))?;
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|error| invalid(&error))?;
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        Ok(Self::serve_with(
+            listener,
+            options,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        ))
+    }
+
     pub fn serve(listener: TcpListener, options: StandInOptions) -> Self {
+        Self::serve_with(listener, options, None)
+    }
+
+    fn serve_with(
+        listener: TcpListener,
+        options: StandInOptions,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         let address = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -202,6 +268,7 @@ impl StandIn {
         let listener = CountingListener {
             listener,
             open: Arc::clone(&stats.connections_open),
+            tls,
         };
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

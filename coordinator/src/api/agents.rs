@@ -241,6 +241,7 @@ fn validate_registration(
         system_info: request.system_info,
         models: request.models,
         backend: request.backend,
+        tls: request.tls,
     })
 }
 

@@ -330,6 +330,7 @@ mod tests {
             name: Arc::from(format!("node-{n}")),
             address: std::net::SocketAddr::from(([127, 0, 0, n], 11434)),
             backend,
+            tls: false,
             runtime_version: Arc::from("0.5.7"),
             models: models.iter().map(|m| Arc::from(*m)).collect(),
             loaded_models: loaded.iter().map(|m| Arc::from(*m)).collect(),

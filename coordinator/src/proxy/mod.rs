@@ -46,6 +46,9 @@ pub struct ProxyOptions {
     /// Bytes of client request bodies held at once, at most, over the
     /// whole process; past it a request is refused (503) before it is read.
     pub max_body_memory: usize,
+    /// CA certificates trusted for nodes that speak HTTPS, besides the
+    /// system's (`--node-ca-cert`).
+    pub node_ca_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// The bytes of request bodies the router holds now, against a ceiling, so
@@ -131,6 +134,7 @@ impl Default for ProxyOptions {
             node_keepalive: Duration::from_secs(60),
             max_idle_node_connections: 1024,
             max_body_memory: 1024 * 1024 * 1024,
+            node_ca_certificates: Vec::new(),
         }
     }
 }
@@ -208,6 +212,7 @@ impl Proxy {
                 options.connect_timeout,
                 options.node_keepalive,
                 options.max_idle_node_connections,
+                crate::tls::node_connector(&options.node_ca_certificates),
             ),
             options,
         }
@@ -325,7 +330,13 @@ impl Proxy {
             || upstream_request(candidate, path_and_query, headers, body.clone(), &self.via);
         let sent = tokio::time::timeout(
             self.options.idle_timeout,
-            self.upstream.send(candidate.address, build),
+            self.upstream.send(
+                upstream::NodeEndpoint {
+                    address: candidate.address,
+                    tls: candidate.tls,
+                },
+                build,
+            ),
         )
         .await;
         let (response, connection) = match sent {

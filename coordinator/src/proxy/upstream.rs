@@ -37,7 +37,61 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-type Io = TokioIo<TcpStream>;
+type Io = TokioIo<NodeStream>;
+
+/// Where a node's LLM server is, and whether it speaks HTTPS: the key of
+/// its pooled connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeEndpoint {
+    pub address: SocketAddr,
+    pub tls: bool,
+}
+
+/// A connection to a node: plain TCP, or TLS over it.
+pub enum NodeStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for NodeStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            NodeStream::Plain(stream) => Pin::new(stream).poll_read(context, buffer),
+            NodeStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(context, buffer),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for NodeStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            NodeStream::Plain(stream) => Pin::new(stream).poll_write(context, buffer),
+            NodeStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(context, buffer),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            NodeStream::Plain(stream) => Pin::new(stream).poll_flush(context),
+            NodeStream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(context),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            NodeStream::Plain(stream) => Pin::new(stream).poll_shutdown(context),
+            NodeStream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(context),
+        }
+    }
+}
 
 /// Idle connections kept per node; more than the busiest node needs at once
 /// is wasted file descriptors.
@@ -53,6 +107,8 @@ pub enum UpstreamError {
     Http(#[from] hyper::Error),
     #[error("the node closed the connection before answering")]
     Closed,
+    #[error("TLS with the node: {0}")]
+    Tls(#[source] std::io::Error),
 }
 
 /// One HTTP/1.1 connection to a node: the request half and the connection
@@ -71,7 +127,7 @@ struct IdleConnection {
 }
 
 thread_local! {
-    static IDLE: RefCell<HashMap<SocketAddr, Vec<IdleConnection>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<HashMap<NodeEndpoint, Vec<IdleConnection>>> = RefCell::new(HashMap::new());
 }
 
 pub struct UpstreamPool {
@@ -82,15 +138,23 @@ pub struct UpstreamPool {
     max_idle: usize,
     /// Idle connections now, over every thread's pool.
     idle_count: AtomicUsize,
+    /// For nodes that speak HTTPS.
+    tls: tokio_rustls::TlsConnector,
 }
 
 impl UpstreamPool {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Arc<Self> {
+    pub fn new(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle: usize,
+        tls: tokio_rustls::TlsConnector,
+    ) -> Arc<Self> {
         Arc::new(UpstreamPool {
             connect_timeout,
             idle_timeout,
             max_idle,
             idle_count: AtomicUsize::new(0),
+            tls,
         })
     }
 
@@ -111,9 +175,9 @@ impl UpstreamPool {
         let now = Instant::now();
         let mut closed = 0;
         IDLE.with_borrow_mut(|idle| {
-            idle.retain(|address, connections| {
+            idle.retain(|endpoint, connections| {
                 let before = connections.len();
-                if keep(*address) {
+                if keep(endpoint.address) {
                     connections.retain_mut(|idle| {
                         now.duration_since(idle.since) < self.idle_timeout
                             && still_open(&mut idle.connection)
@@ -133,7 +197,7 @@ impl UpstreamPool {
     /// to read it.
     pub async fn send(
         self: &Arc<Self>,
-        address: SocketAddr,
+        address: NodeEndpoint,
         build: impl Fn() -> Request<Full<Bytes>>,
     ) -> Result<(Response<Incoming>, PooledConnection), UpstreamError> {
         let connection = match self.checkout(address) {
@@ -156,7 +220,7 @@ impl UpstreamPool {
 
     async fn send_on(
         self: &Arc<Self>,
-        address: SocketAddr,
+        address: NodeEndpoint,
         mut connection: UpstreamConnection,
         request: Request<Full<Bytes>>,
     ) -> Result<(Response<Incoming>, PooledConnection), (UpstreamError, bool)> {
@@ -184,7 +248,7 @@ impl UpstreamPool {
         ))
     }
 
-    fn checkout(&self, address: SocketAddr) -> Option<UpstreamConnection> {
+    fn checkout(&self, address: NodeEndpoint) -> Option<UpstreamConnection> {
         IDLE.with_borrow_mut(|idle| {
             let connections = idle.get_mut(&address)?;
             while let Some(IdleConnection {
@@ -202,7 +266,7 @@ impl UpstreamPool {
         })
     }
 
-    fn checkin(&self, address: SocketAddr, connection: UpstreamConnection) {
+    fn checkin(&self, address: NodeEndpoint, connection: UpstreamConnection) {
         if connection.sender.is_closed() {
             return;
         }
@@ -225,12 +289,27 @@ impl UpstreamPool {
         });
     }
 
-    async fn connect(&self, address: SocketAddr) -> Result<UpstreamConnection, UpstreamError> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(address))
+    async fn connect(&self, endpoint: NodeEndpoint) -> Result<UpstreamConnection, UpstreamError> {
+        let connected = async {
+            let stream = TcpStream::connect(endpoint.address)
+                .await
+                .map_err(UpstreamError::Connect)?;
+            let _ = stream.set_nodelay(true);
+            if !endpoint.tls {
+                return Ok::<_, UpstreamError>(NodeStream::Plain(stream));
+            }
+            // Nodes register by address: their certificate must name it.
+            let name = rustls::pki_types::ServerName::IpAddress(endpoint.address.ip().into());
+            let stream = self
+                .tls
+                .connect(name, stream)
+                .await
+                .map_err(UpstreamError::Tls)?;
+            Ok(NodeStream::Tls(Box::new(stream)))
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, connected)
             .await
-            .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))?
-            .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
+            .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))??;
         // Requests go out as one buffer rather than a vectored write.
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .writev(false)
@@ -286,7 +365,7 @@ async fn drive_until<T>(
 pub struct PooledConnection {
     connection: Option<UpstreamConnection>,
     pool: Arc<UpstreamPool>,
-    address: SocketAddr,
+    address: NodeEndpoint,
 }
 
 impl PooledConnection {

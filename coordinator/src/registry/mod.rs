@@ -81,6 +81,8 @@ pub struct Registration {
     pub system_info: SystemInfo,
     pub models: Vec<String>,
     pub backend: BackendKind,
+    /// Its LLM server speaks HTTPS.
+    pub tls: bool,
 }
 
 /// A validated `PUT`: absent fields stay as they are.
@@ -108,6 +110,8 @@ pub struct Candidate {
     pub name: Arc<str>,
     pub address: std::net::SocketAddr,
     pub backend: BackendKind,
+    /// Its LLM server speaks HTTPS.
+    pub tls: bool,
     /// Its LLM server's version, as registered.
     pub runtime_version: Arc<str>,
     pub models: ModelList,
@@ -156,6 +160,7 @@ pub struct ProbeTarget {
     pub id: Uuid,
     pub address: std::net::SocketAddr,
     pub backend: BackendKind,
+    pub tls: bool,
 }
 
 /// The first probe of a node that just failed comes this soon; each
@@ -671,6 +676,7 @@ impl Registry {
                         id,
                         address: record.address(),
                         backend: record.agent.backend,
+                        tls: record.agent.tls,
                     },
                     failures: 0,
                     next_at: Instant::now() + PROBE_BACKOFF_FIRST,
@@ -754,6 +760,7 @@ impl Registry {
             id,
             address: record.address(),
             backend: record.agent.backend,
+            tls: record.agent.tls,
         };
         let mut probes = lock(&self.probes);
         let schedule = probes.entry(id).or_insert_with(|| ProbeSchedule {
@@ -878,6 +885,7 @@ impl Registry {
                 address,
                 host_header,
                 backend: agent.backend,
+                tls: agent.tls,
                 runtime_version: Arc::clone(&agent.runtime_version),
                 models: Arc::clone(models),
                 loaded_models: agent

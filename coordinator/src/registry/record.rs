@@ -35,6 +35,8 @@ pub struct NodeFacts {
     pub total_memory: u64,
     pub models: ModelList,
     pub backend: BackendKind,
+    /// Its LLM server speaks HTTPS.
+    pub tls: bool,
     pub report: Report,
     /// SHA-256 of the agent's secret (stored; never shown by the API).
     pub secret_digest: Option<TokenDigest>,
@@ -75,6 +77,7 @@ impl NodeFacts {
             total_memory: agent.system_info.total_memory,
             models: intern_models(&agent.models),
             backend: agent.backend,
+            tls: agent.tls,
             report: Report::from_wire(agent.report),
             secret_digest: agent.secret_hash.as_deref().and_then(TokenDigest::from_hex),
         }
@@ -97,6 +100,7 @@ impl NodeFacts {
             total_memory: 0,
             models: intern_models(&[]),
             backend: registration.backend,
+            tls: registration.tls,
             report: Report::default(),
             secret_digest: None,
         };
@@ -115,6 +119,7 @@ impl NodeFacts {
         self.total_memory = registration.system_info.total_memory;
         self.models = intern_models(&registration.models);
         self.backend = registration.backend;
+        self.tls = registration.tls;
         self.status = AgentStatus::Online;
         self.last_seen = now;
     }
@@ -148,6 +153,7 @@ impl NodeFacts {
             },
             models: to_strings(&self.models),
             backend: self.backend,
+            tls: self.tls,
             report: HeartbeatReport::default(),
             secret_hash: self.secret_digest.map(TokenDigest::to_hex),
         }
@@ -307,6 +313,7 @@ mod tests {
             },
             models: vec!["a".into(), "b".into()],
             backend: BackendKind::Ollama,
+            tls: true,
             report: HeartbeatReport {
                 models: Some(vec!["a".into()]),
                 loaded_models: Some(vec![]),
