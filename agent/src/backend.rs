@@ -102,7 +102,7 @@ impl Backend {
             .unwrap_or_else(|_| "openai-compatible".to_owned());
         let models: Vec<String> = models.data.into_iter().map(|m| m.id).collect();
         Some(BackendState {
-            kind: BackendKind::Openai,
+            kind: BackendKind::OpenAi,
             version,
             // An OpenAI-compatible server holds what it lists in memory.
             loaded_models: models.clone(),

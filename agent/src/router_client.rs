@@ -36,7 +36,7 @@ pub struct RouterClient {
 
 /// What a registration returns: the id, and the agent's own secret for
 /// every later call about it.
-pub struct Registration {
+pub struct RegistrationAnswer {
     pub id: Uuid,
     pub secret: Option<String>,
 }
@@ -69,7 +69,10 @@ impl RouterClient {
         &self.base_url
     }
 
-    pub async fn register(&self, request: &RegisterRequest) -> Result<Registration, RouterError> {
+    pub async fn register(
+        &self,
+        request: &RegisterRequest,
+    ) -> Result<RegistrationAnswer, RouterError> {
         let response = with_bearer(
             self.http
                 .post(format!("{}/api/agents/register", self.base_url))
@@ -84,7 +87,7 @@ impl RouterClient {
             });
         }
         let answer: RegisterResponse = check(response).await?.json().await?;
-        Ok(Registration {
+        Ok(RegistrationAnswer {
             id: answer.id,
             secret: answer.agent_secret,
         })

@@ -49,11 +49,16 @@ fn pick(c: &mut Criterion) {
         ("least-busy", Policy::LeastBusy),
     ] {
         let balancer = Balancer::new(policy);
+        // One attempt: what a request with --max-attempts 1 costs to route.
         c.bench_function(&format!("choose among 1000 nodes, {name}"), |b| {
             b.iter(|| {
-                let chosen =
-                    balancer.choose(black_box(&table), ApiKind::Ollama, black_box("llama3.1:8b"));
-                black_box(chosen.map(|c| c.in_flight.load(Ordering::Relaxed)))
+                let plan = balancer.plan(
+                    black_box(&table),
+                    ApiKind::Ollama,
+                    black_box("llama3.1:8b"),
+                    1,
+                );
+                black_box(plan.map(|plan| plan[0].in_flight.load(Ordering::Relaxed)))
             })
         });
         c.bench_function(

@@ -34,7 +34,7 @@ pub enum BackendKind {
     #[default]
     Ollama,
     /// An OpenAI-compatible server (llama.cpp's server, vLLM): `/v1/*` only.
-    Openai,
+    OpenAi,
 }
 
 /// `POST /api/agents/register`.
@@ -51,7 +51,7 @@ pub struct RegisterRequest {
     /// Model names the node serves.
     #[serde(default)]
     pub models: Vec<String>,
-    /// The API its LLM server speaks; Ollama when absent (the seed's case).
+    /// The API its LLM server speaks; Ollama when absent.
     #[serde(default)]
     pub backend: BackendKind,
     /// The node's LLM server speaks HTTPS: the router connects to it with
@@ -75,7 +75,7 @@ fn default_llm_port() -> u16 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RegisterResponse {
     pub id: Uuid,
-    /// Always `"registered"` (the seed's contract).
+    /// Always `"registered"`: the answer's contract, which agents check.
     pub status: String,
     /// This agent's own credential for its heartbeats, updates, drain,
     /// delete and registering again: 256 random bits, given when the

@@ -194,7 +194,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// The data dir: the flag, else `$HOME/.llm-router` (the seed's place).
+    /// The data dir: the flag, else `$HOME/.llm-router`.
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(|| {
             std::env::var_os("HOME")

@@ -81,7 +81,7 @@ pub async fn run_prober(
 async fn probe(http: &reqwest::Client, target: &ProbeTarget) -> bool {
     let path = match target.backend {
         BackendKind::Ollama => "/api/version",
-        BackendKind::Openai => "/v1/models",
+        BackendKind::OpenAi => "/v1/models",
     };
     let scheme = if target.tls { "https" } else { "http" };
     let url = format!("{scheme}://{}{path}", target.address);

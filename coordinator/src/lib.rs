@@ -224,8 +224,9 @@ pub async fn run(
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let address = listener.local_addr()?;
-    tracing::info!(%address, "llm-router listening on {scheme}://{address}");
     warn_if_open_to_the_network(address.ip(), &credentials);
+    // Last: tests and scripts take this line to mean the router is ready.
+    tracing::info!(%address, "llm-router listening on {scheme}://{address}");
     let mut proxy_options = config.proxy_options();
     proxy_options.node_ca_certificates = node_ca_certificates;
     let proxy = Arc::new(proxy::Proxy::new(Arc::clone(&registry), proxy_options));

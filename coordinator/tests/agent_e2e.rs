@@ -2,13 +2,13 @@
 //! the server, registers what it serves, heartbeats its report, registers
 //! again when the router forgot it, and outlives router downtime.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
 use agent::AgentConfig;
-use common::{client, config, eventually, list, TestRouter};
 use serde_json::{json, Value};
+use support::{client, config, eventually, list, TestRouter};
 use testkit::{StandIn, StandInOptions};
 use tokio_util::sync::CancellationToken;
 

@@ -3,14 +3,14 @@
 //! nothing on disk; the right one gets in; secrets outlive a restart and
 //! never reach the log.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{client, config, data_dir_bytes, registration, RouterProcess, TestRouter};
 use coordinator::auth::Secret;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use support::{client, config, data_dir_bytes, registration, send, RouterProcess, TestRouter};
 
 const JOIN_TOKEN: &str = "join-token-5f1e0c2a9b7d";
 const API_KEYS: [&str; 2] = ["client-key-alpha-0001", "client-key-beta-0002"];
@@ -34,26 +34,6 @@ fn last_byte_changed(token: &str) -> String {
     let last = bytes.last_mut().expect("non-empty");
     *last = if *last == b'0' { b'1' } else { b'0' };
     String::from_utf8(bytes).expect("ascii")
-}
-
-async fn send(
-    client: &reqwest::Client,
-    method: Method,
-    url: &str,
-    body: Option<&Value>,
-    token: Option<&str>,
-) -> (StatusCode, Value) {
-    let mut request = client.request(method, url);
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await.expect("request");
-    let status = response.status();
-    let body = response.json().await.unwrap_or(Value::Null);
-    (status, body)
 }
 
 async fn register_with(
@@ -207,7 +187,7 @@ async fn every_protected_endpoint_refuses_bad_credentials_and_changes_nothing() 
         before,
         "refused requests changed the store"
     );
-    let agent_a = common::list(&client, &router.url(""))
+    let agent_a = support::list(&client, &router.url(""))
         .await
         .into_iter()
         .find(|agent| agent["id"] == a_id.as_str())
@@ -504,7 +484,7 @@ async fn without_configured_credentials_everything_stays_open() {
     let dir = tempfile::tempdir().expect("tempdir");
     let router = TestRouter::start(config(dir.path())).await;
     let client = client();
-    let id = common::register(&client, &router.url(""), &registration("gpu-a")).await;
+    let id = support::register(&client, &router.url(""), &registration("gpu-a")).await;
     for (method, path) in [
         (Method::POST, format!("/api/agents/{id}/heartbeat")),
         (Method::POST, format!("/api/agents/{id}/drain")),

@@ -1,12 +1,12 @@
 //! The `llm-router` command line against a running router: `agents list`,
 //! `show`, `remove` and `status`, as tables and as JSON; and JSON logs.
 
-mod common;
+mod support;
 
 use std::process::Output;
 
-use common::{client, config, register, registration, TestRouter};
 use serde_json::Value;
+use support::{client, config, register, registration, TestRouter};
 
 async fn llm_router(args: &[&str]) -> Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
@@ -126,7 +126,7 @@ async fn an_unreachable_router_is_a_clear_error() {
 #[tokio::test]
 async fn json_logs_are_one_json_object_per_line() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut router = common::RouterProcess::spawn(dir.path(), &["--log-format", "json"]).await;
+    let mut router = support::RouterProcess::spawn(dir.path(), &["--log-format", "json"]).await;
     register(&client(), &router.url(""), &registration("logged")).await;
     nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let status = router.child.wait().await.expect("wait");
@@ -167,5 +167,5 @@ async fn remove_takes_the_admin_token_when_the_router_requires_one() {
         .await
         .expect("run");
     assert!(stdout(&output).contains(&format!("removed {id}")));
-    assert!(common::list(&client(), &url).await.is_empty());
+    assert!(support::list(&client(), &url).await.is_empty());
 }

@@ -5,17 +5,17 @@
 //! The default test runs `LLM_ROUTER_CRASH_ROUNDS` rounds (5 when unset);
 //! `scripts/crash-loop.sh` runs the same test with 100 or more.
 
-mod common;
+mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{client, registration, RouterProcess};
 use nix::sys::signal::{kill, Signal};
 use rand::Rng;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::{client, registration, RouterProcess};
 
 /// What the store may hold for one machine name.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,7 +169,7 @@ async fn kill_9_at_random_moments_during_a_storm_loses_nothing_acknowledged() {
     for round in 0..=rounds {
         let mut router = RouterProcess::spawn(dir.path(), &["--flush-interval", "0.05"]).await;
         let base = router.url("");
-        let agents = common::list(&client, &base).await;
+        let agents = support::list(&client, &base).await;
         check_against(&ledgers, &agents, round);
         assert!(
             !std::fs::read_dir(dir.path())

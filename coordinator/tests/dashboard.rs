@@ -3,14 +3,14 @@
 //! command installs), at a phone's size. Agents the test registers appear;
 //! when one falls silent its status turns Offline with no reload.
 
-mod common;
+mod support;
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{client, config, eventually, register, registration, TestRouter};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
+use support::{client, config, eventually, register, registration, TestRouter};
 use tokio_util::sync::CancellationToken;
 
 /// chromedriver on a free loopback port, killed when dropped.

@@ -3,20 +3,19 @@
 //! clean shutdown on SIGTERM, and liveness (Offline after the timeout, back
 //! Online on a heartbeat, grace after a restart).
 
-mod common;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{client, config, eventually, list, register, registration, RouterProcess, TestRouter};
+use coordinator::balancer::{ApiKind, Balancer, Policy};
 use coordinator::registry::Registry;
 use coordinator::store;
 use nix::sys::signal::{kill, Signal};
 use serde_json::Value;
-
-fn base(router: &TestRouter) -> String {
-    router.url("")
-}
+use support::{
+    client, config, eventually, list, register, registration, RouterProcess, TestRouter,
+};
 
 #[tokio::test]
 async fn agents_survive_a_restart_and_get_a_grace_period() {
@@ -26,7 +25,7 @@ async fn agents_survive_a_restart_and_get_a_grace_period() {
     let client = client();
     let mut ids = Vec::new();
     for n in 0..20 {
-        ids.push(register(&client, &base(&router), &registration(&format!("node-{n}"))).await);
+        ids.push(register(&client, &router.base(), &registration(&format!("node-{n}"))).await);
     }
     router.stop().await.expect("clean stop");
     // ...then restarted with a timeout shorter than their silence.
@@ -36,7 +35,7 @@ async fn agents_survive_a_restart_and_get_a_grace_period() {
     tokio::time::sleep(Duration::from_millis(2_200)).await;
 
     let router = TestRouter::start(cfg).await;
-    let agents = list(&client, &base(&router)).await;
+    let agents = list(&client, &router.base()).await;
     let mut listed: Vec<String> = agents
         .iter()
         .map(|a| a["id"].as_str().expect("id").to_owned())
@@ -49,7 +48,7 @@ async fn agents_survive_a_restart_and_get_a_grace_period() {
         "a restart does not mark the fleet Offline, however old last_seen is"
     );
     // The grace is one timeout: silent agents do go Offline after it.
-    let url = base(&router);
+    let url = router.base();
     eventually(
         Duration::from_secs(10),
         "Offline after the grace period",
@@ -75,7 +74,7 @@ async fn snapshot_is_the_seeds_pretty_json_array_with_a_backup() {
         let router = TestRouter::start(config(dir.path())).await;
         register(
             &client,
-            &base(&router),
+            &router.base(),
             &registration(&format!("round-{round}")),
         )
         .await;
@@ -83,9 +82,9 @@ async fn snapshot_is_the_seeds_pretty_json_array_with_a_backup() {
     }
     let text = std::fs::read_to_string(dir.path().join("agents.json")).expect("agents.json");
     assert!(text.starts_with("[\n  {"), "pretty-printed array");
-    let agents: Vec<::common::Agent> = serde_json::from_str(&text).expect("parses as agents");
+    let agents: Vec<common::Agent> = serde_json::from_str(&text).expect("parses as agents");
     assert_eq!(agents.len(), 2);
-    let backup: Vec<::common::Agent> =
+    let backup: Vec<common::Agent> =
         serde_json::from_slice(&std::fs::read(dir.path().join("agents.json.bak")).expect("backup"))
             .expect("backup parses");
     assert_eq!(backup.len(), 1, "the previous good snapshot");
@@ -108,7 +107,7 @@ async fn sigkill_right_after_acknowledged_registrations_loses_none() {
         let _ = router.child.wait().await;
 
         let restarted = TestRouter::start(config(dir.path())).await;
-        let listed: Vec<String> = list(&client, &base(&restarted))
+        let listed: Vec<String> = list(&client, &restarted.base())
             .await
             .iter()
             .filter(|a| {
@@ -126,7 +125,7 @@ async fn sigkill_right_after_acknowledged_registrations_loses_none() {
             "round {round}: every acknowledged registration is there"
         );
         assert_eq!(
-            list(&client, &base(&restarted)).await.len(),
+            list(&client, &restarted.base()).await.len(),
             100 * (round + 1)
         );
         restarted.stop().await.expect("clean stop");
@@ -158,7 +157,7 @@ async fn sigkill_keeps_acknowledged_deletes_and_updates() {
     let _ = router.child.wait().await;
 
     let restarted = TestRouter::start(config(dir.path())).await;
-    let agents = list(&client, &base(&restarted)).await;
+    let agents = list(&client, &restarted.base()).await;
     assert_eq!(agents.len(), 1);
     assert_eq!(agents[0]["id"], kept.as_str());
     assert_eq!(agents[0]["runtime_version"], "after-update");
@@ -204,7 +203,7 @@ async fn assert_corrupt_snapshot_policy(bad_bytes: &[u8], with_backup: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let client = client();
     let router = TestRouter::start(config(dir.path())).await;
-    let id = register(&client, &base(&router), &registration("survivor")).await;
+    let id = register(&client, &router.base(), &registration("survivor")).await;
     router.stop().await.expect("clean stop");
     let snapshot = dir.path().join("agents.json");
     // The good file becomes the backup, and the main file is damaged.
@@ -216,7 +215,7 @@ async fn assert_corrupt_snapshot_policy(bad_bytes: &[u8], with_backup: bool) {
     std::fs::write(&snapshot, bad_bytes).expect("damage");
 
     let router = TestRouter::start(config(dir.path())).await;
-    let agents = list(&client, &base(&router)).await;
+    let agents = list(&client, &router.base()).await;
     if with_backup {
         assert_eq!(agents.len(), 1);
         assert_eq!(agents[0]["id"], id.as_str());
@@ -240,7 +239,7 @@ async fn assert_corrupt_snapshot_policy(bad_bytes: &[u8], with_backup: bool) {
     );
 
     // The router carries on normally and writes a good file again.
-    register(&client, &base(&router), &registration("newcomer")).await;
+    register(&client, &router.base(), &registration("newcomer")).await;
     router.stop().await.expect("clean stop");
     let stored: Vec<Value> =
         serde_json::from_slice(&std::fs::read(&snapshot).expect("agents.json"))
@@ -287,7 +286,7 @@ async fn torn_journal_tail_is_skipped_and_acknowledged_records_kept() {
     std::fs::write(&journal, bytes).expect("tear");
 
     let router = TestRouter::start(config(dir.path())).await;
-    let agents = list(&client, &base(&router)).await;
+    let agents = list(&client, &router.base()).await;
     assert_eq!(agents.len(), 1);
     assert_eq!(agents[0]["id"], id.as_str());
 }
@@ -324,7 +323,7 @@ async fn silent_agent_goes_offline_is_kept_and_comes_back() {
     cfg.agent_timeout = Duration::from_millis(400);
     let router = TestRouter::start(cfg).await;
     let client = client();
-    let url = base(&router);
+    let url = router.base();
     let id = register(&client, &url, &registration("sleeper")).await;
     eventually(Duration::from_secs(10), "the agent goes Offline", || {
         let (client, url) = (client.clone(), url.clone());
@@ -351,9 +350,22 @@ async fn silent_agent_goes_offline_is_kept_and_comes_back() {
 }
 
 /// The registry as a library: liveness decided on the monotonic clock, and
-/// the seed's round-robin over Online agents only.
+/// the seed's round-robin over Online agents only, through the balancer
+/// that routing uses.
 #[tokio::test]
 async fn round_robin_selection_skips_offline_agents() {
+    let balancer = Balancer::new(Policy::RoundRobin);
+    let select_available_agent = |registry: &Registry| {
+        balancer
+            .plan(
+                &registry.routing_table(),
+                ApiKind::OpenAi,
+                "smollm2:135m",
+                1,
+            )
+            .ok()
+            .and_then(|plan| plan.into_iter().next())
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, writer, loaded, _) = store::open(store::StoreOptions {
         data_dir: dir.path().to_path_buf(),
@@ -363,7 +375,7 @@ async fn round_robin_selection_skips_offline_agents() {
     let timeout = Duration::from_secs(60);
     let registry = Arc::new(Registry::new(loaded, timeout, 1_000_000, store));
     assert!(
-        registry.select_available_agent().is_none(),
+        select_available_agent(&registry).is_none(),
         "nobody to pick"
     );
 
@@ -378,7 +390,7 @@ async fn round_robin_selection_skips_offline_agents() {
         ids.push(id);
     }
     let picks: Vec<_> = (0..6)
-        .map(|_| registry.select_available_agent().expect("pick").id)
+        .map(|_| select_available_agent(&registry).expect("pick").id)
         .collect();
     for id in &ids {
         assert_eq!(
@@ -393,17 +405,17 @@ async fn round_robin_selection_skips_offline_agents() {
     assert_eq!(registry.sweep(Instant::now()), 0, "nobody is late yet");
     let later = Instant::now() + timeout + Duration::from_millis(1);
     assert_eq!(registry.sweep(later), 3);
-    assert!(registry.select_available_agent().is_none());
+    assert!(select_available_agent(&registry).is_none());
     registry.heartbeat(ids[1], None).expect("heartbeat");
     for _ in 0..3 {
-        assert_eq!(registry.select_available_agent().expect("pick").id, ids[1]);
+        assert_eq!(select_available_agent(&registry).expect("pick").id, ids[1]);
     }
     drop(registry);
     writer.join();
 }
 
 fn registry_registration(name: &str) -> coordinator::registry::Registration {
-    let request = common::typed_registration(name);
+    let request = support::typed_registration(name);
     coordinator::registry::Registration {
         machine_name: request.machine_name,
         ip_address: request.ip_address.parse().expect("ip"),

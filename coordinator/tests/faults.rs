@@ -1,16 +1,16 @@
 //! Faults the store and the router must survive: a disk that stops taking
 //! writes, and a router restart under a live fleet.
 
-mod common;
+mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use agent::AgentConfig;
-use common::{client, eventually, list, registration, RouterProcess};
 use nix::sys::signal::{kill, Signal};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::{client, eventually, list, registration, RouterProcess};
 use testkit::{StandIn, StandInOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -303,7 +303,7 @@ async fn wall_clock_jumps_do_not_make_liveness_flap() {
     )
     .await;
     let (client, base) = (client(), router.url(""));
-    let id = common::register(&client, &base, &registration("gpu-clock")).await;
+    let id = support::register(&client, &base, &registration("gpu-clock")).await;
     let beating = CancellationToken::new();
     let heartbeats = {
         let (client, url, beating) = (

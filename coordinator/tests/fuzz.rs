@@ -8,16 +8,16 @@
 //!
 //! `LLM_ROUTER_FUZZ_CASES` sets the number of requests (100,000 when unset).
 
-mod common;
+mod support;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use common::{config, registration, TestRouter};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use serde_json::{Map, Value};
+use support::{config, registration, TestRouter};
 
 /// Machines the test keeps registered; requests name them by index, so a
 /// deleted one can be registered again under a new id.
@@ -221,7 +221,7 @@ struct Harness {
 
 impl Harness {
     async fn register_known(&self, index: usize) -> String {
-        common::register(
+        support::register(
             &self.client,
             &self.base,
             &registration(&format!("fuzz-known-{index}")),
@@ -233,7 +233,7 @@ impl Harness {
     /// that the registry (and every list answer) stays small over 100,000
     /// requests.
     async fn prune(&self) {
-        for agent in common::list(&self.client, &self.base).await {
+        for agent in support::list(&self.client, &self.base).await {
             let name = agent["machine_name"].as_str().unwrap_or_default();
             if !name.starts_with("fuzz-known-") {
                 let id = agent["id"].as_str().expect("id");
@@ -330,7 +330,7 @@ fn registry_handlers_answer_generated_input_with_4xx_and_keep_the_store() {
     router_config.snapshot_interval = Duration::from_secs(3600);
     let router = runtime.block_on(async { TestRouter::start(router_config).await });
     let harness = Arc::new(Harness {
-        client: common::client(),
+        client: support::client(),
         base: router.url(""),
         data_dir: dir.path().to_path_buf(),
         known: Mutex::new(Vec::new()),

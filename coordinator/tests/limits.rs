@@ -2,13 +2,13 @@
 //! that send a request head or body too slowly are cut off without holding
 //! up anyone else.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{client, config, data_dir_bytes, registration, RouterProcess, TestRouter};
 use reqwest::StatusCode;
 use serde_json::Value;
+use support::{client, config, data_dir_bytes, registration, RouterProcess, TestRouter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -19,8 +19,8 @@ async fn registering_past_the_cap_is_refused_clearly_and_changes_nothing() {
     router_config.max_agents = 2;
     let router = TestRouter::start(router_config).await;
     let (client, base) = (client(), router.url(""));
-    common::register(&client, &base, &registration("gpu-a")).await;
-    let b = common::register(&client, &base, &registration("gpu-b")).await;
+    support::register(&client, &base, &registration("gpu-a")).await;
+    let b = support::register(&client, &base, &registration("gpu-b")).await;
 
     let before = data_dir_bytes(dir.path());
     let response = client
@@ -37,7 +37,7 @@ async fn registering_past_the_cap_is_refused_clearly_and_changes_nothing() {
         .expect("message")
         .contains("limit of 2"));
     assert_eq!(data_dir_bytes(dir.path()), before);
-    assert_eq!(common::list(&client, &base).await.len(), 2);
+    assert_eq!(support::list(&client, &base).await.len(), 2);
 
     // A known machine registering again is not a new agent: still allowed.
     let response = client
@@ -55,7 +55,7 @@ async fn registering_past_the_cap_is_refused_clearly_and_changes_nothing() {
         .expect("delete")
         .status();
     assert_eq!(status, StatusCode::NO_CONTENT);
-    common::register(&client, &base, &registration("gpu-c")).await;
+    support::register(&client, &base, &registration("gpu-c")).await;
     router.stop().await.expect("clean stop");
 }
 
@@ -76,7 +76,7 @@ async fn stalled_request_heads_are_cut_off_and_heartbeats_go_on() {
     router_config.header_read_timeout = Duration::from_millis(300);
     let router = TestRouter::start(router_config).await;
     let (client, base) = (client(), router.url(""));
-    let id = common::register(&client, &base, &registration("gpu-a")).await;
+    let id = support::register(&client, &base, &registration("gpu-a")).await;
 
     // Many clients that start a request head and never finish it.
     let mut stalled = Vec::new();
@@ -116,7 +116,7 @@ async fn stalled_request_bodies_get_408_and_change_nothing() {
     router_config.body_read_timeout = Duration::from_millis(300);
     let router = TestRouter::start(router_config).await;
     let (client, base) = (client(), router.url(""));
-    let id = common::register(&client, &base, &registration("gpu-a")).await;
+    let id = support::register(&client, &base, &registration("gpu-a")).await;
     let before = data_dir_bytes(dir.path());
 
     for path in [
@@ -168,7 +168,7 @@ async fn answers_slower_than_the_header_timeout_are_not_cut() {
     let mut node = registration("slow-node");
     node["ip_address"] = "127.0.0.1".into();
     node["port"] = standin.address.port().into();
-    common::register(&client, &router.url(""), &node).await;
+    support::register(&client, &router.url(""), &node).await;
 
     for stream in [false, true, false] {
         let started = std::time::Instant::now();

@@ -3,10 +3,10 @@
 //! shape that API's official client parses, each saying what to do; model
 //! names with and without Ollama's `:latest`; `/metrics` read alike twice.
 
-mod common;
+mod support;
 
-use common::{client, config, register, TestRouter};
 use serde_json::{json, Value};
+use support::{client, config, register, TestRouter};
 use testkit::{StandIn, StandInOptions};
 
 async fn register_node(router: &TestRouter, name: &str, port: u16, models: &[&str]) -> String {

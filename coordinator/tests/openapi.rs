@@ -2,13 +2,13 @@
 //! surface, and every operation it lists is a real route of the running
 //! router.
 
-mod common;
+mod support;
 
 use std::collections::BTreeSet;
 
-use common::{client, config, registration, TestRouter};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
+use support::{client, config, registration, TestRouter};
 
 /// The public surface, as users and agents call it.
 const SURFACE: [(&str, &str); 26] = [
@@ -80,7 +80,7 @@ async fn openapi_document_describes_exactly_the_routes_that_exist() {
 
     // Every documented operation is a real route: never the router's
     // "no such route" or "method not allowed" answer.
-    let id = common::register(&client, &router.url(""), &registration("gpu-doc")).await;
+    let id = support::register(&client, &router.url(""), &registration("gpu-doc")).await;
     for (method, path) in &documented {
         let url = router.url(&path.replace("{id}", &id));
         let method = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");

@@ -2,12 +2,12 @@
 //! Python suite cannot easily stage: a node that accepts and never answers,
 //! a node that answers 500, a node that stalls mid-stream.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{client, config, eventually, register, TestRouter};
 use serde_json::{json, Value};
+use support::{client, config, eventually, register, TestRouter};
 use testkit::{StandIn, StandInOptions};
 
 /// Registers a node directly, as its agent would, at a loopback address.

@@ -2,22 +2,18 @@
 //! endpoints and fields, re-registration identity, update and delete, and
 //! every kind of bad input answered by a JSON 4xx that changes nothing.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{client, config, data_dir_bytes, list, register, registration, TestRouter};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::{client, config, data_dir_bytes, list, register, registration, TestRouter};
 
 async fn started() -> (tempfile::TempDir, TestRouter, reqwest::Client) {
     let dir = tempfile::tempdir().expect("tempdir");
     let router = TestRouter::start(config(dir.path())).await;
     (dir, router, client())
-}
-
-fn base(router: &TestRouter) -> String {
-    router.url("")
 }
 
 #[tokio::test]
@@ -47,7 +43,7 @@ async fn registration_is_listed_with_every_seed_field() {
     let parsed = uuid::Uuid::parse_str(id).expect("uuid");
     assert_eq!(parsed.get_version_num(), 4);
 
-    let agents = list(&client, &base(&router)).await;
+    let agents = list(&client, &router.base()).await;
     assert_eq!(agents.len(), 1);
     let agent = &agents[0];
     assert_eq!(agent["id"], id);
@@ -82,8 +78,8 @@ async fn port_defaults_to_ollamas_and_models_to_none() {
     let mut body = registration("seed-shape");
     body.as_object_mut().expect("object").remove("port");
     body.as_object_mut().expect("object").remove("models");
-    register(&client, &base(&router), &body).await;
-    let agents = list(&client, &base(&router)).await;
+    register(&client, &router.base(), &body).await;
+    let agents = list(&client, &router.base()).await;
     assert_eq!(agents[0]["port"], 11434);
     assert_eq!(agents[0]["models"], json!([]));
 }
@@ -91,7 +87,7 @@ async fn port_defaults_to_ollamas_and_models_to_none() {
 #[tokio::test]
 async fn registering_again_keeps_the_id_and_refreshes_the_rest() {
     let (_dir, router, client) = started().await;
-    let id = register(&client, &base(&router), &registration("gpu-1")).await;
+    let id = register(&client, &router.base(), &registration("gpu-1")).await;
 
     let mut again = registration("gpu-1");
     again["runtime_version"] = json!("0.6.0");
@@ -107,7 +103,7 @@ async fn registering_again_keeps_the_id_and_refreshes_the_rest() {
     let answer: Value = response.json().await.expect("json");
     assert_eq!(answer["id"], id.as_str());
 
-    let agents = list(&client, &base(&router)).await;
+    let agents = list(&client, &router.base()).await;
     assert_eq!(agents.len(), 1, "no duplicate");
     assert_eq!(agents[0]["runtime_version"], "0.6.0");
     assert_eq!(agents[0]["ip_address"], "127.0.0.3");
@@ -116,15 +112,15 @@ async fn registering_again_keeps_the_id_and_refreshes_the_rest() {
     // The same machine with a second LLM server on another port is another node.
     let mut other_port = registration("gpu-1");
     other_port["port"] = json!(11435);
-    let other = register(&client, &base(&router), &other_port).await;
+    let other = register(&client, &router.base(), &other_port).await;
     assert_ne!(other, id);
-    assert_eq!(list(&client, &base(&router)).await.len(), 2);
+    assert_eq!(list(&client, &router.base()).await.len(), 2);
 }
 
 #[tokio::test]
 async fn concurrent_registrations_of_one_machine_get_one_id() {
     let (_dir, router, client) = started().await;
-    let url = base(&router);
+    let url = router.base();
     let attempts = (0..32).map(|_| {
         let client = client.clone();
         let url = url.clone();
@@ -141,8 +137,8 @@ async fn concurrent_registrations_of_one_machine_get_one_id() {
 #[tokio::test]
 async fn heartbeat_updates_last_seen_and_takes_a_report() {
     let (_dir, router, client) = started().await;
-    let id = register(&client, &base(&router), &registration("beater")).await;
-    let before = list(&client, &base(&router)).await[0]["last_seen"].clone();
+    let id = register(&client, &router.base(), &registration("beater")).await;
+    let before = list(&client, &router.base()).await[0]["last_seen"].clone();
     tokio::time::sleep(Duration::from_millis(20)).await;
 
     let empty = client
@@ -151,7 +147,7 @@ async fn heartbeat_updates_last_seen_and_takes_a_report() {
         .await
         .expect("heartbeat");
     assert_eq!(empty.status(), StatusCode::OK);
-    let after = list(&client, &base(&router)).await[0]["last_seen"].clone();
+    let after = list(&client, &router.base()).await[0]["last_seen"].clone();
     assert_ne!(before, after, "last_seen moved");
 
     let report = json!({"models": ["a", "b"], "loaded_models": ["a"], "requests_in_flight": 3,
@@ -163,7 +159,7 @@ async fn heartbeat_updates_last_seen_and_takes_a_report() {
         .await
         .expect("heartbeat with report");
     assert_eq!(response.status(), StatusCode::OK);
-    let agent = &list(&client, &base(&router)).await[0];
+    let agent = &list(&client, &router.base()).await[0];
     assert_eq!(agent["report"], report);
 
     // A later report without some fields keeps their last values.
@@ -173,7 +169,7 @@ async fn heartbeat_updates_last_seen_and_takes_a_report() {
         .send()
         .await
         .expect("partial report");
-    let agent = &list(&client, &base(&router)).await[0];
+    let agent = &list(&client, &router.base()).await[0];
     assert_eq!(agent["report"]["requests_in_flight"], 0);
     assert_eq!(agent["report"]["loaded_models"], json!(["a"]));
 }
@@ -227,10 +223,10 @@ async fn status_filter_lists_only_that_status() {
     cfg.agent_timeout = Duration::from_millis(300);
     let router = TestRouter::start(cfg).await;
     let client = client();
-    let quiet = register(&client, &base(&router), &registration("quiet")).await;
-    let lively = register(&client, &base(&router), &registration("lively")).await;
-    let url = base(&router);
-    common::eventually(
+    let quiet = register(&client, &router.base(), &registration("quiet")).await;
+    let lively = register(&client, &router.base(), &registration("lively")).await;
+    let url = router.base();
+    support::eventually(
         Duration::from_secs(10),
         "quiet goes Offline while lively beats",
         || {
@@ -287,8 +283,8 @@ async fn status_filter_lists_only_that_status() {
 #[tokio::test]
 async fn update_and_delete_are_durable() {
     let (dir, router, client) = started().await;
-    let keep = register(&client, &base(&router), &registration("keep")).await;
-    let gone = register(&client, &base(&router), &registration("gone")).await;
+    let keep = register(&client, &router.base(), &registration("keep")).await;
+    let gone = register(&client, &router.base(), &registration("gone")).await;
 
     let response = client
         .put(router.url(&format!("/api/agents/{keep}")))
@@ -318,7 +314,7 @@ async fn update_and_delete_are_durable() {
 
     router.stop().await.expect("clean stop");
     let router = TestRouter::start(config(dir.path())).await;
-    let agents = list(&client, &base(&router)).await;
+    let agents = list(&client, &router.base()).await;
     assert_eq!(agents.len(), 1);
     assert_eq!(agents[0]["id"], keep.as_str());
     assert_eq!(agents[0]["runtime_version"], "9.9.9");
@@ -326,7 +322,7 @@ async fn update_and_delete_are_durable() {
     assert_eq!(agents[0]["models"], json!(["m1", "m2"]));
 
     // A deleted machine that registers again is a new agent.
-    let again = register(&client, &base(&router), &registration("gone")).await;
+    let again = register(&client, &router.base(), &registration("gone")).await;
     assert_ne!(again, gone);
 }
 
@@ -347,7 +343,7 @@ fn bad_requests() -> Vec<(&'static str, Vec<u8>, StatusCode)> {
     negative_cores["system_info"]["cpu_cores"] = json!(-4);
     let mut negative_memory = registration("bad");
     negative_memory["system_info"]["total_memory"] = json!(-1);
-    let huge_name = "n".repeat(common_limits::MAX_MACHINE_NAME_BYTES + 1);
+    let huge_name = "n".repeat(common::MAX_MACHINE_NAME_BYTES + 1);
     vec![
         (
             "malformed JSON",
@@ -479,19 +475,15 @@ fn bad_requests() -> Vec<(&'static str, Vec<u8>, StatusCode)> {
     ]
 }
 
-mod common_limits {
-    pub use ::common::MAX_MACHINE_NAME_BYTES;
-}
-
 #[tokio::test]
 async fn bad_registrations_get_json_4xx_and_change_nothing() {
     let (dir, router, client) = started().await;
-    let known = register(&client, &base(&router), &registration("known")).await;
+    let known = register(&client, &router.base(), &registration("known")).await;
     // A restart leaves a settled data dir (snapshot written, journal empty)
     // that nothing rewrites until a change is made.
     router.stop().await.expect("clean stop");
     let router = TestRouter::start(config(dir.path())).await;
-    let listed_before = list(&client, &base(&router)).await;
+    let listed_before = list(&client, &router.base()).await;
     let files_before = data_dir_bytes(dir.path());
 
     for (what, body, expected) in bad_requests() {
@@ -544,7 +536,7 @@ async fn bad_registrations_get_json_4xx_and_change_nothing() {
         assert!(response.status().is_client_error(), "{body}");
     }
 
-    assert_eq!(list(&client, &base(&router)).await, listed_before);
+    assert_eq!(list(&client, &router.base()).await, listed_before);
     assert_eq!(
         data_dir_bytes(dir.path()),
         files_before,

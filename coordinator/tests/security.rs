@@ -2,13 +2,13 @@
 //! addresses they may be at, no request loops, node connections that do not
 //! pile up, and answers passed on as the node sent them.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{client, eventually, register, registration, RouterProcess};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::{client, eventually, register, registration, RouterProcess};
 use testkit::{StandIn, StandInOptions};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -66,7 +66,7 @@ async fn addresses_no_node_may_have_are_refused_in_every_spelling() {
     let (status, answer) =
         try_register(&client, &base, &at("mapped", "::ffff:127.0.0.2", 11434)).await;
     assert_eq!(status, StatusCode::CREATED, "{answer}");
-    let agents = common::list(&client, &base).await;
+    let agents = support::list(&client, &base).await;
     assert_eq!(agents.len(), 1, "only the allowed one: {agents:?}");
     assert_eq!(agents[0]["ip_address"], "127.0.0.2");
 
@@ -80,7 +80,7 @@ async fn addresses_no_node_may_have_are_refused_in_every_spelling() {
         .expect("put");
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(
-        common::list(&client, &base).await[0]["ip_address"],
+        support::list(&client, &base).await[0]["ip_address"],
         "127.0.0.2"
     );
     nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
@@ -468,7 +468,7 @@ async fn a_web_page_cannot_register_a_node() {
         assert!(answer["error"]["message"].is_string(), "{answer}");
     }
     assert!(
-        common::list(&client, &base).await.is_empty(),
+        support::list(&client, &base).await.is_empty(),
         "nothing registered"
     );
 
@@ -533,7 +533,7 @@ async fn names_cannot_forge_logs_or_tables() {
             .is_some_and(|m| m.contains("U+2066")),
         "{answer}"
     );
-    assert!(common::list(&client, &base).await.is_empty());
+    assert!(support::list(&client, &base).await.is_empty());
 
     register(&client, &base, &registration("gpu_1.lab-a")).await;
     nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
@@ -813,7 +813,7 @@ async fn what_one_agent_may_register_is_capped() {
         StatusCode::PAYLOAD_TOO_LARGE,
         "a record over 32 KiB"
     );
-    assert!(common::list(&client, &base).await.is_empty());
+    assert!(support::list(&client, &base).await.is_empty());
     nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     router.finished_log().await;
 }

@@ -3,14 +3,14 @@
 //! `kill -9` releases at once, host names for `--host`, and start-up errors
 //! and log lines that say what they mean.
 
-mod common;
+mod support;
 
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{client, list, register, registration, RouterProcess};
 use nix::sys::signal::{kill, Signal};
+use support::{client, list, register, registration, RouterProcess};
 
 /// Runs the router binary expecting it to refuse to start; returns its
 /// output. A router that starts instead is killed after 20 s and fails the test.

@@ -2,13 +2,13 @@
 //! certificate made here for 127.0.0.1; the CLI and an agent reach it with
 //! that certificate as their CA; plain HTTP and an untrusted client fail.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{eventually, registration, RouterProcess};
 use reqwest::StatusCode;
 use serde_json::Value;
+use support::{eventually, registration, RouterProcess};
 use testkit::{StandIn, StandInOptions};
 
 /// A self-signed certificate for 127.0.0.1, its key, and where they are.
@@ -57,12 +57,12 @@ async fn the_router_the_cli_and_an_agent_speak_tls() {
         .expect("https");
     assert_eq!(health.status(), StatusCode::OK);
     // Not trusted: refused by the client. Plain HTTP: no answer.
-    assert!(common::client()
+    assert!(support::client()
         .get(format!("{base}/health"))
         .send()
         .await
         .is_err());
-    assert!(common::client()
+    assert!(support::client()
         .get(router.url("/health"))
         .send()
         .await
@@ -220,7 +220,7 @@ async fn nodes_that_speak_https_are_reached_over_tls() {
     let ca_arg = ca_path.display().to_string();
     let mut router =
         RouterProcess::spawn(&dir.path().join("data"), &["--node-ca-cert", &ca_arg]).await;
-    let (client, base) = (common::client(), router.url(""));
+    let (client, base) = (support::client(), router.url(""));
 
     let agent_config = agent::AgentConfig {
         router_url: base.clone(),
@@ -298,7 +298,7 @@ async fn nodes_that_speak_https_are_reached_over_tls() {
     body["ip_address"] = serde_json::json!("127.0.0.1");
     body["port"] = serde_json::json!(standin.address.port());
     body["tls"] = serde_json::json!(true);
-    common::register(&client, &base, &body).await;
+    support::register(&client, &base, &body).await;
     let requests_before = standin.stats.to_json_for_tests()["requests"].clone();
     let refused = client
         .post(format!("{base}/api/chat"))

@@ -60,7 +60,7 @@ impl StandInOptions {
 
     pub fn openai(name: &str, models: &[&str]) -> Self {
         StandInOptions {
-            kind: BackendKind::Openai,
+            kind: BackendKind::OpenAi,
             version: "0.6.4".to_owned(),
             ..Self::ollama(name, models)
         }
@@ -317,7 +317,7 @@ fn router(shared: Arc<Shared>) -> Router {
             .route("/api/show", post(ollama_show)),
         // vLLM's version endpoint; llama.cpp's server has none, which the
         // agent also copes with.
-        BackendKind::Openai => app.route("/version", get(ollama_version)),
+        BackendKind::OpenAi => app.route("/version", get(ollama_version)),
     };
     // Real servers take chat requests with large images.
     app.layer(axum::extract::DefaultBodyLimit::disable())
@@ -418,7 +418,7 @@ fn check_model<'a>(shared: &Shared, body: &'a Value, openai: bool) -> Result<&'a
             .models
             .iter()
             .any(|m| untagged(m.as_str()) == untagged(model)),
-        BackendKind::Openai => shared.options.models.iter().any(|m| m == model),
+        BackendKind::OpenAi => shared.options.models.iter().any(|m| m == model),
     };
     if known {
         return Ok(model);

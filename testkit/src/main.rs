@@ -59,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
         chunk_delay: Duration::from_millis(args.chunk_delay_ms),
         gated: args.gated,
         kind: if args.kind == "openai" {
-            BackendKind::Openai
+            BackendKind::OpenAi
         } else {
             BackendKind::Ollama
         },

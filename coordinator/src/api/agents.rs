@@ -8,17 +8,12 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-#[allow(unused_imports)] // Named only in the OpenAPI annotations.
 use common::{Agent, AgentView, DrainResponse, ErrorBody};
 use common::{
     AgentStatus, HeartbeatReport, RegisterRequest, RegisterResponse, SystemInfo,
     UpdateAgentRequest, MAX_MACHINE_NAME_BYTES,
 };
 use serde::Deserialize;
-#[allow(unused_imports)]
-use serde_json::json;
-#[allow(unused_imports)]
-use uuid::Uuid;
 
 use super::error::ApiError;
 use super::guard::{

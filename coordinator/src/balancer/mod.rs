@@ -29,7 +29,7 @@ impl ApiKind {
 /// How to pick among the candidates that hold a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Policy {
-    /// Each candidate in turn (the seed's atomic cursor).
+    /// Each candidate in turn (one atomic cursor for all event loops).
     RoundRobin,
     /// The candidate with the fewest requests in flight from this router.
     LeastBusy,
@@ -221,31 +221,6 @@ impl Balancer {
         }
     }
 
-    pub fn policy(&self) -> Policy {
-        self.policy
-    }
-
-    /// Any routable node in turn, whatever it serves (the seed's
-    /// `select_available_agent`, round-robin by definition).
-    pub fn pick_any<'t>(&self, table: &'t RoutingTable) -> Option<&'t Arc<Candidate>> {
-        let position = self.rotate(table.candidates.len())?;
-        table.candidates.get(position)
-    }
-
-    /// The node for one request: among those holding the model in memory
-    /// when there are any, else among all that have it.
-    pub fn choose<'t>(
-        &self,
-        table: &'t RoutingTable,
-        api: ApiKind,
-        model: &str,
-    ) -> Result<&'t Candidate, NoRoute> {
-        let (loaded, cold) = table.groups(api, model)?;
-        let group = if loaded.is_empty() { cold } else { loaded };
-        let position = self.pick_in_group(group).ok_or(NoRoute::NoNodes)?;
-        Ok(&table.candidates[group.members[position] as usize])
-    }
-
     /// The nodes to try for one request, in order, at most `max_attempts`:
     /// the policy's choice first, then the rest of its group, then the
     /// nodes that would have to load the model.
@@ -311,7 +286,9 @@ impl Balancer {
         Some(best)
     }
 
-    /// The next position in `0..len` in turn: the seed's atomic cursor.
+    /// The next position in `0..len` in turn: one atomic cursor per
+    /// balancer, shared by every event loop, so that successive requests
+    /// for a model visit its nodes in order.
     fn rotate(&self, len: usize) -> Option<usize> {
         (len > 0).then(|| self.cursor.fetch_add(1, Ordering::Relaxed) % len)
     }
@@ -340,8 +317,20 @@ mod tests {
         }
     }
 
-    fn port_of(candidate: &Candidate) -> u8 {
-        match candidate.address.ip() {
+    /// The node routing would try first: the head of the plan production
+    /// uses.
+    fn first(
+        balancer: &Balancer,
+        table: &RoutingTable,
+        api: ApiKind,
+        model: &str,
+    ) -> Result<Arc<Candidate>, NoRoute> {
+        let plan = balancer.plan(table, api, model, 1)?;
+        Ok(Arc::clone(&plan[0]))
+    }
+
+    fn port_of(candidate: impl AsRef<Candidate>) -> u8 {
+        match candidate.as_ref().address.ip() {
             std::net::IpAddr::V4(ip) => ip.octets()[3],
             std::net::IpAddr::V6(_) => 0,
         }
@@ -359,13 +348,7 @@ mod tests {
         );
         let balancer = Balancer::new(Policy::RoundRobin);
         let picks: Vec<u8> = (0..4)
-            .map(|_| {
-                port_of(
-                    balancer
-                        .choose(&table, ApiKind::Ollama, "m")
-                        .expect("route"),
-                )
-            })
+            .map(|_| port_of(first(&balancer, &table, ApiKind::Ollama, "m").expect("route")))
             .collect();
         assert_eq!(picks, [2, 3, 2, 3]);
     }
@@ -383,11 +366,7 @@ mod tests {
             let balancer = Balancer::new(policy);
             for _ in 0..4 {
                 assert_eq!(
-                    port_of(
-                        balancer
-                            .choose(&table, ApiKind::Ollama, "m")
-                            .expect("route")
-                    ),
+                    port_of(first(&balancer, &table, ApiKind::Ollama, "m").expect("route")),
                     3
                 );
             }
@@ -395,7 +374,7 @@ mod tests {
                 .plan(&table, ApiKind::Ollama, "m", 5)
                 .expect("plan");
             assert_eq!(
-                plan.iter().map(|c| port_of(c)).collect::<Vec<_>>(),
+                plan.iter().map(port_of).collect::<Vec<_>>(),
                 [3, 2],
                 "the cold node is the fallback"
             );
@@ -418,11 +397,7 @@ mod tests {
         let balancer = Balancer::new(Policy::LeastBusy);
         for _ in 0..5 {
             assert_eq!(
-                port_of(
-                    balancer
-                        .choose(&table, ApiKind::Ollama, "m")
-                        .expect("route")
-                ),
+                port_of(first(&balancer, &table, ApiKind::Ollama, "m").expect("route")),
                 3
             );
         }
@@ -432,47 +407,37 @@ mod tests {
     fn api_kind_and_model_decide_the_candidates() {
         let table = RoutingTable::build(
             vec![
-                candidate(2, BackendKind::Openai, &["vllm-model"], &[]),
+                candidate(2, BackendKind::OpenAi, &["vllm-model"], &[]),
                 candidate(3, BackendKind::Ollama, &["llama3:latest"], &[]),
             ],
             vec!["resting-model".to_owned()],
         );
         let balancer = Balancer::new(Policy::RoundRobin);
         assert_eq!(
-            balancer
-                .choose(&table, ApiKind::OpenAi, "vllm-model")
-                .map(port_of),
+            first(&balancer, &table, ApiKind::OpenAi, "vllm-model").map(port_of),
             Ok(2)
         );
         assert_eq!(
-            balancer
-                .choose(&table, ApiKind::Ollama, "vllm-model")
-                .map(port_of),
+            first(&balancer, &table, ApiKind::Ollama, "vllm-model").map(port_of),
             Err(NoRoute::UnknownModel),
             "/api routes only reach Ollama nodes"
         );
         assert_eq!(
-            balancer
-                .choose(&table, ApiKind::Ollama, "llama3")
-                .map(port_of),
+            first(&balancer, &table, ApiKind::Ollama, "llama3").map(port_of),
             Ok(3),
             "no tag means :latest"
         );
         assert_eq!(
-            balancer
-                .choose(&table, ApiKind::OpenAi, "nope")
-                .map(port_of),
+            first(&balancer, &table, ApiKind::OpenAi, "nope").map(port_of),
             Err(NoRoute::UnknownModel)
         );
         assert_eq!(
-            balancer
-                .choose(&table, ApiKind::OpenAi, "resting-model")
-                .map(port_of),
+            first(&balancer, &table, ApiKind::OpenAi, "resting-model").map(port_of),
             Err(NoRoute::ModelUnavailable)
         );
         let empty = RoutingTable::default();
         assert_eq!(
-            balancer.choose(&empty, ApiKind::OpenAi, "m").map(port_of),
+            first(&balancer, &empty, ApiKind::OpenAi, "m").map(port_of),
             Err(NoRoute::NoNodes)
         );
     }
@@ -497,7 +462,7 @@ mod tests {
             ("qwen2:0.5b", 4),
         ] {
             assert_eq!(
-                balancer.choose(&table, ApiKind::Ollama, asked).map(port_of),
+                first(&balancer, &table, ApiKind::Ollama, asked).map(port_of),
                 Ok(node),
                 "{asked}"
             );
@@ -507,17 +472,13 @@ mod tests {
         let plan = balancer
             .plan(&table, ApiKind::Ollama, "llama3.2", 3)
             .expect("plan");
-        assert_eq!(plan.iter().map(|c| port_of(c)).collect::<Vec<_>>(), [2, 5]);
+        assert_eq!(plan.iter().map(port_of).collect::<Vec<_>>(), [2, 5]);
         assert_eq!(
-            balancer
-                .choose(&table, ApiKind::Ollama, "resting")
-                .map(port_of),
+            first(&balancer, &table, ApiKind::Ollama, "resting").map(port_of),
             Err(NoRoute::ModelUnavailable)
         );
         assert_eq!(
-            balancer
-                .choose(&table, ApiKind::Ollama, "qwen2:1.5b")
-                .map(port_of),
+            first(&balancer, &table, ApiKind::Ollama, "qwen2:1.5b").map(port_of),
             Err(NoRoute::UnknownModel),
             "another tag is another model"
         );
@@ -530,11 +491,27 @@ mod tests {
             .collect();
         let table = RoutingTable::build(nodes, vec![]);
         let balancer = Balancer::new(Policy::RoundRobin);
-        let plan = balancer
-            .plan(&table, ApiKind::Ollama, "m", 3)
+        for turn in 0..6u8 {
+            let plan = balancer
+                .plan(&table, ApiKind::Ollama, "m", 3)
+                .expect("plan");
+            // Round-robin's choice this turn, then the next two in order:
+            // bounded by max_attempts, no node twice.
+            let expected: Vec<u8> = (0..3).map(|k| 2 + (turn + k) % 6).collect();
+            assert_eq!(
+                plan.iter().map(port_of).collect::<Vec<_>>(),
+                expected,
+                "turn {turn}"
+            );
+        }
+        let everyone = balancer
+            .plan(&table, ApiKind::Ollama, "m", 100)
             .expect("plan");
-        assert_eq!(plan.len(), 3);
-        let distinct: HashSet<u8> = plan.iter().map(|c| port_of(c)).collect();
-        assert_eq!(distinct.len(), 3, "no node twice");
+        let distinct: HashSet<u8> = everyone.iter().map(port_of).collect();
+        assert_eq!(
+            (everyone.len(), distinct.len()),
+            (6, 6),
+            "at most every node, once each"
+        );
     }
 }

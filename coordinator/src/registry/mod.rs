@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::auth::{Secret, TokenDigest};
 use crate::balancer::RoutingTable;
-use crate::store::{Change, Store, StoreError, Touch};
+use crate::store::{Change, Seen, Store, StoreError};
 
 pub use record::{ModelList, NodeFacts};
 pub use sweeper::Sweeper;
@@ -134,8 +134,6 @@ pub struct Registry {
     routing: ArcSwap<RoutingTable>,
     routing_changes: AtomicU64,
     rebuild: Mutex<()>,
-    /// The seed's round-robin selection.
-    round_robin: crate::balancer::Balancer,
     /// Accepted heartbeats and registrations, for `/metrics`.
     heartbeats: AtomicU64,
     registrations: AtomicU64,
@@ -313,7 +311,6 @@ impl Registry {
             // Above the empty table's 0, so the first reader builds one.
             routing_changes: AtomicU64::new(1),
             rebuild: Mutex::new(()),
-            round_robin: crate::balancer::Balancer::new(crate::balancer::Policy::RoundRobin),
             heartbeats: AtomicU64::new(0),
             registrations: AtomicU64::new(0),
             probes: Mutex::new(HashMap::new()),
@@ -799,12 +796,6 @@ impl Registry {
         fresh
     }
 
-    /// The seed's round-robin choice of an Online (and routable) agent.
-    pub fn select_available_agent(&self) -> Option<Arc<Candidate>> {
-        let table = self.routing_table();
-        self.round_robin.pick_any(&table).cloned()
-    }
-
     /// Marks Offline every Online agent silent for longer than the timeout,
     /// measured on the monotonic clock. Returns how many changed.
     pub fn sweep(&self, now: Instant) -> usize {
@@ -831,15 +822,15 @@ impl Registry {
     /// last call, for its next snapshot.
     pub fn flush_liveness(&self) {
         let slots: Vec<_> = self.read_maps().by_id.values().cloned().collect();
-        let touches: Vec<Touch> = slots
+        let seen: Vec<Seen> = slots
             .iter()
             .filter_map(|slot| {
                 let mut record = lock(slot);
                 std::mem::take(&mut record.touched)
-                    .then(|| Touch(record.agent.id, record.agent.last_seen, record.agent.status))
+                    .then(|| Seen(record.agent.id, record.agent.last_seen, record.agent.status))
             })
             .collect();
-        self.store.touch(touches);
+        self.store.record_seen(seen);
         record::prune_interned();
     }
 

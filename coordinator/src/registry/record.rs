@@ -18,7 +18,8 @@ use crate::auth::TokenDigest;
 /// A shared, immutable list of model names.
 pub type ModelList = Arc<[Arc<str>]>;
 
-/// What the registry knows of one node (its durable part).
+/// What the registry knows of one node: the facts that are stored, and
+/// the latest heartbeat's report, which is not.
 #[derive(Debug, Clone)]
 pub struct NodeFacts {
     pub id: Uuid,

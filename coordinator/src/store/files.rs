@@ -278,7 +278,7 @@ impl LoadedAgents {
         self.by_id.remove(id);
     }
 
-    fn touch(&mut self, super::Touch(id, last_seen, status): &super::Touch) {
+    fn apply_seen(&mut self, super::Seen(id, last_seen, status): &super::Seen) {
         if let Some(agent) = self.by_id.get_mut(id) {
             agent.last_seen = *last_seen;
             agent.status = *status;
@@ -363,8 +363,8 @@ fn replay_journal(bytes: &[u8], agents: &mut LoadedAgents, report: &mut LoadRepo
                 report.journal_replayed += 1;
             }
             Ok(Change::Seen { agents: seen }) => {
-                for touch in seen {
-                    agents.touch(&touch);
+                for one in seen {
+                    agents.apply_seen(&one);
                 }
                 report.journal_replayed += 1;
             }

@@ -1,7 +1,7 @@
 //! Durability of the registry.
 //!
 //! Two files in the data dir:
-//! - `agents.json`, the seed's pretty-printed JSON array: the readable
+//! - `agents.json`, a pretty-printed JSON array of the agents: the readable
 //!   snapshot, rewritten now and then (temp file, fsync, rename, fsync dir),
 //!   the previous one kept as `agents.json.bak`;
 //! - `agents.journal`, one JSON line per change since that snapshot,
@@ -67,14 +67,14 @@ pub enum StoreError {
 pub enum Change {
     Upsert { agent: Box<Agent> },
     Delete { id: Uuid },
-    Seen { agents: Vec<Touch> },
+    Seen { agents: Vec<Seen> },
 }
 
 /// Liveness facts flushed every few seconds: journaled compactly, as
 /// `[id, last_seen in epoch milliseconds, status]`, so that heartbeats never
 /// make the store rewrite the whole snapshot nor format 100,000 dates.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Touch(
+pub struct Seen(
     pub Uuid,
     #[serde(with = "chrono::serde::ts_milliseconds")] pub DateTime<Utc>,
     pub AgentStatus,
@@ -85,7 +85,7 @@ enum Command {
         change: Change,
         ack: oneshot::Sender<Result<(), Arc<StoreError>>>,
     },
-    Touch(Vec<Touch>),
+    Seen(Vec<Seen>),
     /// Write a snapshot now if anything changed since the last one (shutdown).
     Snapshot {
         ack: oneshot::Sender<Result<(), Arc<StoreError>>>,
@@ -175,9 +175,9 @@ impl Store {
     }
 
     /// Hands over liveness facts for the next snapshot.
-    pub fn touch(&self, touches: Vec<Touch>) {
-        if !touches.is_empty() {
-            let _ = self.commands.send(Command::Touch(touches));
+    pub fn record_seen(&self, seen: Vec<Seen>) {
+        if !seen.is_empty() {
+            let _ = self.commands.send(Command::Seen(seen));
         }
     }
 
@@ -256,7 +256,7 @@ impl Writer {
                     commit_acks.push(ack);
                 }
                 // Liveness needs no acknowledgement: it rides with the batch.
-                Command::Touch(agents) => changes.push(Change::Seen { agents }),
+                Command::Seen(agents) => changes.push(Change::Seen { agents }),
                 Command::Snapshot { ack } => snapshot_acks.push(ack),
             }
         }
@@ -346,8 +346,8 @@ fn apply(agents: &mut HashMap<Uuid, NodeFacts>, change: Change) {
             agents.remove(&id);
         }
         Change::Seen { agents: seen } => {
-            for Touch(id, last_seen, status) in seen {
-                // An agent deleted since the touch was taken stays deleted.
+            for Seen(id, last_seen, status) in seen {
+                // An agent deleted since it was seen stays deleted.
                 if let Some(agent) = agents.get_mut(&id) {
                     agent.last_seen = last_seen;
                     agent.status = status;

@@ -58,6 +58,11 @@ impl TestRouter {
         format!("http://{}{path}", self.address)
     }
 
+    /// The base URL, for helpers that add paths themselves.
+    pub fn base(&self) -> String {
+        self.url("")
+    }
+
     /// Graceful shutdown, as SIGTERM does; returns what `run` returned.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
@@ -285,4 +290,26 @@ pub fn data_dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
         .collect();
     files.sort();
     files
+}
+
+/// Sends one request, with an optional JSON body and bearer token; the
+/// status and the JSON answer (`null` when it is not JSON).
+pub async fn send(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&Value>,
+    token: Option<&str>,
+) -> (reqwest::StatusCode, Value) {
+    let mut request = client.request(method, url);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body)
 }
