@@ -1,5 +1,7 @@
 //! The agent's configuration: one clap struct, flags and environment.
 
+pub use common::cli::LogFormat;
+use common::cli::parse_seconds;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -151,19 +153,4 @@ fn non_empty_env(name: &str) -> Option<String> {
         .filter(|value| !value.trim().is_empty())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
-fn parse_seconds(text: &str) -> Result<Duration, String> {
-    let seconds: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    if !seconds.is_finite() || seconds <= 0.0 || seconds > 1e9 {
-        return Err(format!("{text:?}: seconds must be a positive number"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}

@@ -3,6 +3,7 @@
 //! records into these at the edge. [`url`] holds the one other thing both
 //! binaries share: how they read a router's URL from the command line.
 
+pub mod cli;
 pub mod url;
 
 use chrono::{DateTime, Utc};

@@ -1,6 +1,8 @@
 //! The router's configuration: one clap struct, every option a flag and an
 //! environment variable with a documented default.
 
+pub use common::cli::LogFormat;
+use common::cli::parse_seconds;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -232,44 +234,25 @@ impl Config {
         }
     }
 
-    /// A configuration for tests and embedding: loopback, a free port.
+    /// A configuration for tests and embedding: every default as the
+    /// binary has it (the same clap definition, the environment included),
+    /// then loopback, a free port, one event loop and the given data dir.
     pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
-        Config {
-            host: "127.0.0.1".to_owned(),
-            port: 0,
-            data_dir: Some(data_dir.into()),
-            agent_timeout: Duration::from_secs(60),
-            flush_interval: Duration::from_secs(5),
-            snapshot_interval: Duration::from_secs(60),
-            balancer: Policy::RoundRobin,
-            connect_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(300),
-            node_keepalive: Duration::from_secs(60),
-            max_body_memory: 1024 * 1024 * 1024,
-            max_idle_node_connections: 1024,
-            max_attempts: 3,
-            max_request_body: 100 * 1024 * 1024,
-            threads: 1,
-            log_format: LogFormat::Text,
-            max_agents: 1_000_000,
-            node_networks: None,
-            max_connections: 0,
-            tls_cert: None,
-            node_ca_cert: None,
-            tls_key: None,
-            protect_listings: false,
-            max_connections_per_client: 0,
-            allowed_hosts: Vec::new(),
-            header_read_timeout: Duration::from_secs(60),
-            body_read_timeout: Duration::from_secs(60),
-            send_timeout: Duration::from_secs(60),
-            agent_token: None,
-            agent_token_file: None,
-            api_keys: Vec::new(),
-            api_keys_file: None,
-            admin_token: None,
-            admin_token_file: None,
+        /// The command line with nothing on it.
+        #[derive(clap::Parser)]
+        #[command(no_binary_name = true)]
+        struct Defaults {
+            #[command(flatten)]
+            config: Config,
         }
+        let mut config = <Defaults as clap::Parser>::try_parse_from(std::iter::empty::<String>())
+            .map(|defaults| defaults.config)
+            .unwrap_or_else(|error| panic!("the router's defaults do not parse here: {error}"));
+        config.host = "127.0.0.1".to_owned();
+        config.port = 0;
+        config.threads = 1;
+        config.data_dir = Some(data_dir.into());
+        config
     }
 
     /// The credentials, read from flags, environment and files.
@@ -300,11 +283,6 @@ fn token_from(
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 /// `--host`: an IP address, or a name to resolve at start.
 fn parse_host(text: &str) -> Result<String, String> {
@@ -342,17 +320,6 @@ pub fn resolve_host(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
         })
 }
 
-/// Seconds as a positive number, fractions allowed ("60", "0.5").
-pub fn parse_seconds(text: &str) -> Result<Duration, String> {
-    let seconds: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    if !seconds.is_finite() || seconds <= 0.0 || seconds > 1e9 {
-        return Err(format!("{text:?}: seconds must be a positive number"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
 
 /// `--node-networks`, parsed.
 #[derive(Debug, Clone, Default)]

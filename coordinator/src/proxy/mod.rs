@@ -122,22 +122,6 @@ impl Drop for BodyReservation {
     }
 }
 
-impl Default for ProxyOptions {
-    fn default() -> Self {
-        ProxyOptions {
-            policy: Policy::RoundRobin,
-            connect_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(300),
-            max_attempts: 3,
-            max_request_body: 100 * 1024 * 1024,
-            body_read_timeout: Duration::from_secs(60),
-            node_keepalive: Duration::from_secs(60),
-            max_idle_node_connections: 1024,
-            max_body_memory: 1024 * 1024 * 1024,
-            node_ca_certificates: Vec::new(),
-        }
-    }
-}
 
 /// One client request for [`Proxy::forward`].
 pub struct ForwardRequest<'a> {
