@@ -1,7 +1,7 @@
 //! The agent's configuration: one clap struct, flags and environment.
 
-pub use common::cli::LogFormat;
 use common::cli::parse_seconds;
+pub use common::cli::LogFormat;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -152,5 +152,3 @@ fn non_empty_env(name: &str) -> Option<String> {
         .ok()
         .filter(|value| !value.trim().is_empty())
 }
-
-

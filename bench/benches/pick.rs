@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::BackendKind;
-use coordinator::balancer::{ApiKind, Balancer, Policy, RoutingTable};
-use coordinator::registry::Candidate;
+use coordinator::balancer::{ApiKind, Balancer, Candidate, Policy, RoutingTable};
+
 use criterion::{criterion_group, criterion_main, Criterion};
 
 /// 1,000 Ollama nodes that all serve the benchmarked model (the worst case

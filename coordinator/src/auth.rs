@@ -18,7 +18,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use axum::http::{HeaderValue, StatusCode};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -129,13 +128,6 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn status(self) -> StatusCode {
-        match self {
-            Refusal::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Refusal::Forbidden => StatusCode::FORBIDDEN,
-        }
-    }
-
     pub fn code(self) -> &'static str {
         match self {
             Refusal::Unauthenticated => "unauthorized",
@@ -214,10 +206,7 @@ impl Credentials {
     }
 
     /// `GET /api/agents`, `GET /api/agents/:id`, `/metrics`.
-    pub fn check_listing(
-        &self,
-        authorization: Option<&HeaderValue>,
-    ) -> Result<ListingAccess, Refusal> {
+    pub fn check_listing(&self, authorization: Option<&[u8]>) -> Result<ListingAccess, Refusal> {
         if !self.protect_listings {
             return Ok(ListingAccess::Allowed);
         }
@@ -253,7 +242,7 @@ impl Credentials {
     }
 
     /// `POST /api/agents/register`: who may register, and as what.
-    pub fn check_join(&self, authorization: Option<&HeaderValue>) -> Result<JoinAccess, Refusal> {
+    pub fn check_join(&self, authorization: Option<&[u8]>) -> Result<JoinAccess, Refusal> {
         let presented = bearer_token(authorization).map(TokenDigest::of);
         if let (Some(admin), Some(presented)) = (&self.admin_token, &presented) {
             if admin.matches(presented) {
@@ -271,7 +260,7 @@ impl Credentials {
     }
 
     /// The LLM routes.
-    pub fn check_client(&self, authorization: Option<&HeaderValue>) -> Result<(), Refusal> {
+    pub fn check_client(&self, authorization: Option<&[u8]>) -> Result<(), Refusal> {
         if self.api_keys.is_empty() {
             return Ok(());
         }
@@ -295,7 +284,7 @@ impl Credentials {
     /// `Registry::verify_agent_secret`).
     pub fn check_agent_route(
         &self,
-        authorization: Option<&HeaderValue>,
+        authorization: Option<&[u8]>,
         route: AgentRoute,
     ) -> Result<AgentAccess, Refusal> {
         let admin = match route {
@@ -342,15 +331,15 @@ impl Credentials {
 }
 
 /// The digest of the `Authorization: Bearer` token, or 401 when there is none.
-fn presented_digest(authorization: Option<&HeaderValue>) -> Result<TokenDigest, Refusal> {
+fn presented_digest(authorization: Option<&[u8]>) -> Result<TokenDigest, Refusal> {
     bearer_token(authorization)
         .map(TokenDigest::of)
         .ok_or(Refusal::Unauthenticated)
 }
 
 /// The token of an `Authorization: Bearer <token>` header (scheme in any case).
-pub fn bearer_token(authorization: Option<&HeaderValue>) -> Option<&[u8]> {
-    let value = authorization?.as_bytes();
+pub fn bearer_token(authorization: Option<&[u8]>) -> Option<&[u8]> {
+    let value = authorization?;
     let (scheme, token) = value.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {
         return None;
@@ -390,8 +379,7 @@ mod tests {
     use super::*;
 
     fn bearer(authorization: &str) -> Option<Vec<u8>> {
-        let value = HeaderValue::from_str(authorization).expect("header value");
-        bearer_token(Some(&value)).map(<[u8]>::to_vec)
+        bearer_token(Some(authorization.as_bytes())).map(<[u8]>::to_vec)
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The router's configuration: one clap struct, every option a flag and an
 //! environment variable with a documented default.
 
-pub use common::cli::LogFormat;
 use common::cli::parse_seconds;
+pub use common::cli::LogFormat;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,7 +46,7 @@ pub struct Config {
         value_enum,
         default_value = "round-robin"
     )]
-    pub balancer: Policy,
+    pub balancer: BalancerChoice,
 
     /// Seconds to wait for a connection to a node before trying the next.
     #[arg(long, env = "LLM_ROUTER_CONNECT_TIMEOUT", default_value = "5", value_parser = parse_seconds)]
@@ -221,7 +221,7 @@ impl Config {
 
     pub fn proxy_options(&self) -> ProxyOptions {
         ProxyOptions {
-            policy: self.balancer,
+            policy: self.balancer.into(),
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
             max_attempts: usize::from(self.max_attempts),
@@ -283,7 +283,6 @@ fn token_from(
     }
 }
 
-
 /// `--host`: an IP address, or a name to resolve at start.
 fn parse_host(text: &str) -> Result<String, String> {
     let host = text.trim().trim_start_matches('[').trim_end_matches(']');
@@ -320,11 +319,28 @@ pub fn resolve_host(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
         })
 }
 
-
 /// `--node-networks`, parsed.
 #[derive(Debug, Clone, Default)]
 pub struct NodeNetworks(pub Vec<ipnet::IpNet>);
 
 fn parse_node_networks(text: &str) -> Result<NodeNetworks, String> {
     crate::node_address::parse_networks(text).map(NodeNetworks)
+}
+
+/// `--balancer`, as the command line spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BalancerChoice {
+    /// Each node that has the model in turn.
+    RoundRobin,
+    /// The node with the fewest requests in flight from this router.
+    LeastBusy,
+}
+
+impl From<BalancerChoice> for Policy {
+    fn from(choice: BalancerChoice) -> Self {
+        match choice {
+            BalancerChoice::RoundRobin => Policy::RoundRobin,
+            BalancerChoice::LeastBusy => Policy::LeastBusy,
+        }
+    }
 }

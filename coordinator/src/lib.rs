@@ -12,6 +12,7 @@ pub mod health;
 pub mod listen;
 pub mod node_address;
 pub mod proxy;
+pub mod record;
 pub mod registry;
 mod serve;
 pub mod store;
@@ -283,7 +284,7 @@ pub async fn run(
     tracing::info!("Shutting down: flushing the store.");
     // The proxy (and so its pooled connections) went with the app.
     let _ = tokio::task::spawn_blocking(move || sweeper.stop()).await;
-    let final_snapshot = registry.store().snapshot_now().await;
+    let final_snapshot = registry.snapshot_now().await;
     // The writer thread ends once the last `Store` handle (the registry's) is gone.
     drop(registry);
     writer.join();

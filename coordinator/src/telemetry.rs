@@ -14,8 +14,6 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::registry::Registry;
-
 pub const REQUESTS: &str = "llm_router_requests_total";
 pub const REQUEST_DURATION: &str = "llm_router_request_duration_seconds";
 pub const TIME_TO_FIRST_BYTE: &str = "llm_router_time_to_first_byte_seconds";
@@ -214,6 +212,29 @@ pub fn count_request(route: usize, status: u16, model: String, node: Option<&Nod
     });
 }
 
+/// What `/metrics` reports of the fleet, read when scraped.
+#[derive(Debug, Default)]
+pub struct FleetFacts {
+    pub online: u64,
+    pub offline: u64,
+    pub routable: u64,
+    pub heartbeats: u64,
+    pub registrations: u64,
+    /// Agents in each state, in the order of [`common::NodeState::ALL`].
+    pub by_state: [u64; common::NodeState::ALL.len()],
+    /// Every Online node, with the requests the router has in flight to it.
+    pub nodes: Vec<NodeLoad>,
+    /// Every registered node's name and traffic counters.
+    pub traffic: Vec<(std::sync::Arc<str>, std::sync::Arc<NodeTraffic>)>,
+}
+
+#[derive(Debug)]
+pub struct NodeLoad {
+    pub id: uuid::Uuid,
+    pub name: String,
+    pub in_flight: u64,
+}
+
 /// Drains the histograms' lock-free buckets; the sweeper calls it
 /// periodically, so memory stays bounded whether or not anyone scrapes.
 pub fn upkeep() {
@@ -226,13 +247,13 @@ pub fn upkeep() {
 /// metric families in name order and series in label order, as
 /// Prometheus' own client libraries write them, so that two scrapes of
 /// the same state read the same (the recorder keeps them in hash maps).
-pub fn render(registry: &Registry) -> String {
+pub fn render(facts: &FleetFacts) -> String {
     let mut text = HANDLE
         .get()
         .and_then(Option::as_ref)
         .map(PrometheusHandle::render)
         .unwrap_or_default();
-    render_registry(registry, &mut text);
+    render_fleet(facts, &mut text);
     sorted_exposition(&text)
 }
 
@@ -385,8 +406,7 @@ fn series_key(line: &str) -> String {
     key
 }
 
-fn render_registry(registry: &Registry, out: &mut String) {
-    let facts = registry.fleet_facts();
+fn render_fleet(facts: &FleetFacts, out: &mut String) {
     render_node_traffic(&facts.traffic, out);
     let _ = writeln!(
         out,

@@ -52,6 +52,6 @@ pub async fn metrics(
 ) -> impl IntoResponse {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        telemetry::render(&registry),
+        telemetry::render(&registry.fleet_facts()),
     )
 }

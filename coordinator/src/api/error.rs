@@ -66,7 +66,11 @@ pub fn challenge_if_unauthorized(mut response: Response) -> Response {
 
 impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
-        Self::new(refusal.status(), refusal.code(), refusal.message())
+        let status = match refusal {
+            Refusal::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Refusal::Forbidden => StatusCode::FORBIDDEN,
+        };
+        Self::new(status, refusal.code(), refusal.message())
     }
 }
 

@@ -12,10 +12,10 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::balancer::Candidate;
 use crate::balancer::{ApiKind, NoRoute};
 use crate::proxy::{no_route_status, ForwardRequest, Forwarded, Proxy, ProxyError};
 use crate::proxy::{BodyBudget, BodyReservation};
-use crate::registry::Candidate;
 use crate::telemetry;
 
 /// Forwards one client request; every failure answers in the route's shape.

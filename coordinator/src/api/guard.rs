@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use axum::http::HeaderValue;
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -26,9 +27,9 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let credentials = Arc::<Credentials>::from_ref(state);
-        Ok(JoinAllowed(
-            credentials.check_join(parts.headers.get(AUTHORIZATION))?,
-        ))
+        Ok(JoinAllowed(credentials.check_join(
+            parts.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes),
+        )?))
     }
 }
 
@@ -64,7 +65,10 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let AgentIdParam(id) = AgentIdParam::from_request_parts(parts, state).await?;
         let credentials = Arc::<Credentials>::from_ref(state);
-        match credentials.check_agent_route(parts.headers.get(AUTHORIZATION), R::ROUTE)? {
+        match credentials.check_agent_route(
+            parts.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes),
+            R::ROUTE,
+        )? {
             AgentAccess::Open | AgentAccess::Admin => {}
             AgentAccess::MustBeAgent(presented) => {
                 Arc::<Registry>::from_ref(state).verify_agent_secret(id, &presented)?;
@@ -87,7 +91,9 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let credentials = Arc::<Credentials>::from_ref(state);
-        match credentials.check_listing(parts.headers.get(AUTHORIZATION))? {
+        match credentials
+            .check_listing(parts.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes))?
+        {
             ListingAccess::Allowed => Ok(ListingAllowed),
             ListingAccess::MustBeAgent(_) => Err(Refusal::Unauthenticated.into()),
         }
@@ -108,7 +114,9 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let credentials = Arc::<Credentials>::from_ref(state);
-        match credentials.check_listing(parts.headers.get(AUTHORIZATION))? {
+        match credentials
+            .check_listing(parts.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes))?
+        {
             ListingAccess::Allowed => Ok(RecordReadable),
             ListingAccess::MustBeAgent(presented) => {
                 let AgentIdParam(id) = AgentIdParam::from_request_parts(parts, state).await?;

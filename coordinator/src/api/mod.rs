@@ -17,6 +17,7 @@ use crate::node_address::NodeAddressPolicy;
 
 use axum::extract::{DefaultBodyLimit, FromRef, Request, State};
 use axum::http::header::AUTHORIZATION;
+use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
@@ -225,7 +226,12 @@ async fn require_api_key(
     request: Request,
     next: Next,
 ) -> Response {
-    match credentials.check_client(request.headers().get(AUTHORIZATION)) {
+    match credentials.check_client(
+        request
+            .headers()
+            .get(AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    ) {
         Ok(()) => next.run(request).await,
         Err(refusal) => {
             let api = if request.uri().path().starts_with("/v1/") {
@@ -233,11 +239,12 @@ async fn require_api_key(
             } else {
                 ApiKind::Ollama
             };
+            let refused = error::ApiError::from(refusal);
             error::challenge_if_unauthorized(forward::error(
                 api,
-                refusal.status(),
-                refusal.code(),
-                refusal.message(),
+                refused.status,
+                refused.code,
+                &refused.message,
             ))
         }
     }

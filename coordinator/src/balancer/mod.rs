@@ -1,13 +1,16 @@
-//! Choosing a node: the routing table (routable agents indexed by model and
+//! Choosing a node: the routing table (routable nodes indexed by model and
 //! API), and the policies that pick among the candidates for one request.
+//! It knows nothing of the registry, which builds the tables and keeps the
+//! current one.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::BackendKind;
+use uuid::Uuid;
 
-use crate::registry::Candidate;
+use crate::record::ModelList;
 
 /// Which API a client request came in on: `/api/*` can go only to Ollama
 /// nodes; `/v1/*` to any node (Ollama serves `/v1` too).
@@ -27,7 +30,7 @@ impl ApiKind {
 }
 
 /// How to pick among the candidates that hold a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
     /// Each candidate in turn (one atomic cursor for all event loops).
     RoundRobin,
@@ -198,6 +201,29 @@ impl RoutingTable {
             Err(NoRoute::UnknownModel)
         }
     }
+}
+
+/// A routable agent as routing sees it: cheap to clone, immutable but for
+/// its in-flight counter, which the router shares with the registry.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub id: Uuid,
+    /// Its machine name, as metrics label it.
+    pub name: Arc<str>,
+    pub address: std::net::SocketAddr,
+    pub backend: BackendKind,
+    /// Its LLM server speaks HTTPS.
+    pub tls: bool,
+    /// Its LLM server's version, as registered.
+    pub runtime_version: Arc<str>,
+    pub models: ModelList,
+    pub loaded_models: ModelList,
+    /// Requests the router has in flight to this node.
+    pub in_flight: Arc<AtomicU64>,
+    /// Its traffic counters, for `/metrics`.
+    pub traffic: Arc<crate::telemetry::NodeTraffic>,
+    /// `Host` for requests to it, made once here rather than per request.
+    pub host_header: axum::http::HeaderValue,
 }
 
 /// A model's name as the table indexes it: Ollama's default tag dropped,

@@ -21,8 +21,9 @@ use body::UpstreamBody;
 pub use body::{InFlightGuard, RequestTiming};
 use upstream::UpstreamPool;
 
+use crate::balancer::Candidate;
 use crate::balancer::{ApiKind, Balancer, NoRoute, Policy};
-use crate::registry::{Candidate, Registry};
+use crate::registry::Registry;
 use crate::telemetry;
 
 #[derive(Debug, Clone)]
@@ -121,7 +122,6 @@ impl Drop for BodyReservation {
             .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
     }
 }
-
 
 /// One client request for [`Proxy::forward`].
 pub struct ForwardRequest<'a> {

@@ -10,7 +10,6 @@
 //! `std` locks, not `tokio` ones, because every critical section is short
 //! and synchronous.
 
-mod record;
 mod sweeper;
 
 use std::collections::HashMap;
@@ -28,13 +27,14 @@ use common::{
 use uuid::Uuid;
 
 use crate::auth::{Secret, TokenDigest};
-use crate::balancer::RoutingTable;
+use crate::balancer::{Candidate, RoutingTable};
 use crate::store::{Change, Seen, Store, StoreError};
+pub use crate::telemetry::{FleetFacts, NodeLoad};
 
-pub use record::{ModelList, NodeFacts};
+pub use crate::record::{ModelList, NodeFacts, Registration};
 pub use sweeper::Sweeper;
 
-use record::{intern, intern_models};
+use crate::record::{intern, intern_models};
 
 /// What a registration proved about the identity it names.
 #[derive(Debug, Clone, Copy)]
@@ -71,20 +71,6 @@ pub enum RegistryError {
     Full(usize),
 }
 
-/// A registration after validation: what the API layer hands the registry.
-#[derive(Debug, Clone)]
-pub struct Registration {
-    pub machine_name: String,
-    pub ip_address: IpAddr,
-    pub port: u16,
-    pub runtime_version: String,
-    pub system_info: SystemInfo,
-    pub models: Vec<String>,
-    pub backend: BackendKind,
-    /// Its LLM server speaks HTTPS.
-    pub tls: bool,
-}
-
 /// A validated `PUT`: absent fields stay as they are.
 #[derive(Debug, Clone, Default)]
 pub struct AgentUpdate {
@@ -99,29 +85,6 @@ pub struct AgentUpdate {
 pub enum RegisterOutcome {
     Created,
     Refreshed,
-}
-
-/// A routable agent as routing sees it: cheap to clone, immutable but for
-/// its in-flight counter, which the router shares with the registry.
-#[derive(Debug, Clone)]
-pub struct Candidate {
-    pub id: Uuid,
-    /// Its machine name, as metrics label it.
-    pub name: Arc<str>,
-    pub address: std::net::SocketAddr,
-    pub backend: BackendKind,
-    /// Its LLM server speaks HTTPS.
-    pub tls: bool,
-    /// Its LLM server's version, as registered.
-    pub runtime_version: Arc<str>,
-    pub models: ModelList,
-    pub loaded_models: ModelList,
-    /// Requests the router has in flight to this node.
-    pub in_flight: Arc<AtomicU64>,
-    /// Its traffic counters, for `/metrics`.
-    pub traffic: Arc<crate::telemetry::NodeTraffic>,
-    /// `Host` for requests to it, made once here rather than per request.
-    pub host_header: axum::http::HeaderValue,
 }
 
 pub struct Registry {
@@ -172,29 +135,6 @@ fn probe_backoff(failures: u32) -> Duration {
     PROBE_BACKOFF_FIRST
         .saturating_mul(1 << failures.min(16))
         .min(PROBE_BACKOFF_CAP)
-}
-
-/// What `/metrics` reports of the fleet, read when scraped.
-#[derive(Debug, Default)]
-pub struct FleetFacts {
-    pub online: u64,
-    pub offline: u64,
-    pub routable: u64,
-    pub heartbeats: u64,
-    pub registrations: u64,
-    /// Agents in each state, in the order of [`NodeState::ALL`].
-    pub by_state: [u64; NodeState::ALL.len()],
-    /// Every Online node, with the requests the router has in flight to it.
-    pub nodes: Vec<NodeLoad>,
-    /// Every registered node's name and traffic counters.
-    pub traffic: Vec<(Arc<str>, Arc<crate::telemetry::NodeTraffic>)>,
-}
-
-#[derive(Debug)]
-pub struct NodeLoad {
-    pub id: Uuid,
-    pub name: String,
-    pub in_flight: u64,
 }
 
 #[derive(Default)]
@@ -831,11 +771,13 @@ impl Registry {
             })
             .collect();
         self.store.record_seen(seen);
-        record::prune_interned();
+        crate::record::prune_interned();
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// Folds everything durable so far into a snapshot and waits for it:
+    /// the last step of a clean shutdown, after liveness was flushed.
+    pub async fn snapshot_now(&self) -> Result<(), Arc<StoreError>> {
+        self.store.snapshot_now().await
     }
 
     fn slot(&self, id: Uuid) -> Result<Arc<Mutex<AgentRecord>>, RegistryError> {

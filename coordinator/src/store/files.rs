@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::Agent;
 
-use crate::registry::NodeFacts;
+use crate::record::NodeFacts;
 
 use super::{Change, StoreError};
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use common::{Agent, AgentStatus};
 
-use crate::registry::NodeFacts;
+use crate::record::NodeFacts;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use uuid::Uuid;

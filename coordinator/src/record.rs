@@ -3,6 +3,9 @@
 //! A fleet of 100,000 nodes mostly runs a handful of versions and model
 //! lists; holding them once keeps the registry's memory flat as it grows.
 //! `common::Agent` is made from this only at the edge (API answers, store).
+//!
+//! The bottom of the router's layers: the store keeps these records, the
+//! registry holds them in memory; this module uses neither.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -12,8 +15,21 @@ use chrono::{DateTime, Utc};
 use common::{Agent, AgentStatus, BackendKind, HeartbeatReport, SystemInfo};
 use uuid::Uuid;
 
-use super::Registration;
 use crate::auth::TokenDigest;
+
+/// A registration after validation: what the API layer hands the registry.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub machine_name: String,
+    pub ip_address: IpAddr,
+    pub port: u16,
+    pub runtime_version: String,
+    pub system_info: SystemInfo,
+    pub models: Vec<String>,
+    pub backend: BackendKind,
+    /// Its LLM server speaks HTTPS.
+    pub tls: bool,
+}
 
 /// A shared, immutable list of model names.
 pub type ModelList = Arc<[Arc<str>]>;
