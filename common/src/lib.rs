@@ -207,11 +207,6 @@ pub struct Agent {
     /// The router reaches its LLM server over HTTPS.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls: bool,
-    /// SHA-256 of the agent's secret, in hex. Only in the stored form: API
-    /// answers never carry it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(ignore)]
-    pub secret_hash: Option<String>,
 }
 
 /// One agent as the API shows it: the stored record plus what the router

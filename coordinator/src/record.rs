@@ -71,35 +71,6 @@ pub struct Report {
 }
 
 impl NodeFacts {
-    /// From the stored form (loading) or a new registration's pieces.
-    pub fn from_wire(agent: Agent) -> Self {
-        NodeFacts {
-            id: agent.id,
-            machine_name: agent.machine_name.into_boxed_str(),
-            // Stored addresses were validated when registered; an unreadable
-            // one (a hand-edited file) makes the node unroutable, not the
-            // router unable to start.
-            ip_address: agent
-                .ip_address
-                .parse()
-                .unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            port: agent.port,
-            runtime_version: intern(&agent.runtime_version),
-            status: agent.status,
-            registered_at: agent.registered_at,
-            last_seen: agent.last_seen,
-            os: intern(&agent.system_info.os),
-            arch: intern(&agent.system_info.arch),
-            cpu_cores: agent.system_info.cpu_cores,
-            total_memory: agent.system_info.total_memory,
-            models: intern_models(&agent.models),
-            backend: agent.backend,
-            tls: agent.tls,
-            report: Report::from_wire(agent.report),
-            secret_digest: agent.secret_hash.as_deref().and_then(TokenDigest::from_hex),
-        }
-    }
-
     /// A node registering for the first time.
     pub fn registered(id: Uuid, registration: &Registration, now: DateTime<Utc>) -> Self {
         let mut facts = NodeFacts {
@@ -141,18 +112,8 @@ impl NodeFacts {
         self.last_seen = now;
     }
 
-    /// The wire form, for API answers.
+    /// The form API answers show: the report included, never the secret.
     pub fn to_wire(&self) -> Agent {
-        Agent {
-            report: self.report.to_wire(),
-            secret_hash: None,
-            ..self.to_stored()
-        }
-    }
-
-    /// The stored form: everything but the heartbeat's report, which the
-    /// next heartbeat after a restart brings back.
-    pub fn to_stored(&self) -> Agent {
         Agent {
             id: self.id,
             machine_name: self.machine_name.to_string(),
@@ -171,8 +132,7 @@ impl NodeFacts {
             models: to_strings(&self.models),
             backend: self.backend,
             tls: self.tls,
-            report: HeartbeatReport::default(),
-            secret_hash: self.secret_digest.map(TokenDigest::to_hex),
+            report: self.report.to_wire(),
         }
     }
 
@@ -183,17 +143,6 @@ impl NodeFacts {
 }
 
 impl Report {
-    fn from_wire(report: HeartbeatReport) -> Self {
-        Report {
-            models: report.models.as_deref().map(intern_models),
-            loaded_models: report.loaded_models.as_deref().map(intern_models),
-            requests_in_flight: report.requests_in_flight,
-            llm_server_up: report.llm_server_up,
-            cpu_usage_percent: report.cpu_usage_percent,
-            memory_used: report.memory_used,
-        }
-    }
-
     fn to_wire(&self) -> HeartbeatReport {
         HeartbeatReport {
             models: self.models.as_deref().map(to_strings),
@@ -241,7 +190,7 @@ fn merge_models(current: &mut Option<ModelList>, reported: Option<Vec<String>>) 
     !same
 }
 
-fn to_strings(list: &[Arc<str>]) -> Vec<String> {
+pub fn to_strings(list: &[Arc<str>]) -> Vec<String> {
     list.iter().map(|name| name.to_string()).collect()
 }
 
@@ -312,16 +261,12 @@ mod tests {
     }
 
     #[test]
-    fn wire_round_trip_keeps_every_field() {
-        let agent = Agent {
-            id: Uuid::new_v4(),
+    fn the_api_form_shows_every_field_and_the_report() {
+        let registration = Registration {
             machine_name: "gpu-1".into(),
-            ip_address: "127.0.0.2".into(),
+            ip_address: IpAddr::from([127, 0, 0, 2]),
             port: 11434,
             runtime_version: "0.5.7".into(),
-            status: AgentStatus::Online,
-            registered_at: Utc::now(),
-            last_seen: Utc::now(),
             system_info: SystemInfo {
                 os: "Linux".into(),
                 arch: "x86_64".into(),
@@ -331,33 +276,37 @@ mod tests {
             models: vec!["a".into(), "b".into()],
             backend: BackendKind::Ollama,
             tls: true,
-            report: HeartbeatReport {
-                models: Some(vec!["a".into()]),
-                loaded_models: Some(vec![]),
-                requests_in_flight: Some(2),
-                llm_server_up: Some(true),
-                cpu_usage_percent: Some(1.5),
-                memory_used: Some(7),
-            },
-            secret_hash: None,
         };
-        assert_eq!(NodeFacts::from_wire(agent.clone()).to_wire(), agent);
-        let stored = NodeFacts::from_wire(agent.clone()).to_stored();
+        let now = Utc::now();
+        let id = Uuid::new_v4();
+        let mut facts = NodeFacts::registered(id, &registration, now);
+        let report = HeartbeatReport {
+            models: Some(vec!["a".into()]),
+            loaded_models: Some(vec![]),
+            requests_in_flight: Some(2),
+            llm_server_up: Some(true),
+            cpu_usage_percent: Some(1.5),
+            memory_used: Some(7),
+        };
+        facts.report.merge(report.clone());
+        let agent = facts.to_wire();
         assert_eq!(
-            stored.report,
-            HeartbeatReport::default(),
-            "the report is not stored"
+            agent,
+            Agent {
+                id,
+                machine_name: "gpu-1".into(),
+                ip_address: "127.0.0.2".into(),
+                port: 11434,
+                runtime_version: "0.5.7".into(),
+                status: AgentStatus::Online,
+                registered_at: now,
+                last_seen: now,
+                system_info: registration.system_info.clone(),
+                models: vec!["a".into(), "b".into()],
+                backend: BackendKind::Ollama,
+                tls: true,
+                report,
+            }
         );
-        let digest = crate::auth::TokenDigest::of(b"a secret");
-        let mut facts = NodeFacts::from_wire(agent);
-        facts.secret_digest = Some(digest);
-        let stored = facts.to_stored();
-        assert_eq!(
-            stored.secret_hash,
-            Some(digest.to_hex()),
-            "the digest is stored"
-        );
-        assert_eq!(facts.to_wire().secret_hash, None, "the API never shows it");
-        assert_eq!(NodeFacts::from_wire(stored).secret_digest, Some(digest));
     }
 }

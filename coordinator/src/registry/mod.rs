@@ -328,9 +328,9 @@ impl Registry {
                 } else if record.unreachable {
                     self.schedule_probe(&record, now);
                 }
-                let committed = self.store.submit(Change::Upsert {
-                    agent: Box::new(record.agent.to_stored()),
-                });
+                let committed = self
+                    .store
+                    .submit(Change::Upsert(Arc::new(record.agent.clone())));
                 (
                     id,
                     RegisterOutcome::Refreshed,
@@ -349,9 +349,7 @@ impl Registry {
                 };
                 let mut agent = NodeFacts::registered(id, &registration, now_wall);
                 agent.secret_digest = secret_digest;
-                let committed = self.store.submit(Change::Upsert {
-                    agent: Box::new(agent.to_stored()),
-                });
+                let committed = self.store.submit(Change::Upsert(Arc::new(agent.clone())));
                 let record = AgentRecord::new(agent, now, 1);
                 maps.by_id.insert(id, Arc::new(Mutex::new(record)));
                 maps.by_identity.insert(identity, id);
@@ -505,9 +503,9 @@ impl Registry {
                 agent.backend = backend;
             }
             record.revision += 1;
-            let committed = self.store.submit(Change::Upsert {
-                agent: Box::new(record.agent.to_stored()),
-            });
+            let committed = self
+                .store
+                .submit(Change::Upsert(Arc::new(record.agent.clone())));
             (record.agent.to_wire(), committed, previous)
         };
         self.mark_routing_stale();
@@ -533,7 +531,7 @@ impl Registry {
             if maps.by_identity.get(&identity) == Some(&id) {
                 maps.by_identity.remove(&identity);
             }
-            (slot, self.store.submit(Change::Delete { id }))
+            (slot, self.store.submit(Change::Delete(id)))
         };
         lock(&self.probes).remove(&id);
         self.mark_routing_stale();

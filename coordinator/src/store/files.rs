@@ -6,11 +6,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
-use common::Agent;
-
 use crate::record::NodeFacts;
 
-use super::{Change, StoreError};
+use super::{Change, Records, StoreError, StoredAgent};
 
 const SNAPSHOT_FILE: &str = "agents.json";
 const BACKUP_FILE: &str = "agents.json.bak";
@@ -55,7 +53,7 @@ impl DataFiles {
     /// Opens (creating if need be) the data dir, loads the snapshot, replays
     /// the journal. A dir that cannot be created, read or written is an error:
     /// the router must not run on a silently empty registry.
-    pub fn open(dir: &Path) -> Result<(Self, Vec<NodeFacts>, LoadReport), StoreError> {
+    pub fn open(dir: &Path) -> Result<(Self, Records, LoadReport), StoreError> {
         let dir_error = |source| StoreError::DataDir {
             path: dir.to_path_buf(),
             source,
@@ -93,7 +91,7 @@ impl DataFiles {
             journal_len: journal_bytes.len() as u64,
             journal_records: report.journal_replayed,
         };
-        Ok((files, agents.into_values_ordered(), report))
+        Ok((files, agents, report))
     }
 
     pub fn journal_records(&self) -> usize {
@@ -214,7 +212,7 @@ struct StoredAgents<'a>(&'a [&'a NodeFacts]);
 
 impl serde::Serialize for StoredAgents<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(|facts| facts.to_stored()))
+        serializer.collect_seq(self.0.iter().map(|facts| StoredAgent::from(*facts)))
     }
 }
 
@@ -235,8 +233,8 @@ impl<'de> serde::Deserialize<'de> for FactsArray {
                 mut seq: A,
             ) -> Result<FactsArray, A::Error> {
                 let mut facts = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-                while let Some(agent) = seq.next_element::<Agent>()? {
-                    facts.push(NodeFacts::from_wire(agent));
+                while let Some(agent) = seq.next_element::<StoredAgent>()? {
+                    facts.push(NodeFacts::from(agent));
                 }
                 Ok(FactsArray(facts))
             }
@@ -249,59 +247,15 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Agents by id, remembering first-seen order so that the list is stable.
-struct LoadedAgents {
-    order: Vec<uuid::Uuid>,
-    by_id: std::collections::HashMap<uuid::Uuid, NodeFacts>,
-}
-
-impl LoadedAgents {
-    fn new(agents: Vec<NodeFacts>) -> Self {
-        let mut loaded = LoadedAgents {
-            order: Vec::with_capacity(agents.len()),
-            by_id: std::collections::HashMap::with_capacity(agents.len()),
-        };
-        for agent in agents {
-            loaded.upsert(agent);
-        }
-        loaded
-    }
-
-    fn upsert(&mut self, agent: NodeFacts) {
-        let id = agent.id;
-        if self.by_id.insert(id, agent).is_none() {
-            self.order.push(id);
-        }
-    }
-
-    fn delete(&mut self, id: &uuid::Uuid) {
-        self.by_id.remove(id);
-    }
-
-    fn apply_seen(&mut self, super::Seen(id, last_seen, status): &super::Seen) {
-        if let Some(agent) = self.by_id.get_mut(id) {
-            agent.last_seen = *last_seen;
-            agent.status = *status;
-        }
-    }
-
-    fn into_values_ordered(mut self) -> Vec<NodeFacts> {
-        self.order
-            .iter()
-            .filter_map(|id| self.by_id.remove(id))
-            .collect()
-    }
-}
-
 /// Reads `agents.json`. One that does not parse is moved aside byte for byte
 /// and `.bak` is used instead (or nothing), as the log says.
-fn load_snapshot(dir: &Path, report: &mut LoadReport) -> std::io::Result<LoadedAgents> {
+fn load_snapshot(dir: &Path, report: &mut LoadReport) -> std::io::Result<Records> {
     let snapshot = dir.join(SNAPSHOT_FILE);
     let backup = dir.join(BACKUP_FILE);
     match read_agents(&snapshot)? {
         Some(Ok(agents)) => {
             report.loaded_from = Some(snapshot);
-            return Ok(LoadedAgents::new(agents));
+            return Ok(Records::from_loaded(agents));
         }
         Some(Err(parse_error)) => {
             let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
@@ -321,17 +275,17 @@ fn load_snapshot(dir: &Path, report: &mut LoadReport) -> std::io::Result<LoadedA
         Some(Ok(agents)) => {
             tracing::warn!(file = %backup.display(), agents = agents.len(), "Loaded the registry from the backup file.");
             report.loaded_from = Some(backup);
-            Ok(LoadedAgents::new(agents))
+            Ok(Records::from_loaded(agents))
         }
         Some(Err(parse_error)) => {
             tracing::error!(file = %backup.display(), error = %parse_error, "The backup file does not parse either; starting from the journal alone.");
-            Ok(LoadedAgents::new(Vec::new()))
+            Ok(Records::default())
         }
         None => {
             if report.corrupt_moved_to.is_some() {
                 tracing::error!("No backup file; starting from the journal alone.");
             }
-            Ok(LoadedAgents::new(Vec::new()))
+            Ok(Records::default())
         }
     }
 }
@@ -348,24 +302,14 @@ fn read_agents(path: &Path) -> std::io::Result<Option<Result<Vec<NodeFacts>, ser
     }
 }
 
-fn replay_journal(bytes: &[u8], agents: &mut LoadedAgents, report: &mut LoadReport) {
+fn replay_journal(bytes: &[u8], agents: &mut Records, report: &mut LoadReport) {
     for line in bytes.split(|b| *b == b'\n') {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         match serde_json::from_slice::<Change>(line) {
-            Ok(Change::Upsert { agent }) => {
-                agents.upsert(NodeFacts::from_wire(*agent));
-                report.journal_replayed += 1;
-            }
-            Ok(Change::Delete { id }) => {
-                agents.delete(&id);
-                report.journal_replayed += 1;
-            }
-            Ok(Change::Seen { agents: seen }) => {
-                for one in seen {
-                    agents.apply_seen(&one);
-                }
+            Ok(change) => {
+                agents.apply(change);
                 report.journal_replayed += 1;
             }
             Err(error) => {

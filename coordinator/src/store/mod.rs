@@ -14,23 +14,19 @@
 //! and replays the journal.
 
 mod files;
+mod stored;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use common::{Agent, AgentStatus};
+use tokio::sync::oneshot;
 
 use crate::record::NodeFacts;
-use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
-use uuid::Uuid;
-
 pub use files::LoadReport;
+pub use stored::{Change, Records, Seen, StoredAgent};
 
 /// A journal this large is folded into a snapshot at once.
 const JOURNAL_BYTES_BEFORE_SNAPSHOT: u64 = 64 * 1024 * 1024;
@@ -58,27 +54,6 @@ pub enum StoreError {
     #[error("the store's writer has stopped")]
     WriterStopped,
 }
-
-/// One durable change. Journal lines are these, so replay is idempotent:
-/// an upsert carries the whole record, a delete only the id, a `seen` the
-/// liveness of the agents that moved since the last one.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
-pub enum Change {
-    Upsert { agent: Box<Agent> },
-    Delete { id: Uuid },
-    Seen { agents: Vec<Seen> },
-}
-
-/// Liveness facts flushed every few seconds: journaled compactly, as
-/// `[id, last_seen in epoch milliseconds, status]`, so that heartbeats never
-/// make the store rewrite the whole snapshot nor format 100,000 dates.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Seen(
-    pub Uuid,
-    #[serde(with = "chrono::serde::ts_milliseconds")] pub DateTime<Utc>,
-    pub AgentStatus,
-);
 
 enum Command {
     Commit {
@@ -114,11 +89,8 @@ pub struct StoreOptions {
 pub fn open(
     options: StoreOptions,
 ) -> Result<(Store, StoreWriter, Vec<NodeFacts>, LoadReport), StoreError> {
-    let (files, agents, report) = files::DataFiles::open(&options.data_dir)?;
-    let committed: HashMap<Uuid, NodeFacts> = agents
-        .iter()
-        .map(|facts| (facts.id, facts.clone()))
-        .collect();
+    let (files, committed, report) = files::DataFiles::open(&options.data_dir)?;
+    let agents: Vec<NodeFacts> = committed.iter().cloned().collect();
     let (commands, receiver) = mpsc::channel();
     let mut writer = Writer {
         files,
@@ -207,7 +179,7 @@ struct Writer {
     files: files::DataFiles,
     /// The committed records, in the registry's compact form (their shared
     /// strings are the registry's own).
-    committed: HashMap<Uuid, NodeFacts>,
+    committed: Records,
     receiver: mpsc::Receiver<Command>,
     snapshot_interval: Duration,
     snapshot_dirty: bool,
@@ -256,7 +228,7 @@ impl Writer {
                     commit_acks.push(ack);
                 }
                 // Liveness needs no acknowledgement: it rides with the batch.
-                Command::Seen(agents) => changes.push(Change::Seen { agents }),
+                Command::Seen(agents) => changes.push(Change::Seen(agents)),
                 Command::Snapshot { ack } => snapshot_acks.push(ack),
             }
         }
@@ -273,7 +245,7 @@ impl Writer {
                         "Journal batch committed."
                     );
                     for change in changes {
-                        apply(&mut self.committed, change);
+                        self.committed.apply(change);
                     }
                     for ack in commit_acks {
                         let _ = ack.send(Ok(()));
@@ -309,7 +281,7 @@ impl Writer {
     }
 
     fn write_snapshot(&mut self) -> Result<(), StoreError> {
-        let mut agents: Vec<&NodeFacts> = self.committed.values().collect();
+        let mut agents: Vec<&NodeFacts> = self.committed.iter().collect();
         agents.sort_by(|a, b| a.registered_at.cmp(&b.registered_at).then(a.id.cmp(&b.id)));
         self.files.write_snapshot(&agents)?;
         self.snapshot_dirty = false;
@@ -326,33 +298,7 @@ fn record_write(changes: &[Change], ok: bool, elapsed: Duration) {
     metrics::histogram!(STORE_WRITE_DURATION).record(elapsed);
     if ok {
         for change in changes {
-            let kind = match change {
-                Change::Upsert { .. } => "upsert",
-                Change::Delete { .. } => "delete",
-                Change::Seen { .. } => "seen",
-            };
-            metrics::counter!(STORE_CHANGES, "kind" => kind).increment(1);
-        }
-    }
-}
-
-/// Applies one journal record to the writer's copy once it is durable.
-fn apply(agents: &mut HashMap<Uuid, NodeFacts>, change: Change) {
-    match change {
-        Change::Upsert { agent } => {
-            agents.insert(agent.id, NodeFacts::from_wire(*agent));
-        }
-        Change::Delete { id } => {
-            agents.remove(&id);
-        }
-        Change::Seen { agents: seen } => {
-            for Seen(id, last_seen, status) in seen {
-                // An agent deleted since it was seen stays deleted.
-                if let Some(agent) = agents.get_mut(&id) {
-                    agent.last_seen = last_seen;
-                    agent.status = status;
-                }
-            }
+            metrics::counter!(STORE_CHANGES, "kind" => change.kind()).increment(1);
         }
     }
 }

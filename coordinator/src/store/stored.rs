@@ -1,0 +1,308 @@
+//! The one stored form: how an agent and a change look on disk, and the one
+//! set of rules that applies a change to a set of records.
+//!
+//! `agents.json` is an array of [`StoredAgent`]; each line of
+//! `agents.journal` is a [`Change`]. The same [`Records::apply`] replays the
+//! journal at start and keeps the writer's copy as changes are committed,
+//! so the two can never disagree on what a change means.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use common::{AgentStatus, BackendKind, SystemInfo};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+use crate::auth::TokenDigest;
+use crate::record::{intern, intern_models, to_strings, NodeFacts, Report};
+
+/// An agent as the data files hold it. The API's `common::Agent` is another
+/// type: it carries the live report and never the secret's hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredAgent {
+    pub id: Uuid,
+    pub machine_name: String,
+    /// A stored address that does not parse (a hand-edited file) loads as
+    /// `0.0.0.0`, which the registry never routes to, rather than making
+    /// the whole file unreadable.
+    #[serde(deserialize_with = "lenient_ip")]
+    pub ip_address: IpAddr,
+    pub port: u16,
+    pub runtime_version: String,
+    pub status: AgentStatus,
+    pub registered_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub system_info: SystemInfo,
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub backend: BackendKind,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
+    /// SHA-256 of the agent's secret, in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_hash: Option<String>,
+}
+
+fn lenient_ip<'de, D: Deserializer<'de>>(deserializer: D) -> Result<IpAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    Ok(text.trim().parse().unwrap_or(IpAddr::from([0, 0, 0, 0])))
+}
+
+impl From<&NodeFacts> for StoredAgent {
+    fn from(facts: &NodeFacts) -> Self {
+        StoredAgent {
+            id: facts.id,
+            machine_name: facts.machine_name.to_string(),
+            ip_address: facts.ip_address,
+            port: facts.port,
+            runtime_version: facts.runtime_version.to_string(),
+            status: facts.status,
+            registered_at: facts.registered_at,
+            last_seen: facts.last_seen,
+            system_info: SystemInfo {
+                os: facts.os.to_string(),
+                arch: facts.arch.to_string(),
+                cpu_cores: facts.cpu_cores,
+                total_memory: facts.total_memory,
+            },
+            models: to_strings(&facts.models),
+            backend: facts.backend,
+            tls: facts.tls,
+            secret_hash: facts.secret_digest.map(TokenDigest::to_hex),
+        }
+    }
+}
+
+impl From<StoredAgent> for NodeFacts {
+    /// The report is not stored: the next heartbeat brings it back.
+    fn from(agent: StoredAgent) -> Self {
+        NodeFacts {
+            id: agent.id,
+            machine_name: agent.machine_name.into_boxed_str(),
+            ip_address: agent.ip_address,
+            port: agent.port,
+            runtime_version: intern(&agent.runtime_version),
+            status: agent.status,
+            registered_at: agent.registered_at,
+            last_seen: agent.last_seen,
+            os: intern(&agent.system_info.os),
+            arch: intern(&agent.system_info.arch),
+            cpu_cores: agent.system_info.cpu_cores,
+            total_memory: agent.system_info.total_memory,
+            models: intern_models(&agent.models),
+            backend: agent.backend,
+            tls: agent.tls,
+            report: Report::default(),
+            secret_digest: agent.secret_hash.as_deref().and_then(TokenDigest::from_hex),
+        }
+    }
+}
+
+/// One durable change. A journal line is one of these, so replay is
+/// idempotent: an upsert carries the whole record, a delete only the id, a
+/// `seen` the liveness of the agents that moved since the last one.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The record, in the registry's own compact form: the writer keeps it
+    /// as it is, and it takes its stored form only when written.
+    Upsert(Arc<NodeFacts>),
+    Delete(Uuid),
+    Seen(Vec<Seen>),
+}
+
+impl Change {
+    /// Its kind, as the journal and the metrics name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Upsert(_) => "upsert",
+            Change::Delete(_) => "delete",
+            Change::Seen(_) => "seen",
+        }
+    }
+}
+
+/// Liveness facts flushed every few seconds: journaled compactly, as
+/// `[id, last_seen in epoch milliseconds, status]`, so that heartbeats never
+/// make the store rewrite the whole snapshot nor format 100,000 dates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Seen(
+    pub Uuid,
+    #[serde(with = "chrono::serde::ts_milliseconds")] pub DateTime<Utc>,
+    pub AgentStatus,
+);
+
+/// The journal line's shape: `{"op": "upsert", "agent": {...}}`,
+/// `{"op": "delete", "id": "..."}`, `{"op": "seen", "agents": [...]}`.
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum LineOut<'a> {
+    Upsert { agent: Box<StoredAgent> },
+    Delete { id: &'a Uuid },
+    Seen { agents: &'a [Seen] },
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum LineIn {
+    Upsert { agent: Box<StoredAgent> },
+    Delete { id: Uuid },
+    Seen { agents: Vec<Seen> },
+}
+
+impl Serialize for Change {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Change::Upsert(facts) => LineOut::Upsert {
+                agent: Box::new(StoredAgent::from(&**facts)),
+            },
+            Change::Delete(id) => LineOut::Delete { id },
+            Change::Seen(agents) => LineOut::Seen { agents },
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Change {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match LineIn::deserialize(deserializer)? {
+            LineIn::Upsert { agent } => Change::Upsert(Arc::new(NodeFacts::from(*agent))),
+            LineIn::Delete { id } => Change::Delete(id),
+            LineIn::Seen { agents } => Change::Seen(agents),
+        })
+    }
+}
+
+/// Agents by id, in the order they were first seen (so that a listing of a
+/// loaded registry is stable): what replay builds and the writer keeps.
+#[derive(Debug, Default)]
+pub struct Records {
+    order: Vec<Uuid>,
+    by_id: HashMap<Uuid, Arc<NodeFacts>>,
+}
+
+impl Records {
+    pub fn from_loaded(agents: impl IntoIterator<Item = NodeFacts>) -> Self {
+        let mut records = Records::default();
+        for agent in agents {
+            records.apply(Change::Upsert(Arc::new(agent)));
+        }
+        records
+    }
+
+    /// The one meaning of a change.
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Upsert(agent) => {
+                let id = agent.id;
+                if self.by_id.insert(id, agent).is_none() {
+                    self.order.push(id);
+                }
+            }
+            Change::Delete(id) => {
+                // Its place in `order` is skipped when listing.
+                self.by_id.remove(&id);
+            }
+            Change::Seen(seen) => {
+                for Seen(id, last_seen, status) in seen {
+                    // An agent deleted since it was seen stays deleted.
+                    if let Some(agent) = self.by_id.get_mut(&id) {
+                        let agent = Arc::make_mut(agent);
+                        agent.last_seen = last_seen;
+                        agent.status = status;
+                    }
+                }
+            }
+        }
+        // Deletes leave holes in `order`: compact before they outnumber
+        // the records, so that it never grows without end.
+        if self.order.len() > 2 * self.by_id.len() + 1024 {
+            let by_id = &self.by_id;
+            self.order.retain(|id| by_id.contains_key(id));
+        }
+    }
+
+    /// The records in first-seen order.
+    pub fn iter(&self) -> impl Iterator<Item = &NodeFacts> {
+        self.order
+            .iter()
+            .filter_map(|id| self.by_id.get(id))
+            .map(|agent| &**agent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(name: &str) -> StoredAgent {
+        StoredAgent {
+            id: Uuid::new_v4(),
+            machine_name: name.into(),
+            ip_address: IpAddr::from([127, 0, 0, 2]),
+            port: 11434,
+            runtime_version: "0.5.7".into(),
+            status: AgentStatus::Online,
+            registered_at: Utc::now(),
+            last_seen: Utc::now(),
+            system_info: SystemInfo {
+                os: "Linux".into(),
+                arch: "x86_64".into(),
+                cpu_cores: 8,
+                total_memory: 1 << 34,
+            },
+            models: vec!["a".into(), "b".into()],
+            backend: BackendKind::Ollama,
+            tls: true,
+            secret_hash: Some(TokenDigest::of(b"a secret").to_hex()),
+        }
+    }
+
+    #[test]
+    fn the_stored_form_round_trips_every_field_and_the_secrets_hash() {
+        let agent = stored("gpu-1");
+        let facts = NodeFacts::from(agent.clone());
+        assert_eq!(StoredAgent::from(&facts), agent);
+        assert_eq!(facts.secret_digest, Some(TokenDigest::of(b"a secret")));
+        let line = serde_json::to_string(&Change::Upsert(Arc::new(facts))).expect("json");
+        let Change::Upsert(back) = serde_json::from_str::<Change>(&line).expect("parses") else {
+            panic!("an upsert: {line}");
+        };
+        assert_eq!(StoredAgent::from(&*back), agent);
+    }
+
+    #[test]
+    fn a_hand_edited_address_that_does_not_parse_loads_unroutable() {
+        let mut json = serde_json::to_value(stored("gpu-2")).expect("json");
+        json["ip_address"] = serde_json::json!("not an address");
+        let agent: StoredAgent = serde_json::from_value(json).expect("still loads");
+        assert!(agent.ip_address.is_unspecified());
+    }
+
+    #[test]
+    fn replay_and_commit_share_one_meaning_of_each_change() {
+        let (first, second) = (stored("a"), stored("b"));
+        let mut records = Records::from_loaded([NodeFacts::from(first.clone())]);
+        records.apply(Change::Upsert(Arc::new(NodeFacts::from(second.clone()))));
+        let later = Utc::now() + chrono::Duration::seconds(5);
+        records.apply(Change::Seen(vec![
+            Seen(first.id, later, AgentStatus::Offline),
+            Seen(Uuid::new_v4(), later, AgentStatus::Online),
+        ]));
+        records.apply(Change::Delete(second.id));
+        records.apply(Change::Seen(vec![Seen(
+            second.id,
+            later,
+            AgentStatus::Online,
+        )]));
+        let left: Vec<_> = records.iter().collect();
+        assert_eq!(left.len(), 1, "the deleted one stays deleted");
+        assert_eq!(left[0].status, AgentStatus::Offline);
+        assert_eq!(
+            left[0].last_seen.timestamp_millis(),
+            later.timestamp_millis()
+        );
+    }
+}
