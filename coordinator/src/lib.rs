@@ -200,7 +200,7 @@ pub async fn run(
         agents,
         config.agent_timeout,
         config.max_agents,
-        store,
+        Box::new(store),
     ));
 
     let node_ca_certificates = match &config.node_ca_cert {

@@ -373,7 +373,7 @@ async fn round_robin_selection_skips_offline_agents() {
     })
     .expect("store");
     let timeout = Duration::from_secs(60);
-    let registry = Arc::new(Registry::new(loaded, timeout, 1_000_000, store));
+    let registry = Arc::new(Registry::new(loaded, timeout, 1_000_000, Box::new(store)));
     assert!(
         select_available_agent(&registry).is_none(),
         "nobody to pick"

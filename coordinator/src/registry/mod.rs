@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use crate::auth::{Secret, TokenDigest};
 use crate::balancer::{Candidate, RoutingTable};
-use crate::store::{Change, Seen, Store, StoreError};
+use crate::store::{Change, RegistryStore, Seen, StoreError};
 pub use crate::telemetry::{FleetFacts, NodeLoad};
 
 pub use crate::record::{ModelList, NodeFacts, Registration};
@@ -91,7 +91,7 @@ pub struct Registry {
     maps: RwLock<Maps>,
     agent_timeout: Duration,
     max_agents: usize,
-    store: Store,
+    store: Box<dyn RegistryStore>,
     /// Routable agents indexed for routing, rebuilt lazily after
     /// a change that matters to routing (counted in `routing_changes`).
     routing: ArcSwap<RoutingTable>,
@@ -227,7 +227,7 @@ impl Registry {
         loaded: Vec<NodeFacts>,
         agent_timeout: Duration,
         max_agents: usize,
-        store: Store,
+        store: Box<dyn RegistryStore>,
     ) -> Self {
         let now = Instant::now();
         let mut maps = Maps::default();

@@ -67,9 +67,73 @@ enum Command {
     },
 }
 
-/// The handle through which the registry makes its changes durable.
+/// What the registry needs of durability, and all it may ask. Loading is
+/// each implementation's own `open`, which hands the registry the records
+/// it found. The journal-plus-snapshot files ([`FileStore`]) are the first
+/// implementation; another backend plugs in here without the registry
+/// changing.
+pub trait RegistryStore: Send + Sync {
+    /// Queues a change and returns its acknowledgement, which resolves once
+    /// the change is durable. Queueing is synchronous so that the registry
+    /// can do it under its lock: the order of the durable record is then
+    /// the order in which changes were applied.
+    fn submit(&self, change: Change) -> Acknowledgement;
+
+    /// Hands over liveness (last seen, status), unacknowledged: it is
+    /// flushed every few seconds, and a crash loses at most that much.
+    fn record_seen(&self, seen: Vec<Seen>);
+
+    /// Makes everything so far durable in its final form now, and says
+    /// when it is: the last step of a clean shutdown.
+    fn snapshot_now(&self) -> Acknowledgement;
+}
+
+/// The answer to a change or a snapshot: resolves to `Ok` once durable.
+pub struct Acknowledgement(AcknowledgementState);
+
+enum AcknowledgementState {
+    Waiting(oneshot::Receiver<Result<(), Arc<StoreError>>>),
+    Failed(Option<Arc<StoreError>>),
+}
+
+impl Acknowledgement {
+    /// An acknowledgement that the store's writer will send.
+    pub fn channel() -> (oneshot::Sender<Result<(), Arc<StoreError>>>, Self) {
+        let (sender, receiver) = oneshot::channel();
+        (
+            sender,
+            Acknowledgement(AcknowledgementState::Waiting(receiver)),
+        )
+    }
+
+    /// A change the store could not even take.
+    pub fn failed(error: StoreError) -> Self {
+        Acknowledgement(AcknowledgementState::Failed(Some(Arc::new(error))))
+    }
+}
+
+impl std::future::Future for Acknowledgement {
+    type Output = Result<(), Arc<StoreError>>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            AcknowledgementState::Waiting(receiver) => std::pin::Pin::new(receiver)
+                .poll(context)
+                .map(|answer| answer.unwrap_or_else(|_| Err(Arc::new(StoreError::WriterStopped)))),
+            AcknowledgementState::Failed(error) => std::task::Poll::Ready(Err(error
+                .take()
+                .unwrap_or_else(|| Arc::new(StoreError::WriterStopped)))),
+        }
+    }
+}
+
+/// The journal-plus-snapshot files in the data dir: the handle through
+/// which the registry reaches the writer thread that owns them.
 #[derive(Clone)]
-pub struct Store {
+pub struct FileStore {
     commands: mpsc::Sender<Command>,
 }
 
@@ -88,7 +152,7 @@ pub struct StoreOptions {
 /// starts the writer. Returns the agents found and what loading noticed.
 pub fn open(
     options: StoreOptions,
-) -> Result<(Store, StoreWriter, Vec<NodeFacts>, LoadReport), StoreError> {
+) -> Result<(FileStore, StoreWriter, Vec<NodeFacts>, LoadReport), StoreError> {
     let (files, committed, report) = files::DataFiles::open(&options.data_dir)?;
     let agents: Vec<NodeFacts> = committed.iter().cloned().collect();
     let (commands, receiver) = mpsc::channel();
@@ -118,7 +182,7 @@ pub fn open(
             source,
         })?;
     Ok((
-        Store { commands },
+        FileStore { commands },
         StoreWriter {
             thread: Some(thread),
         },
@@ -127,46 +191,33 @@ pub fn open(
     ))
 }
 
-impl Store {
-    /// Queues a change and returns the future acknowledgement. Queueing is
-    /// synchronous so that the registry can do it under its lock: the
-    /// journal's order is then the order in which changes were applied.
-    pub fn submit(
-        &self,
-        change: Change,
-    ) -> impl std::future::Future<Output = Result<(), Arc<StoreError>>> {
-        let (ack, done) = oneshot::channel();
-        let sent = self.commands.send(Command::Commit { change, ack }).is_ok();
-        async move {
-            if !sent {
-                return Err(Arc::new(StoreError::WriterStopped));
-            }
-            done.await
-                .unwrap_or_else(|_| Err(Arc::new(StoreError::WriterStopped)))
+impl RegistryStore for FileStore {
+    fn submit(&self, change: Change) -> Acknowledgement {
+        let (ack, acknowledgement) = Acknowledgement::channel();
+        match self.commands.send(Command::Commit { change, ack }) {
+            Ok(()) => acknowledgement,
+            Err(_) => Acknowledgement::failed(StoreError::WriterStopped),
         }
     }
 
-    /// Hands over liveness facts for the next snapshot.
-    pub fn record_seen(&self, seen: Vec<Seen>) {
+    fn record_seen(&self, seen: Vec<Seen>) {
         if !seen.is_empty() {
             let _ = self.commands.send(Command::Seen(seen));
         }
     }
 
-    /// Writes a snapshot now, if anything changed since the last one, and
-    /// waits for it.
-    pub async fn snapshot_now(&self) -> Result<(), Arc<StoreError>> {
-        let (ack, done) = oneshot::channel();
-        self.commands
-            .send(Command::Snapshot { ack })
-            .map_err(|_| Arc::new(StoreError::WriterStopped))?;
-        done.await
-            .unwrap_or_else(|_| Err(Arc::new(StoreError::WriterStopped)))
+    /// Writes a snapshot now, if anything changed since the last one.
+    fn snapshot_now(&self) -> Acknowledgement {
+        let (ack, acknowledgement) = Acknowledgement::channel();
+        match self.commands.send(Command::Snapshot { ack }) {
+            Ok(()) => acknowledgement,
+            Err(_) => Acknowledgement::failed(StoreError::WriterStopped),
+        }
     }
 }
 
 impl StoreWriter {
-    /// Waits for the writer to finish; it does once every `Store` handle is
+    /// Waits for the writer to finish; it does once every `FileStore` handle is
     /// dropped, after a last snapshot.
     pub fn join(mut self) {
         if let Some(thread) = self.thread.take() {
