@@ -225,10 +225,7 @@ impl Config {
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
             max_attempts: usize::from(self.max_attempts),
-            max_request_body: self.max_request_body,
-            body_read_timeout: self.body_read_timeout,
             node_keepalive: self.node_keepalive,
-            max_body_memory: self.max_body_memory,
             node_ca_certificates: Vec::new(),
             max_idle_node_connections: self.max_idle_node_connections,
         }

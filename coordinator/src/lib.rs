@@ -236,7 +236,14 @@ pub async fn run(
         config.node_networks.clone().unwrap_or_default().0,
     ));
     hold_out_nodes_at_refused_addresses(&registry, &node_addresses);
+    let forwarder = Arc::new(api::forward::Forwarder {
+        proxy: Arc::clone(&proxy),
+        max_request_body: config.max_request_body,
+        body_read_timeout: config.body_read_timeout,
+        body_budget: api::forward::BodyBudget::new(config.max_body_memory),
+    });
     let state = AppState {
+        forwarder,
         origin_policy: Arc::new(api::origin::OriginPolicy {
             allowed_hosts: config
                 .allowed_hosts
@@ -249,7 +256,6 @@ pub async fn run(
         credentials,
         body_read_timeout: config.body_read_timeout,
         registry: Arc::clone(&registry),
-        proxy: Arc::clone(&proxy),
     };
     let app = app(state);
     let serve_options = serve::ServeOptions {

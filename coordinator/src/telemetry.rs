@@ -181,13 +181,75 @@ thread_local! {
         std::cell::RefCell::default();
 }
 
-/// Counts one client request on an LLM route: with the node that answered,
-/// or as `node="none"` when none did.
-pub fn count_request(route: usize, status: u16, model: String, node: Option<&NodeTraffic>) {
-    let route = route.min(LLM_ROUTES.len() - 1);
-    if let Some(node) = node {
-        return node.count_request(route, status, model);
+/// One client request's accounting on an LLM route: made when the request
+/// arrives, filled in on the way (the model asked for, the node that
+/// answered, the answer's status), and recorded once, when it is dropped:
+/// for a proxied answer that is when its body ends or the client leaves;
+/// for an answer the router makes itself, as soon as it is made.
+#[derive(Debug)]
+pub struct RequestAccount {
+    route: usize,
+    started: std::time::Instant,
+    /// The model label (`(unknown)` for a model no node serves).
+    model: String,
+    /// The node that answered, and when its answer's head came.
+    node: Option<(std::sync::Arc<NodeTraffic>, std::time::Duration)>,
+    status: u16,
+}
+
+impl RequestAccount {
+    /// A request on `path` arriving now.
+    pub fn start(path: &str) -> Self {
+        RequestAccount {
+            route: route_index(path),
+            started: std::time::Instant::now(),
+            model: String::new(),
+            node: None,
+            status: 0,
+        }
     }
+
+    /// The route, as an index into [`LLM_ROUTES`].
+    pub fn route(&self) -> usize {
+        self.route
+    }
+
+    pub fn set_model(&mut self, label: String) {
+        self.model = label;
+    }
+
+    /// A node's answer head arrived: it is the one counted.
+    pub fn answered_by(&mut self, node: &std::sync::Arc<NodeTraffic>, status: u16) {
+        self.node = Some((std::sync::Arc::clone(node), self.started.elapsed()));
+        self.status = status;
+    }
+
+    /// The router's own answer, whose status is the one counted; the
+    /// account is recorded now.
+    pub fn close(mut self, status: u16) {
+        self.node = None;
+        self.status = status;
+    }
+}
+
+impl Drop for RequestAccount {
+    fn drop(&mut self) {
+        let histograms = route_histograms(self.route);
+        histograms.duration.record(self.started.elapsed());
+        let model = std::mem::take(&mut self.model);
+        match self.node.take() {
+            Some((node, first_byte)) => {
+                histograms.time_to_first_byte.record(first_byte);
+                node.count_request(self.route, self.status, model);
+            }
+            None => count_unanswered(self.route, self.status, model),
+        }
+    }
+}
+
+/// Counts a request no node answered, as `node="none"`.
+fn count_unanswered(route: usize, status: u16, model: String) {
+    let route = route.min(LLM_ROUTES.len() - 1);
     let series = RequestSeries {
         route,
         status,

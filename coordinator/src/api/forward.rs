@@ -12,167 +12,258 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::balancer::Candidate;
 use crate::balancer::{ApiKind, NoRoute};
-use crate::proxy::{no_route_status, ForwardRequest, Forwarded, Proxy, ProxyError};
-use crate::proxy::{BodyBudget, BodyReservation};
-use crate::telemetry;
+use crate::proxy::{no_route_status, ForwardRequest, Proxy, ProxyError};
+use crate::telemetry::RequestAccount;
+
+/// What the LLM routes need besides the proxy: how much of a request body
+/// the router takes, how long it waits for one, and how many bytes of
+/// bodies it holds at once. The API layer reads bodies; the proxy gets them
+/// whole.
+pub struct Forwarder {
+    pub proxy: Arc<Proxy>,
+    /// The largest request body, in bytes (`--max-request-body`).
+    pub max_request_body: usize,
+    /// How long a client may take to send its whole body.
+    pub body_read_timeout: std::time::Duration,
+    /// Bytes of bodies held at once (`--max-body-memory`).
+    pub body_budget: Arc<BodyBudget>,
+}
 
 /// Forwards one client request; every failure answers in the route's shape.
 /// The request is taken whole, so that its head is read in place rather
-/// than cloned for extractors.
-pub async fn forward(proxy: &Arc<Proxy>, api: ApiKind, request: Request) -> Response {
-    let started = std::time::Instant::now();
-    let route = telemetry::route_index(request.uri().path());
-    let (response, model, node) = forward_counted(proxy, api, route, started, request).await;
-    telemetry::count_request(
-        route,
-        response.status().as_u16(),
-        model,
-        node.as_deref().map(|node| &*node.traffic),
-    );
-    response
-}
-
-/// The model label of requests for a model no node serves.
-const UNKNOWN_MODEL: &str = "(unknown)";
-
-/// Forwards, and says for the request counter which model and which node.
-async fn forward_counted(
-    proxy: &Arc<Proxy>,
-    api: ApiKind,
-    route: usize,
-    started: std::time::Instant,
-    request: Request,
-) -> (Response, String, Option<Arc<Candidate>>) {
-    let no_node = || None;
+/// than cloned for extractors. Its account is made here and recorded once:
+/// with the answer's body when a node answers, at once when the router
+/// answers itself.
+pub async fn forward(forwarder: &Forwarder, api: ApiKind, request: Request) -> Response {
+    let mut account = RequestAccount::start(request.uri().path());
     let (parts, body) = request.into_parts();
-    if proxy.already_forwarded(&parts.headers) {
-        let response = error(
-            api,
-            StatusCode::LOOP_DETECTED,
-            "loop_detected",
-            "this request has already passed through this router (its Via header names it): \
-             a node's registered address leads back to a router. Correct that node's address, \
-             or remove it (llm-router agents list shows each node's address)",
-        );
-        return (response, String::new(), no_node());
+    if forwarder.proxy.already_forwarded(&parts.headers) {
+        return answer(account, loop_detected(api));
     }
-    let declared_length = parts
-        .headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok());
-    let read = super::json::within(
-        proxy.body_read_timeout(),
-        read_body(
-            body,
-            declared_length,
-            proxy.max_request_body(),
-            proxy.body_budget(),
-        ),
-    )
-    .await;
     // Held until the request has been forwarded: the body's bytes count
     // against the budget while the router keeps them.
-    let (body, _reservation) = match read {
-        Ok(Ok(read)) => read,
-        Err(_elapsed) => {
-            let (code, message) = super::json::BODY_READ_TIMEOUT;
-            let response = error(api, StatusCode::REQUEST_TIMEOUT, code, message);
-            return (response, String::new(), no_node());
-        }
-        Ok(Err(BodyError::TooLarge)) => {
-            let response = error(
-                api,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                &format!(
-                    "the request body is larger than this router takes ({} bytes, --max-request-body)",
-                    proxy.max_request_body()
-                ),
-            );
-            return (response, String::new(), no_node());
-        }
-        Ok(Err(BodyError::OverBudget)) => {
-            let mut response = error(
-                api,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_busy",
-                "the router is holding as many request bodies as --max-body-memory allows; retry shortly",
-            );
-            retry_after(&mut response);
-            return (response, String::new(), no_node());
-        }
-        Ok(Err(BodyError::Unreadable)) => {
-            let response = error(
-                api,
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "the request body could not be read",
-            );
-            return (response, String::new(), no_node());
-        }
+    let (body, _reservation) = match read_within_limits(forwarder, &parts.headers, body).await {
+        Ok(read) => read,
+        Err(refusal) => return answer(account, refusal.answer(api, forwarder)),
     };
     let model = match model_of(&body) {
         Ok(model) => model,
         Err(message) => {
-            let response = error(api, StatusCode::BAD_REQUEST, "invalid_request", &message);
-            return (response, String::new(), no_node());
+            return answer(
+                account,
+                error(api, StatusCode::BAD_REQUEST, "invalid_request", &message),
+            )
         }
     };
+    account.set_model(model.clone());
     let path_and_query = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| axum::http::uri::PathAndQuery::from_static("/"));
-    let forwarded = proxy
-        .forward(ForwardRequest {
-            api,
-            route,
-            path_and_query: &path_and_query,
-            headers: &parts.headers,
-            body,
-            model: &model,
-            started,
-        })
-        .await;
-    match forwarded {
-        Ok(Forwarded { response, node }) => (response, model, Some(node)),
-        Err(ProxyError::NoRoute(no_route)) => {
-            let message = match no_route {
-                NoRoute::UnknownModel => format!("model '{model}' not found on any node"),
-                NoRoute::ModelUnavailable => format!("no node can serve model '{model}' right now"),
-                NoRoute::NoNodes => "no node is online".to_owned(),
-            };
-            let code = match no_route {
-                NoRoute::UnknownModel => "model_not_found",
-                NoRoute::ModelUnavailable | NoRoute::NoNodes => "no_available_node",
-            };
-            let mut response = error(api, no_route_status(&no_route), code, &message);
-            if response.status() == StatusCode::SERVICE_UNAVAILABLE {
-                retry_after(&mut response);
-            }
+    let request = ForwardRequest {
+        api,
+        path_and_query: &path_and_query,
+        headers: &parts.headers,
+        body,
+        model: &model,
+    };
+    match forwarder.proxy.forward(request, account).await {
+        Ok(response) => response,
+        Err((ProxyError::NoRoute(no_route), mut account)) => {
             // A model no node serves is whatever the client typed: as a
             // label it would let any client grow the metrics without end.
-            let label = match no_route {
-                NoRoute::ModelUnavailable => model,
-                NoRoute::UnknownModel | NoRoute::NoNodes => UNKNOWN_MODEL.to_owned(),
-            };
-            (response, label, no_node())
+            if no_route != NoRoute::ModelUnavailable {
+                account.set_model(UNKNOWN_MODEL.to_owned());
+            }
+            answer(account, no_route_answer(api, &model, &no_route))
         }
-        Err(ProxyError::AllFailed { attempts }) => {
-            let response = error(
+        Err((ProxyError::AllFailed { attempts }, account)) => answer(
+            account,
+            error(
                 api,
                 StatusCode::BAD_GATEWAY,
                 "upstream_failed",
                 &format!("{attempts} node(s) failed to answer"),
-            );
-            (response, model, no_node())
+            ),
+        ),
+    }
+}
+
+/// The model label of requests for a model no node serves.
+const UNKNOWN_MODEL: &str = "(unknown)";
+
+/// An answer the router makes itself: its account is recorded now.
+fn answer(account: RequestAccount, response: Response) -> Response {
+    account.close(response.status().as_u16());
+    response
+}
+
+fn loop_detected(api: ApiKind) -> Response {
+    error(
+        api,
+        StatusCode::LOOP_DETECTED,
+        "loop_detected",
+        "this request has already passed through this router (its Via header names it): \
+         a node's registered address leads back to a router. Correct that node's address, \
+         or remove it (llm-router agents list shows each node's address)",
+    )
+}
+
+/// Why no node could be asked, in the route's own error shape: 404 for a
+/// model no node has, 503 with `Retry-After` when its nodes are out of
+/// rotation or there are none.
+fn no_route_answer(api: ApiKind, model: &str, no_route: &NoRoute) -> Response {
+    let (code, message) = match no_route {
+        NoRoute::UnknownModel => (
+            "model_not_found",
+            format!("model '{model}' not found on any node"),
+        ),
+        NoRoute::ModelUnavailable => (
+            "no_available_node",
+            format!("no node can serve model '{model}' right now"),
+        ),
+        NoRoute::NoNodes => ("no_available_node", "no node is online".to_owned()),
+    };
+    let mut response = error(api, no_route_status(no_route), code, &message);
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+        retry_after(&mut response);
+    }
+    response
+}
+
+/// Reads the body within the size limit, the read timeout and the budget.
+async fn read_within_limits(
+    forwarder: &Forwarder,
+    headers: &axum::http::HeaderMap,
+    body: Body,
+) -> Result<(bytes::Bytes, BodyReservation), BodyError> {
+    let declared_length = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok());
+    super::json::within(
+        forwarder.body_read_timeout,
+        read_body(
+            body,
+            declared_length,
+            forwarder.max_request_body,
+            &forwarder.body_budget,
+        ),
+    )
+    .await
+    .unwrap_or(Err(BodyError::TimedOut))
+}
+
+impl BodyError {
+    fn answer(self, api: ApiKind, forwarder: &Forwarder) -> Response {
+        match self {
+            BodyError::TimedOut => {
+                let (code, message) = super::json::BODY_READ_TIMEOUT;
+                error(api, StatusCode::REQUEST_TIMEOUT, code, message)
+            }
+            BodyError::TooLarge => error(
+                api,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                &format!(
+                    "the request body is larger than this router takes ({} bytes, --max-request-body)",
+                    forwarder.max_request_body
+                ),
+            ),
+            BodyError::OverBudget => {
+                let mut response = error(
+                    api,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_busy",
+                    "the router is holding as many request bodies as --max-body-memory allows; retry shortly",
+                );
+                retry_after(&mut response);
+                response
+            }
+            BodyError::Unreadable => error(
+                api,
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request body could not be read",
+            ),
         }
     }
 }
 
+/// The bytes of request bodies the router holds now, against a ceiling, so
+/// that clients sending large bodies slowly cannot make it hold more memory
+/// than the operator allowed.
+#[derive(Debug)]
+pub struct BodyBudget {
+    capacity: usize,
+    used: std::sync::atomic::AtomicUsize,
+}
+
+impl BodyBudget {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(BodyBudget {
+            capacity,
+            used: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// Room for `bytes`, held until the reservation is dropped; `None` when
+    /// the budget has not that much left.
+    pub fn reserve(self: &Arc<Self>, bytes: usize) -> Option<BodyReservation> {
+        let mut reservation = BodyReservation {
+            budget: Arc::clone(self),
+            bytes: 0,
+        };
+        reservation.grow(bytes).then_some(reservation)
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Bytes of the body budget one request holds.
+#[derive(Debug)]
+pub struct BodyReservation {
+    budget: Arc<BodyBudget>,
+    bytes: usize,
+}
+
+impl BodyReservation {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Holds `more` bytes as well, if the budget has them.
+    pub fn grow(&mut self, more: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let granted = self
+            .budget
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(more)
+                    .filter(|total| *total <= self.budget.capacity)
+            })
+            .is_ok();
+        if granted {
+            self.bytes += more;
+        }
+        granted
+    }
+}
+
+impl Drop for BodyReservation {
+    fn drop(&mut self) {
+        self.budget
+            .used
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 enum BodyError {
+    TimedOut,
     TooLarge,
     OverBudget,
     Unreadable,

@@ -28,7 +28,6 @@ use utoipa_axum::routes;
 
 use crate::auth::Credentials;
 use crate::balancer::ApiKind;
-use crate::proxy::Proxy;
 use crate::registry::Registry;
 
 pub use json::BodyReadTimeout;
@@ -41,11 +40,12 @@ pub const REGISTRY_BODY_LIMIT: usize = 32 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
+    /// The LLM routes: the proxy and the limits on the bodies they read.
+    pub forwarder: Arc<forward::Forwarder>,
     /// Which requests a browser may have been made to send (see `origin`).
     pub origin_policy: Arc<origin::OriginPolicy>,
     /// Where nodes may be (see `node_address`).
     pub node_addresses: Arc<NodeAddressPolicy>,
-    pub proxy: Arc<Proxy>,
     pub credentials: Arc<Credentials>,
     pub body_read_timeout: Duration,
 }
@@ -74,9 +74,9 @@ impl FromRef<AppState> for Arc<NodeAddressPolicy> {
     }
 }
 
-impl FromRef<AppState> for Arc<Proxy> {
+impl FromRef<AppState> for Arc<forward::Forwarder> {
     fn from_ref(state: &AppState) -> Self {
-        Arc::clone(&state.proxy)
+        Arc::clone(&state.forwarder)
     }
 }
 

@@ -9,9 +9,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use serde_json::json;
 
-use super::forward::{error, forward, json_response, retry_after};
+use super::forward::{error, forward, json_response, retry_after, Forwarder};
 use crate::balancer::ApiKind;
-use crate::proxy::Proxy;
 use crate::registry::Registry;
 
 /// One Ollama generation route: forwarded to a node that serves the model.
@@ -29,8 +28,8 @@ macro_rules! ollama_route {
                 (status = 502, description = "Every node tried failed", body = Object),
                 (status = 503, description = "No node can serve the model now", body = Object),
             ))]
-        pub async fn $name(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
-            forward(&proxy, ApiKind::Ollama, request).await
+        pub async fn $name(State(forwarder): State<Arc<Forwarder>>, request: Request) -> Response {
+            forward(&forwarder, ApiKind::Ollama, request).await
         }
     };
 }

@@ -7,9 +7,8 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse as _, Response};
 
-use super::forward::forward;
+use super::forward::{forward, Forwarder};
 use crate::balancer::ApiKind;
-use crate::proxy::Proxy;
 use crate::registry::Registry;
 
 /// One OpenAI generation route: forwarded to a node that serves the model.
@@ -27,8 +26,8 @@ macro_rules! openai_route {
                 (status = 502, description = "Every node tried failed", body = Object),
                 (status = 503, description = "No node can serve the model now", body = Object),
             ))]
-        pub async fn $name(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
-            forward(&proxy, ApiKind::OpenAi, request).await
+        pub async fn $name(State(forwarder): State<Arc<Forwarder>>, request: Request) -> Response {
+            forward(&forwarder, ApiKind::OpenAi, request).await
         }
     };
 }

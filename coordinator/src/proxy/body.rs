@@ -39,15 +39,6 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// When a forwarded request arrived and its route: its latency is recorded
-/// when its answer's body ends (read whole, cut, or dropped by the client).
-#[derive(Debug, Clone, Copy)]
-pub struct RequestTiming {
-    pub started: std::time::Instant,
-    /// An index into `telemetry::LLM_ROUTES`.
-    pub route: usize,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamBodyError {
     #[error("the node sent nothing for {0:?}")]
@@ -67,7 +58,10 @@ pub struct UpstreamBody {
     /// the first read and need no timer at all.
     idle: Option<Pin<Box<Sleep>>>,
     _in_flight: InFlightGuard,
-    timing: Option<RequestTiming>,
+    /// The request's accounting, recorded when this body is dropped (read
+    /// whole, cut, or abandoned by the client): set on the answer that
+    /// stands, not on a 5xx that is retried elsewhere.
+    account: Option<crate::telemetry::RequestAccount>,
 }
 
 impl UpstreamBody {
@@ -76,7 +70,6 @@ impl UpstreamBody {
         connection: PooledConnection,
         idle_timeout: Duration,
         in_flight: InFlightGuard,
-        timing: Option<RequestTiming>,
     ) -> Self {
         UpstreamBody {
             inner,
@@ -84,8 +77,14 @@ impl UpstreamBody {
             idle_timeout,
             idle: None,
             _in_flight: in_flight,
-            timing,
+            account: None,
         }
+    }
+
+    /// This body is the request's answer: its accounting goes with it.
+    pub fn with_account(mut self, account: crate::telemetry::RequestAccount) -> Self {
+        self.account = Some(account);
+        self
     }
 
     fn poll_inner(
@@ -108,11 +107,7 @@ impl Drop for UpstreamBody {
         if self.inner.is_end_stream() {
             self.connection.release();
         }
-        if let Some(timing) = self.timing {
-            crate::telemetry::route_histograms(timing.route)
-                .duration
-                .record(timing.started.elapsed());
-        }
+        // The account, if any, is recorded as it drops with this body.
     }
 }
 

@@ -17,14 +17,14 @@ use axum::http::{
 use bytes::Bytes;
 use http_body_util::Full;
 
+pub use body::InFlightGuard;
 use body::UpstreamBody;
-pub use body::{InFlightGuard, RequestTiming};
 use upstream::UpstreamPool;
 
 use crate::balancer::Candidate;
 use crate::balancer::{ApiKind, Balancer, NoRoute, Policy};
 use crate::registry::Registry;
-use crate::telemetry;
+use crate::telemetry::RequestAccount;
 
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
@@ -36,110 +36,22 @@ pub struct ProxyOptions {
     pub idle_timeout: Duration,
     /// Nodes tried for one request before giving up.
     pub max_attempts: usize,
-    /// The largest client request body, in bytes (chat with images).
-    pub max_request_body: usize,
-    /// How long a client may take to send its whole request body.
-    pub body_read_timeout: Duration,
     /// How long an unused node connection is kept.
     pub node_keepalive: Duration,
     /// Unused node connections kept, at most, over the whole process.
     pub max_idle_node_connections: usize,
-    /// Bytes of client request bodies held at once, at most, over the
-    /// whole process; past it a request is refused (503) before it is read.
-    pub max_body_memory: usize,
     /// CA certificates trusted for nodes that speak HTTPS, besides the
     /// system's (`--node-ca-cert`).
     pub node_ca_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
-/// The bytes of request bodies the router holds now, against a ceiling, so
-/// that clients sending large bodies slowly cannot make it hold more memory
-/// than the operator allowed.
-#[derive(Debug)]
-pub struct BodyBudget {
-    capacity: usize,
-    used: std::sync::atomic::AtomicUsize,
-}
-
-impl BodyBudget {
-    pub fn new(capacity: usize) -> Arc<Self> {
-        Arc::new(BodyBudget {
-            capacity,
-            used: std::sync::atomic::AtomicUsize::new(0),
-        })
-    }
-
-    /// Room for `bytes`, held until the reservation is dropped; `None` when
-    /// the budget has not that much left.
-    pub fn reserve(self: &Arc<Self>, bytes: usize) -> Option<BodyReservation> {
-        let mut reservation = BodyReservation {
-            budget: Arc::clone(self),
-            bytes: 0,
-        };
-        reservation.grow(bytes).then_some(reservation)
-    }
-
-    /// Bytes held now.
-    pub fn used(&self) -> usize {
-        self.used.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-/// Bytes of the body budget one request holds.
-#[derive(Debug)]
-pub struct BodyReservation {
-    budget: Arc<BodyBudget>,
-    bytes: usize,
-}
-
-impl BodyReservation {
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    /// Holds `more` bytes as well, if the budget has them.
-    pub fn grow(&mut self, more: usize) -> bool {
-        use std::sync::atomic::Ordering;
-        let granted = self
-            .budget
-            .used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                used.checked_add(more)
-                    .filter(|total| *total <= self.budget.capacity)
-            })
-            .is_ok();
-        if granted {
-            self.bytes += more;
-        }
-        granted
-    }
-}
-
-impl Drop for BodyReservation {
-    fn drop(&mut self) {
-        self.budget
-            .used
-            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// One client request for [`Proxy::forward`].
 pub struct ForwardRequest<'a> {
     pub api: ApiKind,
-    /// The route, as an index into `telemetry::LLM_ROUTES`, for metrics.
-    pub route: usize,
     pub path_and_query: &'a PathAndQuery,
     pub headers: &'a HeaderMap,
     pub body: Bytes,
     pub model: &'a str,
-    /// When the request arrived, for its latency and time to first byte.
-    pub started: std::time::Instant,
-}
-
-/// An answer from a node, and which node gave it.
-pub struct Forwarded {
-    pub response: Response<Body>,
-    pub node: Arc<Candidate>,
 }
 
 /// Why a request could not be forwarded; the API layer shapes the answer
@@ -158,7 +70,6 @@ pub struct Proxy {
     balancer: Balancer,
     upstream: Arc<UpstreamPool>,
     options: ProxyOptions,
-    body_budget: Arc<BodyBudget>,
     /// This router's name in `Via` (RFC 9110, section 7.6.3): random per
     /// process, so that a request that comes back to the router that sent
     /// it (a node whose address leads to this router, directly or through
@@ -187,7 +98,6 @@ impl Proxy {
         let via = HeaderValue::try_from(format!("1.1 {via_name}"))
             .unwrap_or_else(|_| HeaderValue::from_static("1.1 llm-router"));
         Proxy {
-            body_budget: BodyBudget::new(options.max_body_memory),
             via_name,
             via,
             registry,
@@ -234,71 +144,64 @@ impl Proxy {
         self.upstream.idle_connections()
     }
 
-    pub fn body_budget(&self) -> &Arc<BodyBudget> {
-        &self.body_budget
-    }
-
-    pub fn max_request_body(&self) -> usize {
-        self.options.max_request_body
-    }
-
-    pub fn body_read_timeout(&self) -> Duration {
-        self.options.body_read_timeout
-    }
-
     /// Sends the request to a node that serves `model` on `api`, failing
-    /// over to the next candidate while nothing has reached the client.
-    /// `route` labels the request's metrics; `started` is when it arrived.
-    pub async fn forward(&self, request: ForwardRequest<'_>) -> Result<Forwarded, ProxyError> {
+    /// over to the next candidate while nothing has reached the client. The
+    /// request's account goes with the answer's body, where it is recorded;
+    /// when there is no answer it comes back with the error.
+    pub async fn forward(
+        &self,
+        request: ForwardRequest<'_>,
+        mut account: RequestAccount,
+    ) -> Result<Response<Body>, (ProxyError, RequestAccount)> {
         let ForwardRequest {
             api,
-            route,
             path_and_query,
             headers,
             body,
             model,
-            started,
         } = request;
         let table = self.registry.routing_table();
-        let plan = self
+        let plan = match self
             .balancer
             .plan(&table, api, model, self.options.max_attempts)
-            .map_err(ProxyError::NoRoute)?;
+        {
+            Ok(plan) => plan,
+            Err(no_route) => return Err((ProxyError::NoRoute(no_route), account)),
+        };
         drop(table);
         let mut last_server_error = None;
         let attempts = plan.len();
-        let timing = RequestTiming { started, route };
         for candidate in plan {
-            let answered = match self
-                .attempt(&candidate, path_and_query, headers, body.clone(), timing)
+            match self
+                .attempt(&candidate, path_and_query, headers, body.clone())
                 .await
             {
-                Attempt::Answered(response) => Some(response),
-                Attempt::ServerError(response) => {
-                    self.registry.mark_unreachable(candidate.id);
-                    last_server_error = Some((response, Arc::clone(&candidate)));
-                    None
+                Attempt::Answered(parts, body) => {
+                    account.answered_by(&candidate.traffic, parts.status.as_u16());
+                    return Ok(Response::from_parts(
+                        parts,
+                        Body::new(body.with_account(account)),
+                    ));
                 }
-                Attempt::Failed => {
+                Attempt::ServerError(parts, body) => {
                     self.registry.mark_unreachable(candidate.id);
-                    None
+                    last_server_error = Some((parts, body, Arc::clone(&candidate)));
                 }
-            };
-            if let Some(response) = answered {
-                telemetry::route_histograms(route)
-                    .time_to_first_byte
-                    .record(started.elapsed());
-                return Ok(Forwarded {
-                    response,
-                    node: Arc::clone(&candidate),
-                });
+                Attempt::Failed => self.registry.mark_unreachable(candidate.id),
             }
-            candidate.traffic.count_failover(route);
+            candidate.traffic.count_failover(account.route());
         }
         // Every node failed; a node's own 5xx says more than ours would.
-        last_server_error
-            .map(|(response, node)| Forwarded { response, node })
-            .ok_or(ProxyError::AllFailed { attempts })
+        match last_server_error {
+            Some((parts, body, candidate)) => {
+                account.answered_by(&candidate.traffic, parts.status.as_u16());
+                Ok(Response::from_parts(
+                    parts,
+                    Body::new(body.with_account(account)),
+                ))
+            }
+            None => Err((ProxyError::AllFailed { attempts }, account)),
+        }
     }
 
     async fn attempt(
@@ -307,7 +210,6 @@ impl Proxy {
         path_and_query: &PathAndQuery,
         headers: &HeaderMap,
         body: Bytes,
-        timing: RequestTiming,
     ) -> Attempt {
         let in_flight = InFlightGuard::new(&candidate.in_flight);
         let build =
@@ -340,29 +242,19 @@ impl Proxy {
                 parts.headers.remove(name);
             }
         }
-        let server_error = parts.status.is_server_error();
-        // A 5xx is retried elsewhere; only an answer that stands is timed.
-        let timing = (!server_error).then_some(timing);
-        let body = Body::new(UpstreamBody::new(
-            incoming,
-            connection,
-            self.options.idle_timeout,
-            in_flight,
-            timing,
-        ));
-        let response = Response::from_parts(parts, body);
-        if server_error {
-            tracing::warn!(agent_id = %candidate.id, status = %response.status(), "Node answered with a server error; trying the next.");
-            Attempt::ServerError(response)
+        let body = UpstreamBody::new(incoming, connection, self.options.idle_timeout, in_flight);
+        if parts.status.is_server_error() {
+            tracing::warn!(agent_id = %candidate.id, status = %parts.status, "Node answered with a server error; trying the next.");
+            Attempt::ServerError(parts, body)
         } else {
-            Attempt::Answered(response)
+            Attempt::Answered(parts, body)
         }
     }
 }
 
 enum Attempt {
-    Answered(Response<Body>),
-    ServerError(Response<Body>),
+    Answered(axum::http::response::Parts, UpstreamBody),
+    ServerError(axum::http::response::Parts, UpstreamBody),
     Failed,
 }
 
