@@ -234,12 +234,14 @@ impl RequestAccount {
 
 impl Drop for RequestAccount {
     fn drop(&mut self) {
-        let histograms = route_histograms(self.route);
-        histograms.duration.record(self.started.elapsed());
         let model = std::mem::take(&mut self.model);
         match self.node.take() {
+            // Latencies are those of answers that came from a node; the
+            // router's own refusals would only blur them.
             Some((node, first_byte)) => {
+                let histograms = route_histograms(self.route);
                 histograms.time_to_first_byte.record(first_byte);
+                histograms.duration.record(self.started.elapsed());
                 node.count_request(self.route, self.status, model);
             }
             None => count_unanswered(self.route, self.status, model),
