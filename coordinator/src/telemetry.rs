@@ -218,6 +218,17 @@ impl RequestAccount {
         self.model = label;
     }
 
+    /// The model asked for (what routing looks up).
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Takes the model back, to name it in an error, leaving `label` as the
+    /// one counted.
+    pub fn relabel_model(&mut self, label: &str) -> String {
+        std::mem::replace(&mut self.model, label.to_owned())
+    }
+
     /// A node's answer head arrived: it is the one counted.
     pub fn answered_by(&mut self, node: &std::sync::Arc<NodeTraffic>, status: u16) {
         self.node = Some((std::sync::Arc::clone(node), self.started.elapsed()));

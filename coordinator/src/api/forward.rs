@@ -56,7 +56,8 @@ pub async fn forward(forwarder: &Forwarder, api: ApiKind, request: Request) -> R
             )
         }
     };
-    account.set_model(model.clone());
+    // The account carries the model from here: routing reads it there.
+    account.set_model(model);
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -67,16 +68,16 @@ pub async fn forward(forwarder: &Forwarder, api: ApiKind, request: Request) -> R
         path_and_query: &path_and_query,
         headers: &parts.headers,
         body,
-        model: &model,
     };
     match forwarder.proxy.forward(request, account).await {
         Ok(response) => response,
         Err((ProxyError::NoRoute(no_route), mut account)) => {
             // A model no node serves is whatever the client typed: as a
             // label it would let any client grow the metrics without end.
-            if no_route != NoRoute::ModelUnavailable {
-                account.set_model(UNKNOWN_MODEL.to_owned());
-            }
+            let model = match no_route {
+                NoRoute::ModelUnavailable => account.model().to_owned(),
+                NoRoute::UnknownModel | NoRoute::NoNodes => account.relabel_model(UNKNOWN_MODEL),
+            };
             answer(account, no_route_answer(api, &model, &no_route))
         }
         Err((ProxyError::AllFailed { attempts }, account)) => answer(

@@ -51,7 +51,6 @@ pub struct ForwardRequest<'a> {
     pub path_and_query: &'a PathAndQuery,
     pub headers: &'a HeaderMap,
     pub body: Bytes,
-    pub model: &'a str,
 }
 
 /// Why a request could not be forwarded; the API layer shapes the answer
@@ -158,12 +157,11 @@ impl Proxy {
             path_and_query,
             headers,
             body,
-            model,
         } = request;
         let table = self.registry.routing_table();
         let plan = match self
             .balancer
-            .plan(&table, api, model, self.options.max_attempts)
+            .plan(&table, api, account.model(), self.options.max_attempts)
         {
             Ok(plan) => plan,
             Err(no_route) => return Err((ProxyError::NoRoute(no_route), account)),
