@@ -221,7 +221,7 @@ impl Config {
 
     pub fn proxy_options(&self) -> ProxyOptions {
         ProxyOptions {
-            policy: self.balancer.into(),
+            policy: self.balancer.policy(),
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
             max_attempts: usize::from(self.max_attempts),
@@ -333,9 +333,12 @@ pub enum BalancerChoice {
     LeastBusy,
 }
 
-impl From<BalancerChoice> for Policy {
-    fn from(choice: BalancerChoice) -> Self {
-        match choice {
+impl BalancerChoice {
+    /// The balancer's policy of this name. (A method here rather than a
+    /// `From` impl, which would belong to the balancer's type and so make
+    /// the balancer depend on the command line.)
+    pub fn policy(self) -> Policy {
+        match self {
             BalancerChoice::RoundRobin => Policy::RoundRobin,
             BalancerChoice::LeastBusy => Policy::LeastBusy,
         }

@@ -234,7 +234,7 @@ impl<'de> serde::Deserialize<'de> for FactsArray {
             ) -> Result<FactsArray, A::Error> {
                 let mut facts = Vec::with_capacity(seq.size_hint().unwrap_or(0));
                 while let Some(agent) = seq.next_element::<StoredAgent>()? {
-                    facts.push(NodeFacts::from(agent));
+                    facts.push(agent.into_facts());
                 }
                 Ok(FactsArray(facts))
             }

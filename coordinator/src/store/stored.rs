@@ -76,9 +76,12 @@ impl From<&NodeFacts> for StoredAgent {
     }
 }
 
-impl From<StoredAgent> for NodeFacts {
-    /// The report is not stored: the next heartbeat brings it back.
-    fn from(agent: StoredAgent) -> Self {
+impl StoredAgent {
+    /// The registry's compact form. The report is not stored: the next
+    /// heartbeat brings it back. (A method of the stored form rather than a
+    /// `From` impl on `NodeFacts`, so that records know nothing of storage.)
+    pub fn into_facts(self) -> NodeFacts {
+        let agent = self;
         NodeFacts {
             id: agent.id,
             machine_name: agent.machine_name.into_boxed_str(),
@@ -168,7 +171,7 @@ impl Serialize for Change {
 impl<'de> Deserialize<'de> for Change {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         Ok(match LineIn::deserialize(deserializer)? {
-            LineIn::Upsert { agent } => Change::Upsert(Arc::new(NodeFacts::from(*agent))),
+            LineIn::Upsert { agent } => Change::Upsert(Arc::new(agent.into_facts())),
             LineIn::Delete { id } => Change::Delete(id),
             LineIn::Seen { agents } => Change::Seen(agents),
         })
@@ -263,7 +266,7 @@ mod tests {
     #[test]
     fn the_stored_form_round_trips_every_field_and_the_secrets_hash() {
         let agent = stored("gpu-1");
-        let facts = NodeFacts::from(agent.clone());
+        let facts = agent.clone().into_facts();
         assert_eq!(StoredAgent::from(&facts), agent);
         assert_eq!(facts.secret_digest, Some(TokenDigest::of(b"a secret")));
         let line = serde_json::to_string(&Change::Upsert(Arc::new(facts))).expect("json");
@@ -284,8 +287,8 @@ mod tests {
     #[test]
     fn replay_and_commit_share_one_meaning_of_each_change() {
         let (first, second) = (stored("a"), stored("b"));
-        let mut records = Records::from_loaded([NodeFacts::from(first.clone())]);
-        records.apply(Change::Upsert(Arc::new(NodeFacts::from(second.clone()))));
+        let mut records = Records::from_loaded([first.clone().into_facts()]);
+        records.apply(Change::Upsert(Arc::new(second.clone().into_facts())));
         let later = Utc::now() + chrono::Duration::seconds(5);
         records.apply(Change::Seen(vec![
             Seen(first.id, later, AgentStatus::Offline),
