@@ -8,6 +8,7 @@ pub mod auth;
 pub mod balancer;
 pub mod cli;
 pub mod config;
+pub mod fields;
 pub mod health;
 pub mod listen;
 pub mod node_address;

@@ -31,6 +31,31 @@ pub struct Registration {
     pub tls: bool,
 }
 
+impl TryFrom<common::RegisterRequest> for Registration {
+    type Error = crate::fields::FieldError;
+
+    /// The fields checked (`fields::check_registration`) and the address
+    /// read; where a node may be is the caller's to decide
+    /// (`NodeAddressPolicy`).
+    fn try_from(request: common::RegisterRequest) -> Result<Self, Self::Error> {
+        crate::fields::check_registration(&request)?;
+        let text = request.ip_address.trim();
+        let ip_address = text.parse().map_err(|_| {
+            crate::fields::FieldError::new("ip_address", &format!("{text:?} is not an IP address"))
+        })?;
+        Ok(Registration {
+            machine_name: request.machine_name.trim().to_owned(),
+            ip_address,
+            port: request.port,
+            runtime_version: request.runtime_version,
+            system_info: request.system_info,
+            models: request.models,
+            backend: request.backend,
+            tls: request.tls,
+        })
+    }
+}
+
 /// A shared, immutable list of model names.
 pub type ModelList = Arc<[Arc<str>]>;
 

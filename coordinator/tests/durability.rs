@@ -415,15 +415,6 @@ async fn round_robin_selection_skips_offline_agents() {
 }
 
 fn registry_registration(name: &str) -> coordinator::registry::Registration {
-    let request = support::typed_registration(name);
-    coordinator::registry::Registration {
-        machine_name: request.machine_name,
-        ip_address: request.ip_address.parse().expect("ip"),
-        port: request.port,
-        runtime_version: request.runtime_version,
-        system_info: request.system_info,
-        models: request.models,
-        backend: request.backend,
-        tls: request.tls,
-    }
+    coordinator::registry::Registration::try_from(support::typed_registration(name))
+        .expect("a valid registration")
 }

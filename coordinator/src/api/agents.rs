@@ -9,10 +9,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use common::{Agent, AgentView, DrainResponse, ErrorBody};
-use common::{
-    AgentStatus, HeartbeatReport, RegisterRequest, RegisterResponse, SystemInfo,
-    UpdateAgentRequest, MAX_MACHINE_NAME_BYTES,
-};
+use common::{AgentStatus, HeartbeatReport, RegisterRequest, RegisterResponse, UpdateAgentRequest};
 use serde::Deserialize;
 
 use super::error::ApiError;
@@ -21,13 +18,9 @@ use super::guard::{
 };
 use super::json::{AgentIdParam, JsonBody, OptionalJsonBody};
 use crate::auth::{Credentials, JoinAccess, TokenDigest};
+use crate::fields::{check_models, check_system_info, check_text};
 use crate::node_address::NodeAddressPolicy;
 use crate::registry::{AgentUpdate, IdentityProof, RegisterOutcome, Registration, Registry};
-
-/// Limits on free-text fields, so one agent cannot bloat the registry.
-const MAX_TEXT_BYTES: usize = 256;
-const MAX_MODEL_NAME_BYTES: usize = 256;
-const MAX_MODELS: usize = 256;
 
 /// Register a machine, or register a known one again (same id).
 #[utoipa::path(post, path = "/api/agents/register", tag = "registry",
@@ -210,34 +203,11 @@ fn validate_registration(
     request: RegisterRequest,
     node_addresses: &NodeAddressPolicy,
 ) -> Result<Registration, ApiError> {
-    let machine_name = request.machine_name.trim().to_owned();
-    if machine_name.is_empty() {
-        return Err(invalid("machine_name", "must not be empty"));
-    }
-    if machine_name.len() > MAX_MACHINE_NAME_BYTES {
-        return Err(invalid(
-            "machine_name",
-            &format!("must be at most {MAX_MACHINE_NAME_BYTES} bytes"),
-        ));
-    }
-    check_text("machine_name", &machine_name)?;
-    check_host_name(&machine_name)?;
-    if request.port == 0 {
-        return Err(invalid("port", "must be between 1 and 65535"));
-    }
-    check_text("runtime_version", &request.runtime_version)?;
-    check_system_info(&request.system_info)?;
-    check_models("models", &request.models)?;
-    Ok(Registration {
-        machine_name,
-        ip_address: node_address(&request.ip_address, request.port, node_addresses)?,
-        port: request.port,
-        runtime_version: request.runtime_version,
-        system_info: request.system_info,
-        models: request.models,
-        backend: request.backend,
-        tls: request.tls,
-    })
+    let mut registration = Registration::try_from(request)?;
+    registration.ip_address = node_addresses
+        .check(registration.ip_address, registration.port)
+        .map_err(|refusal| invalid("ip_address", &refusal.to_string()))?;
+    Ok(registration)
 }
 
 fn validate_update(
@@ -299,85 +269,6 @@ fn node_address(
     node_addresses
         .check(ip, port)
         .map_err(|refusal| invalid("ip_address", &refusal.to_string()))
-}
-
-fn check_system_info(system_info: &SystemInfo) -> Result<(), ApiError> {
-    check_text("system_info.os", &system_info.os)?;
-    check_text("system_info.arch", &system_info.arch)
-}
-
-fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
-    if value.len() > MAX_TEXT_BYTES && field != "machine_name" {
-        return Err(invalid(
-            field,
-            &format!("must be at most {MAX_TEXT_BYTES} bytes"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(invalid(field, "must not contain control characters"));
-    }
-    if let Some(hidden) = value.chars().find(|&c| is_invisible_or_reordering(c)) {
-        return Err(invalid(
-            field,
-            &format!(
-                "must not contain invisible or text-reordering characters (found U+{:04X})",
-                u32::from(hidden)
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Characters that change how text around them reads without showing:
-/// bidirectional overrides and isolates, zero-width characters, line and
-/// paragraph separators. In a name they can make a log line or a CLI table
-/// say something else than what the node sent.
-fn is_invisible_or_reordering(c: char) -> bool {
-    matches!(c,
-        '\u{200B}'..='\u{200F}'   // zero-width space, joiners, LRM, RLM
-        | '\u{2028}'..='\u{202E}' // line/paragraph separators, bidi embeddings and overrides
-        | '\u{2060}'..='\u{2064}' // word joiner, invisible operators
-        | '\u{2066}'..='\u{2069}' // bidi isolates
-        | '\u{061C}'              // Arabic letter mark
-        | '\u{FEFF}'              // zero-width no-break space
-    )
-}
-
-/// A machine name is a host name: letters, digits, `-`, `_` and `.`, so
-/// that it reads the same in a log, a table and a file name.
-fn check_host_name(name: &str) -> Result<(), ApiError> {
-    match name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        None => Ok(()),
-        Some(other) => Err(invalid(
-            "machine_name",
-            &format!(
-                "{other:?} is not allowed: a machine name is a host name (letters, digits, '-', '_' and '.'); the agent uses the host name unless --machine-name says otherwise"
-            ),
-        )),
-    }
-}
-
-fn check_models(field: &str, models: &[String]) -> Result<(), ApiError> {
-    if models.len() > MAX_MODELS {
-        return Err(invalid(field, &format!("at most {MAX_MODELS} models")));
-    }
-    for model in models {
-        if model.trim().is_empty()
-            || model.len() > MAX_MODEL_NAME_BYTES
-            || model.chars().any(char::is_control)
-        {
-            return Err(invalid(
-                field,
-                &format!(
-                    "each model name must be 1 to {MAX_MODEL_NAME_BYTES} bytes of printable text"
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn invalid(field: &str, problem: &str) -> ApiError {

@@ -64,6 +64,12 @@ pub fn challenge_if_unauthorized(mut response: Response) -> Response {
     response
 }
 
+impl From<crate::fields::FieldError> for ApiError {
+    fn from(error: crate::fields::FieldError) -> Self {
+        Self::unprocessable("invalid_field", error.to_string())
+    }
+}
+
 impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
         let status = match refusal {
