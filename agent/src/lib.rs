@@ -2,9 +2,9 @@
 //! router and keeps it alive with heartbeats.
 
 pub mod address;
-pub mod backend;
 pub mod config;
 pub mod identity;
+pub mod llm_server;
 pub mod router_client;
 pub mod run;
 pub mod system;

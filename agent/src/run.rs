@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::address::{ServerAddress, ServerHost};
-use crate::backend::{Backend, BackendState};
 use crate::config::AgentConfig;
 use crate::identity::IdentityFile;
+use crate::llm_server::{LlmServer, ServerState};
 use crate::router_client::{RouterClient, RouterError};
 use crate::system::{host_name, HostProbe};
 
@@ -37,7 +37,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     if let Some(warning) = server_warning {
         tracing::warn!("{warning}");
     }
-    let backend = Backend::new(server.url.clone(), config.ca_certificates()?)?;
+    let llm_server = LlmServer::new(server.url.clone(), config.ca_certificates()?)?;
     let router_url = reqwest::Url::parse(router.base_url())?;
     let machine_name = config.machine_name.clone().unwrap_or_else(host_name);
     let identity = IdentityFile::open(
@@ -57,13 +57,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     // The address last checked for reachability, so the check (and its
     // warning) runs once per address rather than at every registration.
     let mut checked_address: Option<IpAddr> = None;
-    tracing::info!(router = %router.base_url(), backend = %backend.base_url(), from = %server_source, machine_name = machine_name.as_str(), "Agent starting.");
+    tracing::info!(router = %router.base_url(), llm_server = %llm_server.base_url(), from = %server_source, machine_name = machine_name.as_str(), "Agent starting.");
 
     loop {
-        let state = backend.probe().await;
-        report_server_change(&mut server_was_up, state.is_some(), backend.base_url());
+        let state = llm_server.probe().await;
+        report_server_change(&mut server_was_up, state.is_some(), llm_server.base_url());
         let delay = match &registered {
-            Some(current) if !backend_changed(current, state.as_ref()) => {
+            Some(current) if !server_changed(current, state.as_ref()) => {
                 let report = heartbeat_report(state.as_ref(), &mut host);
                 match router
                     .heartbeat(current.id, current.secret.as_deref(), &report)
@@ -210,11 +210,11 @@ async fn drain(router: &RouterClient, id: Uuid, secret: Option<&str>, timeout: D
 fn report_server_change(was_up: &mut Option<bool>, up: bool, url: &str) {
     match (*was_up, up) {
         (Some(true) | None, false) => tracing::warn!(
-            backend = %url,
+            llm_server = %url,
             "The LLM server does not answer; the router is told, and sends this node nothing until it does. Is it running, and at this address?"
         ),
         (Some(false), true) => {
-            tracing::warn!(backend = %url, "The LLM server answers again.")
+            tracing::warn!(llm_server = %url, "The LLM server answers again.")
         }
         _ => {}
     }
@@ -244,7 +244,7 @@ async fn warn_if_unreachable_at(ip: IpAddr, server: &ServerAddress) {
         return;
     }
     tracing::warn!(
-        backend = %server.url,
+        llm_server = %server.url,
         advertised = %address,
         "The LLM server answers at {} but not at {address}, the address the router will use: the router cannot reach it. \
          Ollama listens on 127.0.0.1 only unless OLLAMA_HOST says otherwise: run `systemctl edit ollama`, add \
@@ -276,7 +276,7 @@ fn warn_if_secrets_in_clear(router_url: &str, has_token: bool) {
 }
 
 /// The LLM server came up, or came back as another kind or version.
-fn backend_changed(registered: &Registered, state: Option<&BackendState>) -> bool {
+fn server_changed(registered: &Registered, state: Option<&ServerState>) -> bool {
     match (state, &registered.backend) {
         (None, _) => false,
         (Some(state), Some((kind, version))) => state.kind != *kind || state.version != *version,
@@ -289,7 +289,7 @@ fn register_request(
     ip: IpAddr,
     port: u16,
     system_info: &common::SystemInfo,
-    state: Option<&BackendState>,
+    state: Option<&ServerState>,
 ) -> RegisterRequest {
     RegisterRequest {
         machine_name: machine_name.to_owned(),
@@ -304,7 +304,7 @@ fn register_request(
     }
 }
 
-fn heartbeat_report(state: Option<&BackendState>, host: &mut HostProbe) -> HeartbeatReport {
+fn heartbeat_report(state: Option<&ServerState>, host: &mut HostProbe) -> HeartbeatReport {
     let (cpu, memory) = host.load();
     HeartbeatReport {
         models: state.map(|s| s.models.clone()),

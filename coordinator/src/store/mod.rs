@@ -70,7 +70,7 @@ enum Command {
 /// What the registry needs of durability, and all it may ask. Loading is
 /// each implementation's own `open`, which hands the registry the records
 /// it found. The journal-plus-snapshot files ([`FileStore`]) are the first
-/// implementation; another backend plugs in here without the registry
+/// implementation; another store plugs in here without the registry
 /// changing.
 pub trait RegistryStore: Send + Sync {
     /// Queues a change and returns its acknowledgement, which resolves once

@@ -9,14 +9,14 @@ use serde::Deserialize;
 
 /// What a probe of the LLM server found.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BackendState {
+pub struct ServerState {
     pub kind: BackendKind,
     pub version: String,
     pub models: Vec<String>,
     pub loaded_models: Vec<String>,
 }
 
-pub struct Backend {
+pub struct LlmServer {
     base_url: String,
     http: reqwest::Client,
 }
@@ -51,7 +51,7 @@ struct OpenAiModel {
     id: String,
 }
 
-impl Backend {
+impl LlmServer {
     /// `ca_certificates`: trusted besides the system's, for a server over
     /// HTTPS whose certificate a private CA signed.
     pub fn new(
@@ -67,7 +67,7 @@ impl Backend {
         let http = http
             .build()
             .map_err(|error| anyhow::anyhow!("cannot set up HTTPS to the LLM server: {error}"))?;
-        Ok(Backend { base_url, http })
+        Ok(LlmServer { base_url, http })
     }
 
     pub fn base_url(&self) -> &str {
@@ -75,7 +75,7 @@ impl Backend {
     }
 
     /// Probes the server; `None` when it does not answer as either kind.
-    pub async fn probe(&self) -> Option<BackendState> {
+    pub async fn probe(&self) -> Option<ServerState> {
         if let Ok(version) = self.get_json::<OllamaVersion>("/api/version").await {
             let models = self
                 .get_json::<OllamaModels>("/api/tags")
@@ -87,7 +87,7 @@ impl Backend {
                 .await
                 .map(|list| names(list.models))
                 .unwrap_or_default();
-            return Some(BackendState {
+            return Some(ServerState {
                 kind: BackendKind::Ollama,
                 version: version.version,
                 models,
@@ -101,7 +101,7 @@ impl Backend {
             .map(|v| v.version)
             .unwrap_or_else(|_| "openai-compatible".to_owned());
         let models: Vec<String> = models.data.into_iter().map(|m| m.id).collect();
-        Some(BackendState {
+        Some(ServerState {
             kind: BackendKind::OpenAi,
             version,
             // An OpenAI-compatible server holds what it lists in memory.
