@@ -16,14 +16,17 @@ use crate::address::{parse_server_address, ServerAddress};
     about = "Registers this node's LLM server with llm-router and keeps it alive."
 )]
 pub struct AgentConfig {
-    /// The router's base URL.
+    /// The router's base URL; several, comma-separated, for routers that
+    /// share one registry: the agent keeps to one and moves to the next
+    /// when it stops answering.
     #[arg(
         long,
         env = "LLM_ROUTER_URL",
         default_value = "http://127.0.0.1:8080",
+        value_delimiter = ',',
         value_parser = common::url::parse_router_url
     )]
-    pub router_url: String,
+    pub router_url: Vec<String>,
 
     /// This node's LLM server, written as Ollama's OLLAMA_HOST is (0.0.0.0,
     /// HOST:PORT, http://HOST:PORT) [env: LLM_ROUTER_BACKEND_URL, else
@@ -142,7 +145,7 @@ impl AgentConfig {
             .unwrap_or_else(crate::identity::default_state_dir)
     }
 
-    pub fn router_url(&self) -> String {
+    pub fn router_urls(&self) -> Vec<String> {
         self.router_url.clone()
     }
 }
@@ -151,4 +154,36 @@ fn non_empty_env(name: &str) -> Option<String> {
     std::env::var(name)
         .ok()
         .filter(|value| !value.trim().is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::AgentConfig;
+
+    #[test]
+    fn router_url_takes_one_router_or_several() {
+        let one =
+            AgentConfig::try_parse_from(["llm-router-agent", "--router-url", "127.0.0.1:8080"])
+                .expect("parses");
+        assert_eq!(one.router_urls(), ["http://127.0.0.1:8080"]);
+        let several = AgentConfig::try_parse_from([
+            "llm-router-agent",
+            "--router-url",
+            "http://127.0.0.1:8080,https://127.0.0.2:8443/",
+        ])
+        .expect("parses");
+        assert_eq!(
+            several.router_urls(),
+            ["http://127.0.0.1:8080", "https://127.0.0.2:8443"]
+        );
+        let error = AgentConfig::try_parse_from([
+            "llm-router-agent",
+            "--router-url",
+            "http://127.0.0.1:8080,http://127.0.0.1:99999",
+        ])
+        .expect_err("the second is refused");
+        assert!(error.to_string().contains("--router-url"), "{error}");
+    }
 }

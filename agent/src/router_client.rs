@@ -28,7 +28,9 @@ pub enum RouterError {
 }
 
 pub struct RouterClient {
-    base_url: String,
+    /// The routers, in the order given; `current` is the one in use.
+    base_urls: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
     http: reqwest::Client,
     /// The join token registration presents, when the router wants one.
     join_token: Option<String>,
@@ -45,7 +47,7 @@ impl RouterClient {
     /// `ca_certificates`: trusted besides the system's, for a router whose
     /// certificate a private CA (or the router itself) signed.
     pub fn new(
-        base_url: String,
+        base_urls: Vec<String>,
         join_token: Option<String>,
         ca_certificates: Vec<reqwest::Certificate>,
     ) -> anyhow::Result<Self> {
@@ -58,24 +60,56 @@ impl RouterClient {
         let http = http
             .build()
             .map_err(|error| anyhow::anyhow!("cannot set up HTTPS to the router: {error}"))?;
+        if base_urls.is_empty() {
+            anyhow::bail!("--router-url names no router");
+        }
         Ok(RouterClient {
-            base_url,
+            base_urls,
+            current: std::sync::atomic::AtomicUsize::new(0),
             http,
             join_token,
         })
     }
 
+    /// The router in use.
     pub fn base_url(&self) -> &str {
-        &self.base_url
+        let current = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.base_urls[current % self.base_urls.len()]
+    }
+
+    /// After a failed call: a router that cannot be reached, times out or
+    /// answers 5xx is left for the next one in the list (which, sharing the
+    /// registry, knows this agent already).
+    fn fail_over_after<T>(&self, result: Result<T, RouterError>) -> Result<T, RouterError> {
+        let leave = match &result {
+            Err(RouterError::Unreachable(_)) => true,
+            Err(RouterError::Rejected { status, .. }) => status.is_server_error(),
+            _ => false,
+        };
+        if leave && self.base_urls.len() > 1 {
+            let from = self.base_url().to_owned();
+            self.current
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(from = %from, to = %self.base_url(), "The router does not answer; moving to the next one.");
+        }
+        result
     }
 
     pub async fn register(
         &self,
         request: &RegisterRequest,
     ) -> Result<RegistrationAnswer, RouterError> {
+        let result = self.try_register(request).await;
+        self.fail_over_after(result)
+    }
+
+    async fn try_register(
+        &self,
+        request: &RegisterRequest,
+    ) -> Result<RegistrationAnswer, RouterError> {
         let response = with_bearer(
             self.http
-                .post(format!("{}/api/agents/register", self.base_url))
+                .post(format!("{}/api/agents/register", self.base_url()))
                 .json(request),
             self.join_token.as_deref(),
         )
@@ -83,7 +117,7 @@ impl RouterClient {
         .await?;
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return Err(RouterError::NotARouter {
-                url: self.base_url.clone(),
+                url: self.base_url().to_owned(),
             });
         }
         let answer: RegisterResponse = check(response).await?.json().await?;
@@ -99,9 +133,19 @@ impl RouterClient {
         secret: Option<&str>,
         report: &HeartbeatReport,
     ) -> Result<(), RouterError> {
+        let result = self.try_heartbeat(id, secret, report).await;
+        self.fail_over_after(result)
+    }
+
+    async fn try_heartbeat(
+        &self,
+        id: Uuid,
+        secret: Option<&str>,
+        report: &HeartbeatReport,
+    ) -> Result<(), RouterError> {
         let response = with_bearer(
             self.http
-                .post(format!("{}/api/agents/{id}/heartbeat", self.base_url))
+                .post(format!("{}/api/agents/{id}/heartbeat", self.base_url()))
                 .json(report),
             secret,
         )
@@ -127,7 +171,7 @@ impl RouterClient {
     ) -> Result<DrainResponse, RouterError> {
         let response = with_bearer(
             self.http
-                .post(format!("{}/api/agents/{id}/drain", self.base_url)),
+                .post(format!("{}/api/agents/{id}/drain", self.base_url())),
             secret,
         )
         .send()
@@ -139,7 +183,8 @@ impl RouterClient {
     /// its own record when the router protects its listings.
     pub async fn in_flight(&self, id: Uuid, secret: Option<&str>) -> Result<u64, RouterError> {
         let response = with_bearer(
-            self.http.get(format!("{}/api/agents/{id}", self.base_url)),
+            self.http
+                .get(format!("{}/api/agents/{id}", self.base_url())),
             secret,
         )
         .send()

@@ -30,19 +30,24 @@ struct Registered {
 /// cannot work (an unparsable URL); an unreachable router is waited out.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let join_token = config.join_token()?;
-    let router_url = config.router_url();
-    warn_if_secrets_in_clear(&router_url, join_token.is_some());
-    let router = RouterClient::new(router_url, join_token, config.ca_certificates()?)?;
+    let router_urls = config.router_urls();
+    for router_url in &router_urls {
+        warn_if_secrets_in_clear(router_url, join_token.is_some());
+    }
+    // Routers given together share one registry, and so one identity: the
+    // secret file is named after all of them, in any order.
+    let mut identity_key = router_urls.clone();
+    identity_key.sort();
+    let router = RouterClient::new(router_urls, join_token, config.ca_certificates()?)?;
     let (server, server_source, server_warning) = config.backend_address()?;
     if let Some(warning) = server_warning {
         tracing::warn!("{warning}");
     }
     let llm_server = LlmServer::new(server.url.clone(), config.ca_certificates()?)?;
-    let router_url = reqwest::Url::parse(router.base_url())?;
     let machine_name = config.machine_name.clone().unwrap_or_else(host_name);
     let identity = IdentityFile::open(
         &config.state_dir(),
-        router.base_url(),
+        &identity_key.join(","),
         &machine_name,
         server.port,
     )?;
@@ -93,7 +98,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 }
             }
             _ => {
-                let advertised = advertised_ip(&config, &server.host, &router_url).await;
+                // The router in use now: the local address toward it is
+                // the one it will see.
+                let advertised = match reqwest::Url::parse(router.base_url()) {
+                    Ok(router_url) => advertised_ip(&config, &server.host, &router_url).await,
+                    Err(error) => Err(error.into()),
+                };
                 if let Ok(ip) = &advertised {
                     if state.is_some() && checked_address != Some(*ip) {
                         checked_address = Some(*ip);

@@ -51,7 +51,7 @@ impl RunningAgent {
             ca_cert: None,
             token: token.map(str::to_owned),
             token_file: None,
-            router_url,
+            router_url: router_url.split(',').map(str::to_owned).collect(),
             backend_url: Some(backend_url),
             heartbeat_interval: Duration::from_millis(100),
             machine_name: Some(name.to_owned()),
@@ -421,4 +421,53 @@ async fn a_restarted_agent_keeps_its_identity_and_no_other_agent_can_take_it() {
     .await;
     assert_ne!(newcomer["id"], first["id"]);
     impostor.stop().await;
+}
+
+/// Given several routers, the agent keeps to the first, and when it stops
+/// answering moves to the next within a few heartbeat intervals (and
+/// registers there, since these two routers do not share a registry).
+#[tokio::test]
+async fn an_agent_given_two_routers_moves_to_the_second_when_the_first_dies() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let first = TestRouter::start(config(dir_a.path())).await;
+    let second = TestRouter::start(config(dir_b.path())).await;
+    let standin = StandIn::spawn(StandInOptions::ollama("node-two", &["smollm2:135m"]))
+        .await
+        .expect("stand-in");
+    let agent = RunningAgent::start(
+        format!("{},{}", first.url(""), second.url("")),
+        standin.url(),
+        "node-two",
+    );
+    let (client, first_base, second_base) = (client(), first.url(""), second.url(""));
+    let reporting = |base: String| {
+        let client = client.clone();
+        async move {
+            let agent = agent_named(&client, &base, "node-two").await?;
+            (agent["report"]["llm_server_up"] == true).then_some(agent)
+        }
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the agent reports to the first router",
+        || reporting(first_base.clone()),
+    )
+    .await;
+    assert!(
+        agent_named(&client, &second_base, "node-two")
+            .await
+            .is_none(),
+        "it keeps to one router"
+    );
+    first.stop().await.expect("the first router stops");
+    eventually(
+        Duration::from_secs(10),
+        "the agent moves to the second router",
+        || reporting(second_base.clone()),
+    )
+    .await;
+    agent.stop().await;
 }

@@ -168,7 +168,7 @@ async fn a_router_restart_under_1000_live_agents_brings_all_back_with_their_ids(
     let agents: Vec<_> = (0..AGENTS)
         .map(|n| {
             let config = AgentConfig {
-                router_url: router.url(""),
+                router_url: vec![router.url("")],
                 backend_url: Some(standin.url()),
                 heartbeat_interval,
                 machine_name: Some(format!("herd-{n:04}")),

@@ -114,7 +114,7 @@ async fn the_router_the_cli_and_an_agent_speak_tls() {
         .await
         .expect("stand-in");
     let agent_config = agent::AgentConfig {
-        router_url: base.clone(),
+        router_url: vec![base.clone()],
         backend_url: Some(standin.url()),
         heartbeat_interval: Duration::from_millis(100),
         machine_name: Some("tls-agent".to_owned()),
@@ -223,7 +223,7 @@ async fn nodes_that_speak_https_are_reached_over_tls() {
     let (client, base) = (support::client(), router.url(""));
 
     let agent_config = agent::AgentConfig {
-        router_url: base.clone(),
+        router_url: vec![base.clone()],
         backend_url: Some(format!("https://127.0.0.1:{}", standin.address.port())),
         heartbeat_interval: Duration::from_millis(100),
         machine_name: Some("secure-node".to_owned()),
