@@ -485,10 +485,22 @@ pub async fn failure(context: &Context, work: &Path, figures: &mut Figures) -> a
     let tombstone = bind_retrying(victim).await?;
     let after_failure = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&after_failure);
+    // Only a client's request counts: the router's own health probe of the
+    // dead node (`GET /api/version`, with backoff) is how it would learn
+    // that the node is back, and must go on.
     let counting = tokio::spawn(async move {
-        while let Ok((socket, _)) = tombstone.accept().await {
-            counter.fetch_add(1, Ordering::Relaxed);
-            drop(socket);
+        while let Ok((mut socket, _)) = tombstone.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt as _;
+                let mut head = [0u8; 4];
+                let read =
+                    tokio::time::timeout(Duration::from_secs(1), socket.read_exact(&mut head))
+                        .await;
+                if !matches!(read, Ok(Ok(_)) if &head == b"GET ") {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            });
         }
     });
     let result = load_task.await?;
