@@ -3,6 +3,7 @@
 
 pub mod address;
 pub mod config;
+mod http;
 pub mod identity;
 pub mod llm_server;
 pub mod router_client;

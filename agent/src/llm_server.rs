@@ -58,15 +58,12 @@ impl LlmServer {
         base_url: String,
         ca_certificates: Vec<reqwest::Certificate>,
     ) -> anyhow::Result<Self> {
-        let mut http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .connect_timeout(Duration::from_secs(2));
-        for certificate in ca_certificates {
-            http = http.add_root_certificate(certificate);
-        }
-        let http = http
-            .build()
-            .map_err(|error| anyhow::anyhow!("cannot set up HTTPS to the LLM server: {error}"))?;
+        let http = crate::http::client(
+            Duration::from_secs(5),
+            Duration::from_secs(2),
+            ca_certificates,
+            "the LLM server",
+        )?;
         Ok(LlmServer { base_url, http })
     }
 

@@ -51,15 +51,12 @@ impl RouterClient {
         join_token: Option<String>,
         ca_certificates: Vec<reqwest::Certificate>,
     ) -> anyhow::Result<Self> {
-        let mut http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(3));
-        for certificate in ca_certificates {
-            http = http.add_root_certificate(certificate);
-        }
-        let http = http
-            .build()
-            .map_err(|error| anyhow::anyhow!("cannot set up HTTPS to the router: {error}"))?;
+        let http = crate::http::client(
+            Duration::from_secs(10),
+            Duration::from_secs(3),
+            ca_certificates,
+            "the router",
+        )?;
         if base_urls.is_empty() {
             anyhow::bail!("--router-url names no router");
         }

@@ -472,8 +472,7 @@ async fn no_one_takes_over_another_nodes_identity_unless_nothing_is_configured()
                 "with nothing configured, nothing is protected"
             );
         }
-        nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let log = router.finished_log().await.join("\n");
+        let log = router.terminate().await;
         // Every configuration here listens on loopback: no SECURITY warning.
         assert!(!log.contains("SECURITY"), "{}: {log}", case.name);
     }
@@ -568,8 +567,7 @@ async fn credentials_from_files_and_never_in_the_log() {
         "the admin token from its file works"
     );
 
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let log = router.finished_log().await.join("\n");
+    let log = router.terminate().await;
     for secret_text in [JOIN_TOKEN, API_KEYS[0], API_KEYS[1], ADMIN_TOKEN, &secret] {
         assert!(!log.contains(secret_text), "a secret reached the log");
     }
@@ -592,8 +590,7 @@ async fn an_open_router_on_a_network_address_warns_loudly() {
         .expect("health")
         .status();
     assert_eq!(status, StatusCode::OK);
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let log = router.finished_log().await.join("\n");
+    let log = router.terminate().await;
     assert!(
         log.contains("SECURITY") && log.contains("Anyone who can reach this port"),
         "the warning is in the log:\n{log}"
@@ -601,8 +598,7 @@ async fn an_open_router_on_a_network_address_warns_loudly() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut router = RouterProcess::spawn(dir.path(), &[]).await;
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let log = router.finished_log().await.join("\n");
+    let log = router.terminate().await;
     assert!(!log.contains("SECURITY"), "no warning on loopback:\n{log}");
 
     // An admin token alone leaves registration open: said so. A join token
@@ -613,8 +609,7 @@ async fn an_open_router_on_a_network_address_warns_loudly() {
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut router = RouterProcess::spawn_on_host(dir.path(), "0.0.0.0", flags).await;
-        nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let log = router.finished_log().await.join("\n");
+        let log = router.terminate().await;
         assert_eq!(
             log.contains("SECURITY") && log.contains("with no join token"),
             warned,

@@ -265,8 +265,7 @@ async fn connections_idle_after_an_answer_close_at_the_header_read_timeout() {
     .await;
     let still_open = closed.iter().filter(|closed| !**closed).count();
     assert_eq!(still_open, 0, "connections left open after the timeout");
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    router.finished_log().await;
+    router.terminate().await;
 }
 
 /// Opens a connection from a given loopback address.
@@ -329,8 +328,7 @@ async fn silent_connections_cannot_take_every_descriptor() {
         "other clients still get in"
     );
     drop(silent);
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let log = router.finished_log().await.join("\n");
+    let log = router.terminate().await;
     assert!(
         log.contains("max_connections=200") && log.contains("file_descriptors=400"),
         "{log}"
@@ -345,7 +343,6 @@ async fn silent_connections_cannot_take_every_descriptor() {
         &[],
     )
     .await;
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let log = router.finished_log().await.join("\n");
+    let log = router.terminate().await;
     assert!(log.contains("file_descriptors=4096"), "{log}");
 }

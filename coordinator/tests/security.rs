@@ -83,8 +83,7 @@ async fn addresses_no_node_may_have_are_refused_in_every_spelling() {
         support::list(&client, &base).await[0]["ip_address"],
         "127.0.0.2"
     );
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    router.finished_log().await;
+    router.terminate().await;
 }
 
 /// A node at the router's own address would make each request call the
@@ -120,8 +119,7 @@ async fn a_node_at_the_routers_own_address_is_refused() {
         let (status, _) =
             try_register(&client, &base, &at("neighbour", "127.0.0.1", port ^ 1)).await;
         assert_eq!(status, StatusCode::CREATED);
-        nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        router.finished_log().await;
+        router.terminate().await;
     }
 }
 
@@ -133,8 +131,7 @@ async fn node_networks_keep_nodes_where_the_operator_allows() {
     let mut router = RouterProcess::spawn(dir.path(), &[]).await;
     let (client, base) = (client(), router.url(""));
     let outside = register(&client, &base, &at("outside", "127.0.0.3", 11434)).await;
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    router.finished_log().await;
+    router.terminate().await;
 
     let mut router =
         RouterProcess::spawn(dir.path(), &["--node-networks", "127.0.0.2/32,::1/128"]).await;
@@ -159,8 +156,7 @@ async fn node_networks_keep_nodes_where_the_operator_allows() {
         .expect("json");
     assert_eq!(loaded["routable"], false, "{loaded}");
     assert_eq!(loaded["state"], "unreachable");
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let log = router.finished_log().await.join("\n");
+    let log = router.terminate().await;
     assert!(
         log.contains("Kept out of rotation") && log.contains("outside the networks"),
         "{log}"
@@ -251,8 +247,7 @@ async fn two_routers_pointed_at_each_other_stop_at_the_first_return() {
         "another proxy's Via is no loop"
     );
     for router in [&mut router_a, &mut router_b] {
-        nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let log = router.finished_log().await.join("\n");
+        let log = router.terminate().await;
         assert!(!log.contains("Too many open files"), "{log}");
     }
 }
@@ -317,8 +312,7 @@ async fn idle_node_connections_close_when_the_node_goes_and_after_the_keepalive(
         || async { (open() == 0).then_some(()) },
     )
     .await;
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    router.finished_log().await;
+    router.terminate().await;
 }
 
 /// A node written by hand: answers every request with one JSON body and
@@ -423,8 +417,7 @@ async fn connection_close_answers_count_and_hop_by_hop_headers_stay_behind() {
             assert!(!head.contains(hop), "{hop} was forwarded: {head}");
         }
     }
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let log = router.finished_log().await.join("\n");
+    let log = router.terminate().await;
     assert!(
         !log.contains("closed the connection before answering"),
         "{log}"
@@ -496,8 +489,7 @@ async fn a_web_page_cannot_register_a_node() {
             .is_some_and(|message| message.contains("--allowed-hosts")),
         "Ollama's shape: {answer}"
     );
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    router.finished_log().await;
+    router.terminate().await;
 }
 
 /// A name that could forge a log field or spoof a CLI table is refused:
@@ -536,8 +528,7 @@ async fn names_cannot_forge_logs_or_tables() {
     assert!(support::list(&client, &base).await.is_empty());
 
     register(&client, &base, &registration("gpu_1.lab-a")).await;
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let log = router.finished_log().await.join("\n");
+    let log = router.terminate().await;
     assert!(
         log.contains("machine_name=\"gpu_1.lab-a\""),
         "quoted in the text log: {log}"
@@ -634,8 +625,7 @@ async fn a_removed_nodes_series_leave_the_metrics() {
         sizes[1], sizes[2],
         "the exposition does not grow: {sizes:?}"
     );
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    router.finished_log().await;
+    router.terminate().await;
 }
 
 /// Request bodies the router holds at once stay within `--max-body-memory`:
@@ -721,8 +711,7 @@ async fn bodies_held_at_once_stay_within_the_budget() {
     })
     .await;
     let () = taken;
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    router.finished_log().await;
+    router.terminate().await;
 }
 
 /// A client that asks for a stream and never reads it: once its socket
@@ -780,8 +769,7 @@ async fn a_client_that_stops_reading_frees_the_node() {
         .expect("json");
     assert_eq!(agent["in_flight"], 0, "{agent}");
     drop(reader_that_never_reads);
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    router.finished_log().await;
+    router.terminate().await;
 }
 
 /// What one agent may register is capped: models per agent and bytes per
@@ -814,8 +802,7 @@ async fn what_one_agent_may_register_is_capped() {
         "a record over 32 KiB"
     );
     assert!(support::list(&client, &base).await.is_empty());
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    router.finished_log().await;
+    router.terminate().await;
 }
 
 /// With `--protect-listings`, who may see the fleet: a reader's credential
@@ -926,6 +913,5 @@ async fn protected_listings_need_a_readers_credential() {
         "the page itself"
     );
     assert_eq!(get(format!("{base}/health"), None).await, StatusCode::OK);
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    router.finished_log().await;
+    router.terminate().await;
 }

@@ -27,6 +27,30 @@ fn certificate(
     (cert_path, key_path, trusted)
 }
 
+/// An agent (run in this process, as its binary runs it) that trusts `ca`.
+fn agent_over_tls(
+    router: &str,
+    llm_server: &str,
+    name: &str,
+    token: Option<&str>,
+    ca: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> agent::AgentConfig {
+    agent::AgentConfig {
+        router_url: vec![router.to_owned()],
+        backend_url: Some(llm_server.to_owned()),
+        heartbeat_interval: Duration::from_millis(100),
+        machine_name: Some(name.to_owned()),
+        advertise_ip: None,
+        log_format: agent::config::LogFormat::Text,
+        token: token.map(str::to_owned),
+        token_file: None,
+        drain_timeout: Duration::from_secs(5),
+        ca_cert: Some(ca.to_owned()),
+        state_dir: Some(state_dir.to_owned()),
+    }
+}
+
 #[tokio::test]
 async fn the_router_the_cli_and_an_agent_speak_tls() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -113,19 +137,14 @@ async fn the_router_the_cli_and_an_agent_speak_tls() {
     let standin = StandIn::spawn(StandInOptions::ollama("tls-agent", &["smollm2:135m"]))
         .await
         .expect("stand-in");
-    let agent_config = agent::AgentConfig {
-        router_url: vec![base.clone()],
-        backend_url: Some(standin.url()),
-        heartbeat_interval: Duration::from_millis(100),
-        machine_name: Some("tls-agent".to_owned()),
-        advertise_ip: None,
-        log_format: agent::config::LogFormat::Text,
-        token: Some("tls-join-token".to_owned()),
-        token_file: None,
-        drain_timeout: Duration::from_secs(5),
-        ca_cert: Some(cert.clone()),
-        state_dir: Some(dir.path().join("agent-state")),
-    };
+    let agent_config = agent_over_tls(
+        &base,
+        &standin.url(),
+        "tls-agent",
+        Some("tls-join-token"),
+        &cert,
+        &dir.path().join("agent-state"),
+    );
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(agent::run(agent_config, stop.clone()));
     let seen = eventually(
@@ -164,8 +183,7 @@ async fn the_router_the_cli_and_an_agent_speak_tls() {
         .expect("json");
     assert_eq!(after["draining"], true, "the drain went over TLS too");
 
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let log = router.finished_log().await.join("\n");
+    let log = router.terminate().await;
     assert!(log.contains("listening on https://"), "{log}");
     assert!(!log.contains("tls-join-token"));
 }
@@ -222,19 +240,14 @@ async fn nodes_that_speak_https_are_reached_over_tls() {
         RouterProcess::spawn(&dir.path().join("data"), &["--node-ca-cert", &ca_arg]).await;
     let (client, base) = (support::client(), router.url(""));
 
-    let agent_config = agent::AgentConfig {
-        router_url: vec![base.clone()],
-        backend_url: Some(format!("https://127.0.0.1:{}", standin.address.port())),
-        heartbeat_interval: Duration::from_millis(100),
-        machine_name: Some("secure-node".to_owned()),
-        advertise_ip: None,
-        log_format: agent::config::LogFormat::Text,
-        token: None,
-        token_file: None,
-        drain_timeout: Duration::from_secs(5),
-        ca_cert: Some(ca_path.clone()),
-        state_dir: Some(dir.path().join("agent-state")),
-    };
+    let agent_config = agent_over_tls(
+        &base,
+        &format!("https://127.0.0.1:{}", standin.address.port()),
+        "secure-node",
+        None,
+        &ca_path,
+        &dir.path().join("agent-state"),
+    );
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(agent::run(agent_config, stop.clone()));
     let node = eventually(
@@ -288,8 +301,7 @@ async fn nodes_that_speak_https_are_reached_over_tls() {
     assert!(streamed.contains("data: [DONE]"), "{streamed}");
     stop.cancel();
     task.await.expect("agent task").expect("agent run");
-    nix::sys::signal::kill(router.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    router.finished_log().await;
+    router.terminate().await;
 
     // A router that does not trust the node's certificate.
     let mut untrusting = RouterProcess::spawn(&dir.path().join("data-2"), &[]).await;
@@ -312,7 +324,6 @@ async fn nodes_that_speak_https_are_reached_over_tls() {
         requests_before,
         "no prompt reached it untrusted"
     );
-    nix::sys::signal::kill(untrusting.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let log = untrusting.finished_log().await.join("\n");
+    let log = untrusting.terminate().await;
     assert!(log.contains("TLS with the node"), "{log}");
 }

@@ -189,6 +189,13 @@ impl RouterProcess {
         }
     }
 
+    /// Stops the router as an operator would (SIGTERM) and returns its whole
+    /// log, one line after another.
+    pub async fn terminate(&mut self) -> String {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        self.finished_log().await.join("\n")
+    }
+
     /// The whole log of a router that has exited: waits for the end of it.
     pub async fn finished_log(&mut self) -> Vec<String> {
         if let Some(reader) = self.reader.take() {
