@@ -95,16 +95,12 @@ fn hold_out_nodes_at_refused_addresses(
     registry: &Registry,
     policy: &node_address::NodeAddressPolicy,
 ) {
-    for view in registry.list(None) {
-        let agent = &view.agent;
-        let Ok(ip) = agent.ip_address.parse() else {
-            continue;
-        };
-        if let Err(refusal) = policy.check(ip, agent.port) {
-            tracing::warn!(agent_id = %agent.id, machine_name = agent.machine_name.as_str(), "Kept out of rotation: {refusal}.");
-            registry.hold_out(agent.id);
-        }
-    }
+    registry.hold_out_where(|address| {
+        policy
+            .check(address.ip(), address.port())
+            .err()
+            .map(|refusal| refusal.to_string())
+    });
 }
 
 /// The connection caps: as configured, or from the descriptor limit. Half

@@ -625,11 +625,22 @@ impl Registry {
     /// Keeps a node out of rotation with no probe to bring it back: for a
     /// node whose address the router must not use. Only registering or
     /// updating it to another address (which is checked) ends it.
-    pub fn hold_out(&self, id: Uuid) {
-        let Ok(slot) = self.slot(id) else { return };
-        lock(&slot).unreachable = true;
-        lock(&self.probes).remove(&id);
-        self.mark_routing_stale();
+    /// Used at start on the loaded fleet, with the address policy as
+    /// `refusal`: each record is read in place, no listing is built.
+    pub fn hold_out_where(&self, refusal: impl Fn(std::net::SocketAddr) -> Option<String>) {
+        let mut held = 0;
+        for slot in self.read_maps().by_id.values() {
+            let mut record = lock(slot);
+            if let Some(reason) = refusal(record.address()) {
+                tracing::warn!(agent_id = %record.agent.id, machine_name = &*record.agent.machine_name, "Kept out of rotation: {reason}.");
+                record.unreachable = true;
+                lock(&self.probes).remove(&record.agent.id);
+                held += 1;
+            }
+        }
+        if held > 0 {
+            self.mark_routing_stale();
+        }
     }
 
     /// The unreachable nodes whose next probe is due, at most `limit`; each
