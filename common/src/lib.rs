@@ -238,6 +238,32 @@ pub struct DrainResponse {
     pub in_flight: u64,
 }
 
+/// One router of those sharing a registry, as `GET /api/routers` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RouterView {
+    pub id: Uuid,
+    /// Where it listens, as it was started.
+    pub address: String,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    /// Its last heartbeat row in the database (the database's clock).
+    pub last_seen: DateTime<Utc>,
+    /// Heard from within the last 10 seconds.
+    pub alive: bool,
+    /// The router that answered this request.
+    pub this_router: bool,
+}
+
+/// The answer to `GET /api/routers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RouterList {
+    /// `files` (the data dir; this router alone) or `postgres` (shared).
+    pub store: String,
+    /// Whether this router reaches the database now (always true for files).
+    pub database_reachable: bool,
+    pub routers: Vec<RouterView>,
+}
+
 /// The body of every error answer: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {

@@ -34,10 +34,22 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Whether a running router answers, and its agents by status.
+    /// Whether a running router answers, its agents by status, and the
+    /// routers that share its registry.
     Status {
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Copy a data dir's registry (snapshot and journal) into a database,
+    /// keeping ids and secrets' hashes. Stop the router on that data dir
+    /// first. Running it again changes nothing.
+    Migrate {
+        /// The data dir to copy from.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// The database to copy into (as the router's --database-url).
+        #[arg(long, env = "LLM_ROUTER_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
     },
 }
 
@@ -122,16 +134,81 @@ pub async fn run_command(command: Command) -> anyhow::Result<()> {
                 client.ca_cert.as_deref(),
             )?;
             let agents: Vec<AgentView> = api.get_json("/api/agents").await?;
+            let routers: Option<common::RouterList> = api.get_json("/api/routers").await.ok();
             let status = Summary::of(&agents);
             if client.json {
-                serde_json::to_string_pretty(&status.to_json())?
+                let mut json = status.to_json();
+                json["routers"] = serde_json::to_value(&routers)?;
+                serde_json::to_string_pretty(&json)?
             } else {
-                status.to_text(&client.router_url)
+                let mut text = status.to_text(&client.router_url);
+                if let Some(routers) = &routers {
+                    text.push_str(&routers_text(routers));
+                }
+                text
             }
         }
+        Command::Migrate {
+            data_dir,
+            database_url,
+        } => migrate(&data_dir, &database_url).await?,
     };
     println!("{output}");
     Ok(())
+}
+
+/// `llm-router migrate`: the data dir is opened as a router would open
+/// it (its lock taken, the journal replayed), then copied in.
+async fn migrate(data_dir: &std::path::Path, database_url: &str) -> anyhow::Result<String> {
+    let url = crate::store::postgres::DatabaseUrl::parse(database_url)?;
+    if !data_dir.is_dir() {
+        bail!(
+            "--data-dir {}: no such directory; give the data dir of the router to copy from",
+            data_dir.display()
+        );
+    }
+    let (store, writer, agents, _report) = crate::store::open(crate::store::StoreOptions {
+        data_dir: data_dir.to_path_buf(),
+        snapshot_interval: std::time::Duration::from_secs(3600),
+    })?;
+    let copied = crate::store::postgres::copy_in(&url, &agents).await;
+    drop(store);
+    writer.join();
+    let (copied, already, refused) = copied?;
+    let mut text = format!(
+        "copied {copied} agents from {} into {url}; {already} were there already",
+        data_dir.display()
+    );
+    for id in refused {
+        let _ = write!(
+            text,
+            "\nnot copied: agent {id}, whose machine and port another agent holds in the database"
+        );
+    }
+    Ok(text)
+}
+
+fn routers_text(list: &common::RouterList) -> String {
+    let alive = list.routers.iter().filter(|r| r.alive).count();
+    let mut text = format!(
+        "\nrouters:   {alive} alive of {} ({}{})",
+        list.routers.len(),
+        list.store,
+        if list.database_reachable { "" } else { ", database unreachable" }
+    );
+    for router in &list.routers {
+        let _ = write!(
+            text,
+            "\n  {} {} v{} started {} last seen {}{}",
+            if router.alive { "alive" } else { "gone " },
+            router.address,
+            router.version,
+            router.started_at.format("%Y-%m-%d %H:%M:%S"),
+            router.last_seen.format("%H:%M:%S"),
+            if router.this_router { " (this one)" } else { "" }
+        );
+    }
+    text
 }
 
 struct Api {

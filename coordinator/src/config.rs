@@ -193,6 +193,22 @@ pub struct Config {
         conflicts_with = "admin_token"
     )]
     pub admin_token_file: Option<PathBuf>,
+
+    /// A PostgreSQL database to keep the registry in, shared by every
+    /// router given the same URL: postgres://USER:PASSWORD@HOST:PORT/DB
+    /// (sslmode=require, verify-full and sslrootcert=CA-FILE as libpq
+    /// reads them). Without it, the data dir's files.
+    #[arg(long, env = "LLM_ROUTER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<Secret>,
+
+    /// A file holding the database URL on its first line (instead of
+    /// --database-url), so that its password is not on a command line.
+    #[arg(
+        long,
+        env = "LLM_ROUTER_DATABASE_URL_FILE",
+        conflicts_with = "database_url"
+    )]
+    pub database_url_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -250,6 +266,16 @@ impl Config {
         config.threads = 1;
         config.data_dir = Some(data_dir.into());
         config
+    }
+
+    /// The shared database, if one is configured.
+    pub fn database(&self) -> anyhow::Result<Option<crate::store::postgres::DatabaseUrl>> {
+        use crate::store::postgres::DatabaseUrl;
+        Ok(match (&self.database_url, &self.database_url_file) {
+            (Some(url), _) => Some(DatabaseUrl::parse(url.expose())?),
+            (None, Some(path)) => Some(DatabaseUrl::from_file(path)?),
+            (None, None) => None,
+        })
     }
 
     /// The credentials, read from flags, environment and files.

@@ -179,32 +179,25 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let credentials = Arc::new(config.credentials()?);
     telemetry::install();
-    let data_dir = config.data_dir();
-    let (store, writer, agents, report) = store::open(store::StoreOptions {
-        data_dir: data_dir.clone(),
-        snapshot_interval: config.snapshot_interval,
-    })?;
-    tracing::info!(
-        data_dir = %data_dir.display(),
-        agents = agents.len(),
-        loaded_from = %report
-            .loaded_from
-            .as_ref()
-            .map_or_else(|| "nothing (a new registry)".to_owned(), |path| path.display().to_string()),
-        "Registry loaded."
-    );
-    let registry = Arc::new(Registry::new(
-        agents,
-        config.agent_timeout,
-        config.max_agents,
-        Box::new(store),
+    let address = listener.local_addr()?;
+    let scheme = if config.tls_cert.is_some() { "https" } else { "http" };
+    let database = config.database()?;
+    let roster = Arc::new(store::RouterRoster::new(
+        uuid::Uuid::new_v4(),
+        advertised_address(scheme, address),
+        env!("CARGO_PKG_VERSION").to_owned(),
+        database.is_some(),
     ));
+    let (registry, durability) = match database {
+        None => open_files(&config)?,
+        Some(url) => open_database(&config, url, Arc::clone(&roster)).await?,
+    };
 
     let node_ca_certificates = match &config.node_ca_cert {
         Some(path) => tls::read_certificates(path, "--node-ca-cert")?,
         None => Vec::new(),
     };
-    let sweeper = registry::Sweeper::start(Arc::clone(&registry), config.flush_interval)?;
+    let sweeper = registry::Sweeper::start(Arc::clone(&registry), durability.flush_interval(&config))?;
     let stop_prober = CancellationToken::new();
     let prober = tokio::spawn(health::run_prober(
         Arc::clone(&registry),
@@ -220,8 +213,6 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let address = listener.local_addr()?;
     warn_if_open_to_the_network(address.ip(), &credentials);
     // Last: tests and scripts take this line to mean the router is ready.
     tracing::info!(%address, "llm-router listening on {scheme}://{address}");
@@ -253,6 +244,7 @@ pub async fn run(
         credentials,
         body_read_timeout: config.body_read_timeout,
         registry: Arc::clone(&registry),
+        routers: roster,
     };
     let app = app(state);
     let serve_options = serve::ServeOptions {
@@ -288,9 +280,127 @@ pub async fn run(
     // The proxy (and so its pooled connections) went with the app.
     let _ = tokio::task::spawn_blocking(move || sweeper.stop()).await;
     let final_snapshot = registry.snapshot_now().await;
-    // The writer thread ends once the last `Store` handle (the registry's) is gone.
+    durability.stop_following();
+    // The writer ends once the last store handle (the registry's) is gone.
     drop(registry);
-    writer.join();
+    tokio::task::spawn_blocking(move || durability.join()).await?;
     final_snapshot.map_err(|error| anyhow::anyhow!("final snapshot: {error}"))?;
     Ok(())
+}
+
+/// What keeps the registry durable, to be stopped at shutdown.
+enum Durability {
+    Files(store::StoreWriter),
+    Database {
+        workers: store::postgres::PostgresWorkers,
+        follower: registry::Follower,
+    },
+}
+
+impl Durability {
+    /// How often heartbeats heard here reach the store. With a shared
+    /// database the other routers learn of them this way, so at most half
+    /// a second, whatever `--flush-interval` says: an agent silent
+    /// everywhere then goes Offline everywhere within `AGENT_TIMEOUT` plus
+    /// one flush and one poll.
+    fn flush_interval(&self, config: &Config) -> std::time::Duration {
+        match self {
+            Durability::Files(_) => config.flush_interval,
+            Durability::Database { .. } => config.flush_interval.min(SHARED_STORE_INTERVAL),
+        }
+    }
+
+    fn stop_following(&self) {
+        if let Durability::Database { workers, .. } = self {
+            workers.stop_feed();
+        }
+    }
+
+    fn join(self) {
+        match self {
+            Durability::Files(writer) => writer.join(),
+            Durability::Database { workers, follower } => {
+                // The follower ends when the feed does, releasing its registry.
+                follower.join();
+                workers.join();
+            }
+        }
+    }
+}
+
+/// The flush and poll interval of a shared database.
+const SHARED_STORE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn open_files(config: &Config) -> anyhow::Result<(Arc<Registry>, Durability)> {
+    let data_dir = config.data_dir();
+    let (store, writer, agents, report) = store::open(store::StoreOptions {
+        data_dir: data_dir.clone(),
+        snapshot_interval: config.snapshot_interval,
+    })?;
+    tracing::info!(
+        data_dir = %data_dir.display(),
+        agents = agents.len(),
+        loaded_from = %report
+            .loaded_from
+            .as_ref()
+            .map_or_else(|| "nothing (a new registry)".to_owned(), |path| path.display().to_string()),
+        "Registry loaded."
+    );
+    let registry = Arc::new(Registry::new(
+        agents,
+        config.agent_timeout,
+        config.max_agents,
+        Box::new(store),
+    ));
+    Ok((registry, Durability::Files(writer)))
+}
+
+async fn open_database(
+    config: &Config,
+    url: store::postgres::DatabaseUrl,
+    roster: Arc<store::RouterRoster>,
+) -> anyhow::Result<(Arc<Registry>, Durability)> {
+    let router = store::postgres::RouterIdentity {
+        id: roster.this_router(),
+        address: roster.list().first().map(|row| row.address.clone()).unwrap_or_default(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let (store, workers, loaded, news) = store::postgres::open(
+        store::postgres::PostgresOptions {
+            url: url.clone(),
+            router,
+            poll_interval: SHARED_STORE_INTERVAL,
+            connect_timeout: config.connect_timeout,
+        },
+        roster,
+    )
+    .await?;
+    tracing::info!(
+        database = %url,
+        agents = loaded.agents.len(),
+        migrations_applied = loaded.migrations_applied,
+        "Registry loaded from the shared database."
+    );
+    let registry = Arc::new(Registry::new(
+        loaded.agents,
+        config.agent_timeout,
+        config.max_agents,
+        Box::new(store),
+    ));
+    let follower = registry::Follower::start(Arc::clone(&registry), news)?;
+    Ok((registry, Durability::Database { workers, follower }))
+}
+
+/// How the other routers and operators see this one: its listening
+/// address, or the machine's name when it listens on every address.
+fn advertised_address(scheme: &str, address: std::net::SocketAddr) -> String {
+    if address.ip().is_unspecified() {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|name| name.into_string().ok())
+            .unwrap_or_else(|| "localhost".to_owned());
+        format!("{scheme}://{host}:{}", address.port())
+    } else {
+        format!("{scheme}://{address}")
+    }
 }

@@ -7,6 +7,8 @@
 // Handlers here return ready-made error responses; their size does not matter in a test server.
 #![allow(clippy::result_large_err)]
 
+pub mod postgres;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -73,6 +73,35 @@ pub async fn register(
     ))
 }
 
+/// The routers sharing this registry: with a database, every router whose
+/// heartbeat row is less than an hour old (`alive` when under 10 s); with
+/// the data files, this router alone.
+#[utoipa::path(get, path = "/api/routers", tag = "registry",
+    responses((status = 200, description = "The routers", body = common::RouterList)))]
+pub async fn routers(
+    State(roster): State<Arc<crate::store::RouterRoster>>,
+    _: ListingAllowed,
+) -> Json<common::RouterList> {
+    let this = roster.this_router();
+    Json(common::RouterList {
+        store: if roster.is_shared() { "postgres" } else { "files" }.to_owned(),
+        database_reachable: roster.database_reachable(),
+        routers: roster
+            .list()
+            .into_iter()
+            .map(|row| common::RouterView {
+                this_router: row.id == this,
+                id: row.id,
+                address: row.address,
+                version: row.version,
+                started_at: row.started_at,
+                last_seen: row.last_seen,
+                alive: row.alive,
+            })
+            .collect(),
+    })
+}
+
 #[derive(Debug, Deserialize)]
 pub struct ListQuery {
     status: Option<String>,

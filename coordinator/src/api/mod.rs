@@ -48,6 +48,8 @@ pub struct AppState {
     pub node_addresses: Arc<NodeAddressPolicy>,
     pub credentials: Arc<Credentials>,
     pub body_read_timeout: Duration,
+    /// The routers sharing the registry (this one alone with the files).
+    pub routers: Arc<crate::store::RouterRoster>,
 }
 
 impl FromRef<AppState> for Arc<Credentials> {
@@ -59,6 +61,12 @@ impl FromRef<AppState> for Arc<Credentials> {
 impl FromRef<AppState> for BodyReadTimeout {
     fn from_ref(state: &AppState) -> Self {
         BodyReadTimeout(state.body_read_timeout)
+    }
+}
+
+impl FromRef<AppState> for Arc<crate::store::RouterRoster> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(&state.routers)
     }
 }
 
@@ -111,6 +119,7 @@ fn documented_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(agents::show, agents::update, agents::remove))
         .routes(routes!(agents::heartbeat))
         .routes(routes!(agents::drain))
+        .routes(routes!(agents::routers))
         .layer(DefaultBodyLimit::max(REGISTRY_BODY_LIMIT));
     let mut llm_routes = OpenApiRouter::new()
         .routes(routes!(ollama::chat))

@@ -10,6 +10,7 @@
 //! `std` locks, not `tokio` ones, because every critical section is short
 //! and synchronous.
 
+mod follow;
 mod sweeper;
 
 use std::collections::HashMap;
@@ -28,10 +29,11 @@ use uuid::Uuid;
 
 use crate::auth::{Secret, TokenDigest};
 use crate::balancer::{Candidate, RoutingTable};
-use crate::store::{Change, RegistryStore, Seen, StoreError};
+use crate::store::{Change, ChangeNumber, RegistryStore, Seen, StoreError};
 pub use crate::telemetry::{FleetFacts, NodeLoad};
 
 pub use crate::record::{ModelList, NodeFacts, Registration};
+pub use follow::Follower;
 pub use sweeper::Sweeper;
 
 use crate::record::{intern, intern_models};
@@ -104,6 +106,9 @@ pub struct Registry {
     /// here, so the prober never scans the fleet. Taken after an agent's
     /// mutex, never before.
     probes: Mutex<HashMap<Uuid, ProbeSchedule>>,
+    /// News from the other routers sharing the store has stopped (their
+    /// database is unreachable): no agent is swept Offline until it is back.
+    liveness_frozen: std::sync::atomic::AtomicBool,
 }
 
 /// An unreachable node the prober is to try again.
@@ -153,6 +158,10 @@ struct AgentRecord {
     /// Bumped by every durable change, so that a failed commit rolls back
     /// only if nothing newer has landed on top of it.
     revision: u64,
+    /// The store's number of the latest committed change this record
+    /// reflects (0 with the data files): a change read back from a shared
+    /// store is taken in only if it is newer.
+    stored_number: ChangeNumber,
     /// `last_seen` moved since the store was last told.
     touched: bool,
     /// Requests the router has in flight to this node (not stored).
@@ -173,6 +182,7 @@ impl AgentRecord {
             agent,
             last_seen_at,
             revision,
+            stored_number: 0,
             touched: false,
             in_flight: Arc::new(AtomicU64::new(0)),
             traffic: Arc::default(),
@@ -254,6 +264,7 @@ impl Registry {
             heartbeats: AtomicU64::new(0),
             registrations: AtomicU64::new(0),
             probes: Mutex::new(HashMap::new()),
+            liveness_frozen: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -269,6 +280,30 @@ impl Registry {
     pub async fn register(
         &self,
         registration: Registration,
+        proof: IdentityProof,
+    ) -> Result<(Uuid, RegisterOutcome, Option<Secret>), RegistryError> {
+        // With a shared store another router may have registered this
+        // machine (or deleted its id) a moment ago: take in what won, and
+        // decide again on the registry as it now is.
+        let mut attempts = 0;
+        loop {
+            match self.register_once(&registration, proof).await {
+                Err(RegistryError::Store(error)) if attempts < 3 => {
+                    let StoreError::Conflict { current } = &*error else {
+                        return Err(RegistryError::Store(error));
+                    };
+                    attempts += 1;
+                    let identity = (registration.machine_name.clone(), registration.port);
+                    self.take_in_conflict(current.clone(), Some(identity), None);
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    async fn register_once(
+        &self,
+        registration: &Registration,
         proof: IdentityProof,
     ) -> Result<(Uuid, RegisterOutcome, Option<Secret>), RegistryError> {
         let now_wall = Utc::now();
@@ -313,9 +348,11 @@ impl Registry {
                 };
                 let previous = record.clone();
                 let moved = record.address() != address;
-                record.agent.refresh(&registration, now_wall);
+                record.agent.refresh(registration, now_wall);
                 record.agent.secret_digest = secret_digest;
                 record.last_seen_at = now;
+                // A registration is a sign of life, for the other routers too.
+                record.touched = true;
                 record.revision += 1;
                 // A node that registers has (re)started: it is not leaving.
                 // Whether the router can reach it is for the router to find
@@ -328,13 +365,12 @@ impl Registry {
                 } else if record.unreachable {
                     self.schedule_probe(&record, now);
                 }
-                let committed = self
-                    .store
-                    .submit(Change::Upsert(Arc::new(record.agent.clone())));
+                let facts = Arc::new(record.agent.clone());
+                let committed = self.store.submit(Change::Upsert(Arc::clone(&facts)));
                 (
                     id,
                     RegisterOutcome::Refreshed,
-                    committed,
+                    (committed, facts),
                     Rollback::Restore(slot.clone(), Box::new(previous)),
                     secret,
                 )
@@ -347,25 +383,31 @@ impl Registry {
                     IdentityProof::Open => (None, None),
                     IdentityProof::Admin | IdentityProof::AgentSecret(_) => fresh_secret(),
                 };
-                let mut agent = NodeFacts::registered(id, &registration, now_wall);
+                let mut agent = NodeFacts::registered(id, registration, now_wall);
                 agent.secret_digest = secret_digest;
-                let committed = self.store.submit(Change::Upsert(Arc::new(agent.clone())));
-                let record = AgentRecord::new(agent, now, 1);
+                let facts = Arc::new(agent.clone());
+                let committed = self.store.submit(Change::Upsert(Arc::clone(&facts)));
+                let mut record = AgentRecord::new(agent, now, 1);
+                record.touched = true;
                 maps.by_id.insert(id, Arc::new(Mutex::new(record)));
                 maps.by_identity.insert(identity, id);
                 (
                     id,
                     RegisterOutcome::Created,
-                    committed,
+                    (committed, facts),
                     Rollback::Remove(id, 1),
                     secret,
                 )
             }
         };
         self.mark_routing_stale();
-        if let Err(error) = committed.await {
-            self.roll_back(rollback);
-            return Err(RegistryError::Store(error));
+        let (committed, facts) = committed;
+        match committed.await {
+            Ok(number) => self.settle(&facts, number),
+            Err(error) => {
+                self.roll_back(rollback);
+                return Err(RegistryError::Store(error));
+            }
         }
         self.registrations.fetch_add(1, Ordering::Relaxed);
         let machine_name = &registration.machine_name;
@@ -503,15 +545,24 @@ impl Registry {
                 agent.backend = backend;
             }
             record.revision += 1;
-            let committed = self
-                .store
-                .submit(Change::Upsert(Arc::new(record.agent.clone())));
-            (record.agent.to_wire(), committed, previous)
+            let facts = Arc::new(record.agent.clone());
+            let committed = self.store.submit(Change::Upsert(Arc::clone(&facts)));
+            (record.agent.to_wire(), (committed, facts), previous)
         };
         self.mark_routing_stale();
-        if let Err(error) = committed.await {
-            self.roll_back(Rollback::Restore(slot, Box::new(previous)));
-            return Err(RegistryError::Store(error));
+        let (committed, facts) = committed;
+        match committed.await {
+            Ok(number) => self.settle(&facts, number),
+            Err(error) => {
+                self.roll_back(Rollback::Restore(slot, Box::new(previous)));
+                if let StoreError::Conflict { current } = &*error {
+                    // Deleted at another router, or its machine and port
+                    // went to another id there: this id is gone.
+                    self.take_in_conflict(current.clone(), None, Some(id));
+                    return Err(RegistryError::NotFound(id));
+                }
+                return Err(RegistryError::Store(error));
+            }
         }
         tracing::info!(agent_id = %id, "Agent updated.");
         Ok(agent)
@@ -748,6 +799,9 @@ impl Registry {
     /// Marks Offline every Online agent silent for longer than the timeout,
     /// measured on the monotonic clock. Returns how many changed.
     pub fn sweep(&self, now: Instant) -> usize {
+        if self.liveness_frozen.load(Ordering::Acquire) {
+            return 0;
+        }
         let slots: Vec<_> = self.read_maps().by_id.values().cloned().collect();
         let mut changed = 0;
         for slot in slots {
@@ -786,7 +840,7 @@ impl Registry {
     /// Folds everything durable so far into a snapshot and waits for it:
     /// the last step of a clean shutdown, after liveness was flushed.
     pub async fn snapshot_now(&self) -> Result<(), Arc<StoreError>> {
-        self.store.snapshot_now().await
+        self.store.snapshot_now().await.map(|_| ())
     }
 
     fn slot(&self, id: Uuid) -> Result<Arc<Mutex<AgentRecord>>, RegistryError> {

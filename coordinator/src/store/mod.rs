@@ -7,6 +7,9 @@
 //! - `agents.journal`, one JSON line per change since that snapshot,
 //!   fsynced per batch (group commit) before any change in it is acknowledged.
 //!
+//! A second implementation, [`postgres`], keeps the registry in a
+//! PostgreSQL database that several routers share (`--database-url`).
+//!
 //! One writer thread owns both files and its own copy of the committed
 //! records. Callers send it a change and await its acknowledgement; it takes
 //! everything that has queued up, appends it in one write and one fsync, then
@@ -14,6 +17,7 @@
 //! and replays the journal.
 
 mod files;
+pub mod postgres;
 mod stored;
 
 use std::path::PathBuf;
@@ -53,17 +57,32 @@ pub enum StoreError {
     Snapshot(#[source] std::io::Error),
     #[error("the store's writer has stopped")]
     WriterStopped,
+    /// The database could not take the change (it is unreachable, or the
+    /// transaction failed): nothing of it was written.
+    #[error("the registry database: {0}")]
+    Database(String),
+    /// Another router's change came first: the id was deleted, or another
+    /// id holds the machine and port. `current` is the record that holds
+    /// them now (with its change number), if any.
+    #[error("another router changed this agent first")]
+    Conflict {
+        current: Option<(Arc<NodeFacts>, u64)>,
+    },
 }
+
+/// A committed change's number in the store's order (0 where the store
+/// keeps none, as the data files).
+pub type ChangeNumber = u64;
 
 enum Command {
     Commit {
         change: Change,
-        ack: oneshot::Sender<Result<(), Arc<StoreError>>>,
+        ack: oneshot::Sender<Result<ChangeNumber, Arc<StoreError>>>,
     },
     Seen(Vec<Seen>),
     /// Write a snapshot now if anything changed since the last one (shutdown).
     Snapshot {
-        ack: oneshot::Sender<Result<(), Arc<StoreError>>>,
+        ack: oneshot::Sender<Result<ChangeNumber, Arc<StoreError>>>,
     },
 }
 
@@ -92,13 +111,13 @@ pub trait RegistryStore: Send + Sync {
 pub struct Acknowledgement(AcknowledgementState);
 
 enum AcknowledgementState {
-    Waiting(oneshot::Receiver<Result<(), Arc<StoreError>>>),
+    Waiting(oneshot::Receiver<Result<ChangeNumber, Arc<StoreError>>>),
     Failed(Option<Arc<StoreError>>),
 }
 
 impl Acknowledgement {
     /// An acknowledgement that the store's writer will send.
-    pub fn channel() -> (oneshot::Sender<Result<(), Arc<StoreError>>>, Self) {
+    pub fn channel() -> (oneshot::Sender<Result<ChangeNumber, Arc<StoreError>>>, Self) {
         let (sender, receiver) = oneshot::channel();
         (
             sender,
@@ -113,7 +132,7 @@ impl Acknowledgement {
 }
 
 impl std::future::Future for Acknowledgement {
-    type Output = Result<(), Arc<StoreError>>;
+    type Output = Result<ChangeNumber, Arc<StoreError>>;
 
     fn poll(
         self: std::pin::Pin<&mut Self>,
@@ -299,7 +318,7 @@ impl Writer {
                         self.committed.apply(change);
                     }
                     for ack in commit_acks {
-                        let _ = ack.send(Ok(()));
+                        let _ = ack.send(Ok(0));
                     }
                 }
                 Err(error) => {
@@ -316,7 +335,7 @@ impl Writer {
         let journal_full = self.files.journal_bytes() >= JOURNAL_BYTES_BEFORE_SNAPSHOT;
         let asked = !snapshot_acks.is_empty() && pending;
         if asked || due || journal_full {
-            let result = self.write_snapshot().map_err(Arc::new);
+            let result = self.write_snapshot().map(|()| 0).map_err(Arc::new);
             if let Err(error) = &result {
                 tracing::error!(%error, "Snapshot failed; the journal still holds every change.");
                 // Try again at the next interval, not in a tight loop.
@@ -327,7 +346,7 @@ impl Writer {
             }
         }
         for ack in snapshot_acks {
-            let _ = ack.send(Ok(()));
+            let _ = ack.send(Ok(0));
         }
     }
 
@@ -351,5 +370,99 @@ fn record_write(changes: &[Change], ok: bool, elapsed: Duration) {
         for change in changes {
             metrics::counter!(STORE_CHANGES, "kind" => change.kind()).increment(1);
         }
+    }
+}
+
+/// Transactions of the database store and their latency, for `/metrics`
+/// (the same series as the journal's writes).
+pub(crate) fn record_postgres_write(changes: usize, ok: bool, elapsed: Duration) {
+    use crate::telemetry::{STORE_WRITES, STORE_WRITE_DURATION};
+    let result = if ok { "ok" } else { "error" };
+    metrics::counter!(STORE_WRITES, "result" => result).increment(1);
+    metrics::histogram!(STORE_WRITE_DURATION).record(elapsed);
+    if ok && changes > 0 {
+        metrics::counter!(crate::telemetry::STORE_CHANGES, "kind" => "upsert_or_delete")
+            .increment(changes as u64);
+    }
+}
+
+/// One router of those sharing a registry, as `GET /api/routers` lists it.
+#[derive(Debug, Clone)]
+pub struct RouterRow {
+    pub id: uuid::Uuid,
+    pub address: String,
+    pub version: String,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// Its last heartbeat, on the database's clock.
+    pub last_seen: chrono::DateTime<chrono::Utc>,
+    /// Heard from within the last 10 s.
+    pub alive: bool,
+    /// How long ago its last heartbeat was, on the database's clock.
+    pub silent_for: Duration,
+}
+
+/// The routers that share this registry: read from the database by the
+/// feed, or only this one with the data files.
+pub struct RouterRoster {
+    this: RouterRow,
+    shared: bool,
+    rows: std::sync::Mutex<Vec<RouterRow>>,
+    database_lost: std::sync::atomic::AtomicBool,
+}
+
+impl RouterRoster {
+    pub fn new(id: uuid::Uuid, address: String, version: String, shared: bool) -> Self {
+        let now = chrono::Utc::now();
+        RouterRoster {
+            this: RouterRow {
+                id,
+                address,
+                version,
+                started_at: now,
+                last_seen: now,
+                alive: true,
+                silent_for: Duration::ZERO,
+            },
+            shared,
+            rows: std::sync::Mutex::new(Vec::new()),
+            database_lost: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub fn this_router(&self) -> uuid::Uuid {
+        self.this.id
+    }
+
+    /// Several routers share the registry (a database store).
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    pub(crate) fn replace(&self, rows: Vec<RouterRow>) {
+        *self.rows.lock().unwrap_or_else(|p| p.into_inner()) = rows;
+        self.database_lost
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn mark_database_lost(&self) {
+        self.database_lost
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the database answered the last time it was asked (always
+    /// true with the data files).
+    pub fn database_reachable(&self) -> bool {
+        !self.database_lost.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every router known, this one always among them.
+    pub fn list(&self) -> Vec<RouterRow> {
+        let mut rows = self.rows.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !rows.iter().any(|row| row.id == self.this.id) {
+            let mut this = self.this.clone();
+            this.last_seen = chrono::Utc::now();
+            rows.insert(0, this);
+        }
+        rows
     }
 }
