@@ -10,10 +10,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Server settings a cluster starts with.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
-    /// `fsync=off`: a test that does not crash the machine needs no fsync,
-    /// and a busy 2-core machine runs the suite faster without it.
-    /// Benchmarks keep it on.
-    pub no_fsync: bool,
     /// PEM certificate and key to serve TLS with (`ssl=on`).
     pub tls: Option<(PathBuf, PathBuf)>,
 }
@@ -80,10 +76,10 @@ fn free_port() -> u16 {
 
 impl PostgresCluster {
     pub fn start() -> Self {
-        Self::start_with(ClusterOptions {
-            no_fsync: true,
-            tls: None,
-        })
+        // Durable as in production (fsync, synchronous commit): tests stop
+        // the server with `-m immediate`, as a crash would, and count on
+        // every acknowledged commit surviving it.
+        Self::start_with(ClusterOptions::default())
     }
 
     pub fn start_with(options: ClusterOptions) -> Self {
@@ -154,9 +150,6 @@ impl PostgresCluster {
             self.port,
             self.dir.display()
         );
-        if self.options.no_fsync {
-            settings.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
-        }
         if self.options.tls.is_some() {
             settings.push_str(" -c ssl=on");
         }

@@ -69,6 +69,10 @@ pub async fn migrate(client: &mut Client) -> Result<usize, tokio_postgres::Error
     transaction
         .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
+    // "Already exists, skipping" is the normal case: not worth a log line.
+    transaction
+        .batch_execute("SET LOCAL client_min_messages = warning")
+        .await?;
     transaction
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS llm_router_migrations (
