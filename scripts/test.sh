@@ -16,8 +16,12 @@ fi
 
 # Debian packages the tests use: libfaketime (the clock-jump test moves the
 # router's wall clock with it), Chromium and its WebDriver (the dashboard's
-# end-to-end test), prlimit (the full-disk test).
+# end-to-end test), prlimit (the full-disk test), PostgreSQL's server (the
+# shared-registry tests start throwaway clusters of it, as the `postgres`
+# user when run as root).
 missing=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+if [ "$(id -u)" = 0 ]; then command -v runuser >/dev/null 2>&1 || missing+=(util-linux); fi
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing+=(faketime)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)

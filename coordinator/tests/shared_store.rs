@@ -165,26 +165,76 @@ async fn one_machine_registering_at_two_routers_at_once_gets_one_id() {
     }
 }
 
-/// An agent heartbeating only router A is Online at B all along; silent
-/// everywhere, it goes Offline at both within the timeout plus 2 s.
+/// libfaketime, which the test command installs (Debian's `faketime`).
+fn faketime_library() -> String {
+    std::fs::read_dir("/usr/lib")
+        .expect("read /usr/lib")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("faketime/libfaketime.so.1"))
+        .chain(std::iter::once("/usr/lib/faketime/libfaketime.so.1".into()))
+        .find(|path| path.exists())
+        .expect("libfaketime is installed (apt-get install faketime; scripts/test.sh does)")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A router whose wall clock is `offset` away from the others' (libfaketime;
+/// its monotonic clock runs true, as on a machine with a wrong time).
+async fn skewed_router_on(database: &str, offset: &str, extra: &[&str]) -> (RouterProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let preload = format!("LD_PRELOAD={}", faketime_library());
+    let offset = format!("FAKETIME={offset}");
+    let mut args = vec!["--database-url", database];
+    args.extend_from_slice(extra);
+    let router = RouterProcess::spawn_wrapped(
+        &["env", &preload, &offset, "FAKETIME_DONT_FAKE_MONOTONIC=1"],
+        dir.path(),
+        "127.0.0.1",
+        &args,
+    )
+    .await;
+    (router, dir)
+}
+
+/// An agent heartbeating only router A is Online at B and C all along,
+/// though their wall clocks are 5 minutes behind and 10 ahead of A's;
+/// silent everywhere, it goes Offline at all three within the timeout plus
+/// 2 s.
 #[tokio::test]
 async fn an_agent_is_online_everywhere_while_any_router_hears_it() {
     let cluster = PostgresCluster::start();
     let database = cluster.create_database();
     let (a, _da) = router_on(&database, &["--agent-timeout", "2"]).await;
-    let (b, _db) = router_on(&database, &["--agent-timeout", "2"]).await;
+    let (b, _db) = skewed_router_on(&database, "-5m", &["--agent-timeout", "2"]).await;
+    let (c, _dc) = skewed_router_on(&database, "+10m", &["--agent-timeout", "2"]).await;
     let http = client();
+    // The skew is real: B stamps what it registers 5 minutes earlier.
+    let probe = register(&http, &b.url(""), &registration("clock-probe")).await;
+    let (_, probed) = get(&http, b.url(&format!("/api/agents/{probe}"))).await;
+    let stamped: chrono::DateTime<chrono::Utc> =
+        probed["registered_at"].as_str().expect("registered_at").parse().expect("date");
+    let behind = chrono::Utc::now() - stamped;
+    assert!(behind > chrono::Duration::minutes(4), "B's clock is not skewed: {behind}");
     let id = register(&http, &a.url(""), &registration("heard-at-a")).await;
+    for other in [&b, &c] {
+        eventually(Duration::from_secs(1), "the agent shows elsewhere", || {
+            let (http, url) = (http.clone(), other.url(&format!("/api/agents/{id}")));
+            async move { (get(&http, url).await.0 == 200).then_some(()) }
+        })
+        .await;
+    }
     let until = Instant::now() + Duration::from_secs(6);
     while Instant::now() < until {
         assert_eq!(heartbeat(&http, &a, &id).await, 200);
-        let (status, agent) = get(&http, b.url(&format!("/api/agents/{id}"))).await;
-        assert_eq!(status, 200);
-        assert_eq!(status_of(&agent), "Online", "B let an agent heard at A go Offline");
+        for other in [&b, &c] {
+            let (status, agent) = get(&http, other.url(&format!("/api/agents/{id}"))).await;
+            assert_eq!(status, 200);
+            assert_eq!(status_of(&agent), "Online", "an agent heard at A went Offline elsewhere");
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let silent_since = Instant::now();
-    for router in [&a, &b] {
+    for router in [&a, &b, &c] {
         eventually(Duration::from_secs(5), "Offline after the timeout", || {
             let (http, url) = (http.clone(), router.url(&format!("/api/agents/{id}")));
             async move { (status_of(&get(&http, url).await.1) == "Offline").then_some(()) }
@@ -200,4 +250,122 @@ async fn an_agent_is_online_everywhere_while_any_router_hears_it() {
         async move { (status_of(&get(&http, url).await.1) == "Online").then_some(()) }
     })
     .await;
+}
+
+/// `llm-router migrate` copies a data dir's registry into the database,
+/// ids and secrets' hashes kept: the agents' secrets work at a router on
+/// the database. Running it again changes nothing.
+#[tokio::test]
+async fn migrate_copies_a_data_dir_into_the_database_once() {
+    let cluster = PostgresCluster::start();
+    let database = cluster.create_database();
+    let http = client();
+    let files = tempfile::tempdir().expect("tempdir");
+    let mut file_router = RouterProcess::spawn(files.path(), &["--agent-token", "join-me"]).await;
+    let mut agents = Vec::new();
+    for name in ["moved-1", "moved-2"] {
+        let answer: Value = http
+            .post(file_router.url("/api/agents/register"))
+            .bearer_auth("join-me")
+            .json(&registration(name))
+            .send()
+            .await
+            .expect("register")
+            .json()
+            .await
+            .expect("json");
+        agents.push((
+            answer["id"].as_str().expect("id").to_owned(),
+            answer["agent_secret"].as_str().expect("secret").to_owned(),
+        ));
+    }
+    file_router.terminate().await;
+
+    let migrate = |database: String, dir: std::path::PathBuf| async move {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
+            .arg("migrate")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--database-url", &database])
+            .output()
+            .await
+            .expect("run migrate");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let first = migrate(database.clone(), files.path().to_owned()).await;
+    assert!(first.contains("copied 2 agents"), "{first}");
+    let again = migrate(database.clone(), files.path().to_owned()).await;
+    assert!(again.contains("copied 0 agents") && again.contains("2 were there already"), "{again}");
+    let db = database.rsplit('/').next().expect("db");
+    assert_eq!(cluster.psql(db, "SELECT count(*) FROM llm_router_agents"), "2");
+
+    let (router, _dir) = router_on(&database, &["--agent-token", "join-me"]).await;
+    for (id, secret) in &agents {
+        let (status, _) = get(&http, router.url(&format!("/api/agents/{id}"))).await;
+        assert_eq!(status, 200, "{id} kept its id");
+        let beat = http
+            .post(router.url(&format!("/api/agents/{id}/heartbeat")))
+            .bearer_auth(secret)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("heartbeat");
+        assert_eq!(beat.status(), 200, "its secret still works");
+        let wrong = http
+            .post(router.url(&format!("/api/agents/{id}/heartbeat")))
+            .bearer_auth("not-its-secret")
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("heartbeat");
+        assert_eq!(wrong.status(), 401);
+    }
+}
+
+/// TLS to the database, the certificate checked (`sslmode=verify-full`
+/// with `sslrootcert`), and the password never in the log; a database
+/// whose certificate another CA signed stops start-up with the reason.
+#[tokio::test]
+async fn the_database_is_reached_over_verified_tls_and_its_password_never_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
+    let (cert, key, ca) = (dir.path().join("db.crt"), dir.path().join("db.key"), dir.path().join("ca.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("cert");
+    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("key");
+    std::fs::write(&ca, certified.cert.pem()).expect("ca");
+    let cluster = PostgresCluster::start_with(testkit::postgres::ClusterOptions { tls: Some((cert, key)) });
+    cluster.create_database();
+    let database = format!(
+        "postgres://postgres:hunter2@127.0.0.1:{}/registry_0?sslmode=verify-full&sslrootcert={}",
+        cluster.port(),
+        ca.display()
+    );
+    let (mut router, _rd) = router_on(&database, &[]).await;
+    let http = client();
+    register(&http, &router.url(""), &registration("over-tls")).await;
+    let encrypted = cluster.psql(
+        "registry_0",
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE ssl AND application_name = 'llm-router'",
+    );
+    assert!(encrypted.parse::<u32>().expect("count") >= 2, "writer and feed over TLS: {encrypted}");
+    let log = router.terminate().await;
+    assert!(!log.contains("hunter2"), "the password was logged");
+    assert!(log.contains("postgres:REDACTED@127.0.0.1"), "{log}");
+
+    let stranger = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, stranger.cert.pem()).expect("ca");
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .args(["--host", "127.0.0.1", "--port", "0", "--data-dir"])
+        .arg(dir.path().join("unused"))
+        .arg("--database-url")
+        .arg(database.replace(&ca.display().to_string(), &other_ca.display().to_string()))
+        .output()
+        .await
+        .expect("run");
+    assert!(!refused.status.success());
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(error.contains("cannot connect") && error.to_lowercase().contains("certificate"), "{error}");
+    assert!(!error.contains("hunter2"), "{error}");
 }
