@@ -11,7 +11,7 @@ use serde_json::Value;
 use support::{client, config, registration, TestRouter};
 
 /// The public surface, as users and agents call it.
-const SURFACE: [(&str, &str); 26] = [
+const SURFACE: [(&str, &str); 27] = [
     ("get", "/"),
     ("get", "/health"),
     ("get", "/openapi.json"),
@@ -22,6 +22,7 @@ const SURFACE: [(&str, &str); 26] = [
     ("delete", "/api/agents/{id}"),
     ("post", "/api/agents/{id}/heartbeat"),
     ("post", "/api/agents/{id}/drain"),
+    ("get", "/api/routers"),
     ("post", "/api/chat"),
     ("post", "/api/generate"),
     ("post", "/api/embed"),
