@@ -6,6 +6,7 @@
 mod load;
 mod procs;
 mod scenarios;
+mod shared;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -35,7 +36,7 @@ struct Args {
     /// Threads of the load generator (it shares the machine with the router).
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
-    /// Only these scenarios (comma-separated: registry,proxy,failure,churn); all when empty.
+    /// Only these scenarios (comma-separated: registry,proxy,failure,churn,shared); all when empty.
     #[arg(long, default_value = "")]
     only: String,
 }
@@ -87,6 +88,9 @@ fn main() -> anyhow::Result<()> {
             }
             if wants("churn") {
                 scenarios::churn(&context, &work_path, &mut figures).await?;
+            }
+            if wants("shared") {
+                shared::shared(&context, &work_path, &mut figures).await?;
             }
             anyhow::Ok(())
         })?;

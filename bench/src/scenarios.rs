@@ -27,12 +27,12 @@ pub struct Context {
 }
 
 impl Context {
-    fn measure_for(&self) -> Limit {
+    pub(crate) fn measure_for(&self) -> Limit {
         Limit::Duration(Duration::from_secs_f64(self.seconds))
     }
 }
 
-type Figures = BTreeMap<&'static str, f64>;
+pub(crate) type Figures = BTreeMap<&'static str, f64>;
 
 /// One target of the issue, judged on a median figure.
 pub struct Target {
@@ -129,6 +129,36 @@ pub fn targets() -> Vec<Target> {
             met: |v| v <= 3.0,
         },
         Target {
+            description: "Registration storm through one router on PostgreSQL: >= 5,000/s",
+            figure: "pg_storm_registrations_per_s",
+            unit: "/s",
+            met: |v| v >= 5_000.0,
+        },
+        Target {
+            description: "Registration storm on PostgreSQL p99 <= 50 ms",
+            figure: "pg_storm_p99_ms",
+            unit: "ms",
+            met: |v| v <= 50.0,
+        },
+        Target {
+            description: "Heartbeats: each of 3 routers on PostgreSQL >= 80 % of a file-store router",
+            figure: "pg_heartbeat_vs_files_pct",
+            unit: "%",
+            met: |v| v >= 80.0,
+        },
+        Target {
+            description: "A change at one router shows at another: p99 <= 1 s",
+            figure: "pg_propagation_p99_ms",
+            unit: "ms",
+            met: |v| v <= 1_000.0,
+        },
+        Target {
+            description: "A new router joins the 100,000-agent registry, serving within 2 s",
+            figure: "pg_join_fleet_ms",
+            unit: "ms",
+            met: |v| v <= 2_000.0,
+        },
+        Target {
             description: "Churn of 1,000 agents under client load: zero client errors",
             figure: "churn_client_errors",
             unit: "",
@@ -140,7 +170,7 @@ pub fn targets() -> Vec<Target> {
 // ---- helpers ----
 
 /// One request on a fresh connection; the status and the whole body.
-async fn call(address: SocketAddr, request: Request<Full<Bytes>>) -> anyhow::Result<(u16, Bytes)> {
+pub(crate) async fn call(address: SocketAddr, request: Request<Full<Bytes>>) -> anyhow::Result<(u16, Bytes)> {
     let stream = tokio::net::TcpStream::connect(address).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -182,7 +212,7 @@ async fn register(
 }
 
 /// A fleet member's registration: a loopback address of its own (127/8).
-fn fleet_registration(n: u64) -> Vec<u8> {
+pub(crate) fn fleet_registration(n: u64) -> Vec<u8> {
     let ip = format!(
         "127.{}.{}.{}",
         (n >> 16) & 0xff,
@@ -198,11 +228,11 @@ fn fleet_registration(n: u64) -> Vec<u8> {
 }
 
 /// What an agent sends with each heartbeat.
-const HEARTBEAT_BODY: &[u8] = br#"{"models":["llama3.1:8b","qwen2.5:7b"],"loaded_models":["llama3.1:8b"],"requests_in_flight":1,"llm_server_up":true,"cpu_usage_percent":37.5,"memory_used":68719476736}"#;
+pub(crate) const HEARTBEAT_BODY: &[u8] = br#"{"models":["llama3.1:8b","qwen2.5:7b"],"loaded_models":["llama3.1:8b"],"requests_in_flight":1,"llm_server_up":true,"cpu_usage_percent":37.5,"memory_used":68719476736}"#;
 
 const GENERATE_BODY: &[u8] = br#"{"model":"bench","prompt":"Why is the sky blue?","stream":false}"#;
 
-fn check_clean(what: &str, result: &load::LoadResult) -> anyhow::Result<()> {
+pub(crate) fn check_clean(what: &str, result: &load::LoadResult) -> anyhow::Result<()> {
     if result.errors > 0 {
         bail!(
             "{what}: {} of {} requests failed",
@@ -213,7 +243,7 @@ fn check_clean(what: &str, result: &load::LoadResult) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn milliseconds(duration: Duration) -> f64 {
+pub(crate) fn milliseconds(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1_000.0
 }
 

@@ -334,7 +334,10 @@ async fn the_database_is_reached_over_verified_tls_and_its_password_never_logged
     std::fs::write(&cert, certified.cert.pem()).expect("cert");
     std::fs::write(&key, certified.key_pair.serialize_pem()).expect("key");
     std::fs::write(&ca, certified.cert.pem()).expect("ca");
-    let cluster = PostgresCluster::start_with(testkit::postgres::ClusterOptions { tls: Some((cert, key)) });
+    let cluster = PostgresCluster::start_with(testkit::postgres::ClusterOptions {
+        tls: Some((cert, key)),
+        ..Default::default()
+    });
     cluster.create_database();
     let database = format!(
         "postgres://postgres:hunter2@127.0.0.1:{}/registry_0?sslmode=verify-full&sslrootcert={}",

@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub struct ClusterOptions {
     /// PEM certificate and key to serve TLS with (`ssl=on`).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// More `-c name=value` settings (such as
+    /// `shared_preload_libraries=pg_stat_statements`).
+    pub settings: Vec<String>,
 }
 
 pub struct PostgresCluster {
@@ -152,6 +155,10 @@ impl PostgresCluster {
         );
         if self.options.tls.is_some() {
             settings.push_str(" -c ssl=on");
+        }
+        for setting in &self.options.settings {
+            settings.push_str(" -c ");
+            settings.push_str(setting);
         }
         let data = self.dir.join("data");
         let log = self.log_path();

@@ -123,24 +123,19 @@ impl Registry {
         self.mark_routing_stale();
     }
 
-    /// Returns whether routing may have changed.
+    /// Returns whether routing may have changed. A known agent needs only
+    /// the map's read lock (most news is of agents already here, this
+    /// router's own changes among them); a new one takes the write lock.
     fn take_in_record(&self, facts: &NodeFacts, number: ChangeNumber) -> bool {
+        let known = self.read_maps().by_id.get(&facts.id).cloned();
+        if let Some(slot) = known {
+            return self.take_in_known(&slot, facts, number);
+        }
         let identity = (facts.machine_name.to_string(), facts.port);
         let mut maps = self.write_maps();
         if let Some(slot) = maps.by_id.get(&facts.id).cloned() {
-            let mut record = lock(&slot);
-            if number <= record.stored_number {
-                return false;
-            }
-            record.stored_number = number;
-            record.revision += 1;
-            let moved = take_stored_fields(&mut record, facts);
-            drop(record);
             drop(maps);
-            if moved {
-                lock(&self.probes).remove(&facts.id);
-            }
-            return true;
+            return self.take_in_known(&slot, facts, number);
         }
         // New here. Whatever id this machine and port had here lost to it
         // (deleted elsewhere, or a registration race this router lost).
@@ -153,6 +148,26 @@ impl Registry {
         maps.by_identity.insert(identity, facts.id);
         maps.by_id
             .insert(facts.id, Arc::new(std::sync::Mutex::new(record)));
+        true
+    }
+
+    fn take_in_known(
+        &self,
+        slot: &std::sync::Mutex<AgentRecord>,
+        facts: &NodeFacts,
+        number: ChangeNumber,
+    ) -> bool {
+        let mut record = lock(slot);
+        if number <= record.stored_number {
+            return false;
+        }
+        record.stored_number = number;
+        record.revision += 1;
+        let moved = take_stored_fields(&mut record, facts);
+        drop(record);
+        if moved {
+            lock(&self.probes).remove(&facts.id);
+        }
         true
     }
 

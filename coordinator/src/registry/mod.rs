@@ -351,8 +351,6 @@ impl Registry {
                 record.agent.refresh(registration, now_wall);
                 record.agent.secret_digest = secret_digest;
                 record.last_seen_at = now;
-                // A registration is a sign of life, for the other routers too.
-                record.touched = true;
                 record.revision += 1;
                 // A node that registers has (re)started: it is not leaving.
                 // Whether the router can reach it is for the router to find
@@ -387,8 +385,7 @@ impl Registry {
                 agent.secret_digest = secret_digest;
                 let facts = Arc::new(agent.clone());
                 let committed = self.store.submit(Change::Upsert(Arc::clone(&facts)));
-                let mut record = AgentRecord::new(agent, now, 1);
-                record.touched = true;
+                let record = AgentRecord::new(agent, now, 1);
                 maps.by_id.insert(id, Arc::new(Mutex::new(record)));
                 maps.by_identity.insert(identity, id);
                 (

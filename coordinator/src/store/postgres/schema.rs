@@ -13,6 +13,9 @@ const MIGRATION_LOCK: i64 = 0x6c6c_6d72_0001;
 /// Taken by every transaction that draws change numbers, so that numbers
 /// commit in the order they are drawn (see `writer`).
 pub const CHANGE_LOCK: i64 = 0x6c6c_6d72_0002;
+/// The same for batches of heartbeats, apart, so that a large batch of
+/// heartbeats never holds up a registration at another router.
+pub const HEARD_LOCK: i64 = 0x6c6c_6d72_0003;
 /// The channel on which a committed change is announced.
 pub const CHANGE_CHANNEL: &str = "llm_router_changes";
 
@@ -20,10 +23,11 @@ pub const CHANGE_CHANNEL: &str = "llm_router_changes";
 const MIGRATIONS: &[(i32, &str)] = &[(
     1,
     r"
-    -- One number for every change and every batch of heartbeats, drawn
-    -- under CHANGE_LOCK: a router that has read up to n has seen all of
-    -- them up to n.
+    -- One number for every change, drawn under CHANGE_LOCK, and one for
+    -- every agent in a batch of heartbeats, drawn under HEARD_LOCK: a
+    -- router that has read up to n has seen all of them up to n.
     CREATE SEQUENCE llm_router_change_seq;
+    CREATE SEQUENCE llm_router_heard_seq;
 
     CREATE TABLE llm_router_agents (
         id uuid PRIMARY KEY,

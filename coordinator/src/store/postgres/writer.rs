@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
-use super::schema::{CHANGE_CHANNEL, CHANGE_LOCK};
+use super::schema::{CHANGE_CHANNEL, CHANGE_LOCK, HEARD_LOCK};
 use super::{error_text, facts_from_row, DatabaseUrl, STATEMENT_DEADLINE};
 use crate::record::NodeFacts;
 use crate::store::{Change, Seen, StoreError, StoredAgent};
@@ -74,7 +74,7 @@ RETURNING id, change_seq";
 /// the news the other routers' feeds read.
 const HEARD: &str = "
 UPDATE llm_router_agents a
-SET heard_seq = nextval('llm_router_change_seq'), last_seen = greatest(a.last_seen, h.last_seen), online = true
+SET heard_seq = nextval('llm_router_heard_seq'), last_seen = greatest(a.last_seen, h.last_seen), online = true
 FROM unnest($1::uuid[], $2::timestamptz[]) AS h(id, last_seen)
 WHERE a.id = h.id";
 
@@ -193,17 +193,16 @@ pub async fn run(
         };
 
         let started = Instant::now();
-        let written = tokio::time::timeout(
-            STATEMENT_DEADLINE,
-            write(open, &batch, &pending_seen),
-        )
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer from the database within {STATEMENT_DEADLINE:?}")));
+        let written = if batch.upserts.is_empty() && batch.deletes.is_empty() {
+            Ok(HashMap::new())
+        } else {
+            deadline(in_transaction(&open.client, write_changes(open, &batch))).await
+        };
         let changes = batch.upserts.len() + batch.deletes.len();
         crate::store::record_postgres_write(changes, written.is_ok(), started.elapsed());
+        let mut lost = false;
         match written {
             Ok(numbers) => {
-                pending_seen.clear();
                 let mut refused: HashMap<Uuid, Arc<StoreError>> = HashMap::new();
                 for (id, facts) in &batch.upserts {
                     if !numbers.contains_key(id) {
@@ -218,35 +217,53 @@ pub async fn run(
                     };
                     let _ = ack.send(answer);
                 }
-                for ack in flush_acks {
-                    let _ = ack.send(Ok(0));
-                }
             }
             Err(error) => {
                 tracing::warn!(%error, changes, "A store transaction failed; its changes were refused and nothing of them was written.");
-                if open.client.is_closed() || error.contains("no answer") {
-                    connection = None;
-                }
+                lost = open.client.is_closed() || error.contains("no answer");
                 let error = Arc::new(StoreError::Database(error));
                 for (_, ack) in batch.acks {
                     let _ = ack.send(Err(Arc::clone(&error)));
                 }
-                for ack in flush_acks {
-                    let _ = ack.send(Err(Arc::clone(&error)));
+            }
+        }
+        // Heartbeats heard, in a transaction of their own: a failure keeps
+        // them for the next flush (the latest per agent, so bounded by the
+        // fleet) and refuses no change.
+        let mut flushed = Ok(0);
+        if !pending_seen.is_empty() && !lost {
+            match deadline(in_transaction(&open.client, write_seen(open, &pending_seen))).await {
+                Ok(()) => pending_seen.clear(),
+                Err(error) => {
+                    tracing::warn!(%error, "Could not write the heartbeats heard; kept for the next flush.");
+                    lost = open.client.is_closed() || error.contains("no answer");
+                    flushed = Err(Arc::new(StoreError::Database(error)));
                 }
             }
         }
-    }
-    // Every handle is gone: write the last heartbeats heard.
-    if !pending_seen.is_empty() {
-        if let Some(open) = connection.as_ref() {
-            let _ = tokio::time::timeout(
-                STATEMENT_DEADLINE,
-                write(open, &Batch::default(), &pending_seen),
-            )
-            .await;
+        for ack in flush_acks {
+            let _ = ack.send(flushed.clone());
+        }
+        if lost {
+            connection = None;
         }
     }
+    // Every handle is gone: write the last heartbeats heard.
+    if let Some(open) = connection.as_ref() {
+        if !pending_seen.is_empty() {
+            let _ = deadline(in_transaction(&open.client, write_seen(open, &pending_seen))).await;
+        }
+    }
+}
+
+/// A statement that hangs (a database that stopped answering without
+/// closing the connection) fails after [`STATEMENT_DEADLINE`].
+async fn deadline<T>(
+    work: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(STATEMENT_DEADLINE, work)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer from the database within {STATEMENT_DEADLINE:?}")))
 }
 
 fn merge_seen(pending: &mut HashMap<Uuid, (DateTime<Utc>, AgentStatus)>, seen: Vec<Seen>) {
@@ -255,93 +272,102 @@ fn merge_seen(pending: &mut HashMap<Uuid, (DateTime<Utc>, AgentStatus)>, seen: V
     }
 }
 
-/// One transaction: the change lock, the upserts, the deletes, the
-/// heartbeats, the notification. Returns each written id's change number.
-async fn write(
-    connection: &Connection,
-    batch: &Batch,
-    seen: &HashMap<Uuid, (DateTime<Utc>, AgentStatus)>,
-) -> Result<HashMap<Uuid, u64>, String> {
-    let client = &connection.client;
+/// Runs `work` between BEGIN and COMMIT, or ROLLBACK if it fails.
+async fn in_transaction<T>(
+    client: &Client,
+    work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, String> {
     let failed = |error: tokio_postgres::Error| error_text(&error);
-    let mut numbers = HashMap::new();
     client.batch_execute("BEGIN").await.map_err(failed)?;
-    let result = async {
-        client
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOCK])
-            .await?;
-        if !batch.upserts.is_empty() {
-            let count = batch.upserts.len();
-            let (mut ids, mut names, mut ports, mut records, mut last_seen, mut online) = (
-                Vec::with_capacity(count),
-                Vec::with_capacity(count),
-                Vec::with_capacity(count),
-                Vec::with_capacity(count),
-                Vec::with_capacity(count),
-                Vec::with_capacity(count),
-            );
-            for facts in batch.upserts.values() {
-                ids.push(facts.id);
-                names.push(&*facts.machine_name);
-                ports.push(i32::from(facts.port));
-                records.push(
-                    serde_json::to_value(StoredAgent::from(&**facts))
-                        .unwrap_or(serde_json::Value::Null),
-                );
-                last_seen.push(facts.last_seen);
-                online.push(facts.status == AgentStatus::Online);
-            }
-            for row in client
-                .query(
-                    &connection.upsert,
-                    &[&ids, &names, &ports, &records, &last_seen, &online],
-                )
-                .await?
-            {
-                numbers.insert(row.get::<_, Uuid>(0), row.get::<_, i64>(1) as u64);
-            }
-        }
-        if !batch.deletes.is_empty() {
-            for row in client.query(&connection.delete, &[&batch.deletes]).await? {
-                numbers.insert(row.get::<_, Uuid>(0), row.get::<_, i64>(1) as u64);
-            }
-        }
-        let (mut heard_ids, mut heard_at, mut offline) = (Vec::new(), Vec::new(), Vec::new());
-        for (id, (last_seen, status)) in seen {
-            match status {
-                AgentStatus::Online => {
-                    heard_ids.push(*id);
-                    heard_at.push(*last_seen);
-                }
-                AgentStatus::Offline => offline.push(*id),
-            }
-        }
-        if !heard_ids.is_empty() {
-            client
-                .execute(&connection.heard, &[&heard_ids, &heard_at])
-                .await?;
-        }
-        if !offline.is_empty() {
-            client.execute(&connection.offline, &[&offline]).await?;
-        }
-        if !batch.upserts.is_empty() || !batch.deletes.is_empty() {
-            client
-                .execute("SELECT pg_notify($1, '')", &[&CHANGE_CHANNEL])
-                .await?;
-        }
-        Ok::<_, tokio_postgres::Error>(())
-    }
-    .await;
-    match result {
-        Ok(()) => {
+    match work.await {
+        Ok(value) => {
             client.batch_execute("COMMIT").await.map_err(failed)?;
-            Ok(numbers)
+            Ok(value)
         }
         Err(error) => {
             let _ = client.batch_execute("ROLLBACK").await;
             Err(failed(error))
         }
     }
+}
+
+async fn write_changes(
+    connection: &Connection,
+    batch: &Batch,
+) -> Result<HashMap<Uuid, u64>, tokio_postgres::Error> {
+    let client = &connection.client;
+    let mut numbers = HashMap::new();
+    client
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOCK])
+        .await?;
+    if !batch.upserts.is_empty() {
+        let count = batch.upserts.len();
+        let (mut ids, mut names, mut ports, mut records, mut last_seen, mut online) = (
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+        );
+        for facts in batch.upserts.values() {
+            ids.push(facts.id);
+            names.push(&*facts.machine_name);
+            ports.push(i32::from(facts.port));
+            records.push(
+                serde_json::to_value(StoredAgent::from(&**facts)).unwrap_or(serde_json::Value::Null),
+            );
+            last_seen.push(facts.last_seen);
+            online.push(facts.status == AgentStatus::Online);
+        }
+        for row in client
+            .query(
+                &connection.upsert,
+                &[&ids, &names, &ports, &records, &last_seen, &online],
+            )
+            .await?
+        {
+            numbers.insert(row.get::<_, Uuid>(0), row.get::<_, i64>(1) as u64);
+        }
+    }
+    if !batch.deletes.is_empty() {
+        for row in client.query(&connection.delete, &[&batch.deletes]).await? {
+            numbers.insert(row.get::<_, Uuid>(0), row.get::<_, i64>(1) as u64);
+        }
+    }
+    client
+        .execute("SELECT pg_notify($1, '')", &[&CHANGE_CHANNEL])
+        .await?;
+    Ok(numbers)
+}
+
+async fn write_seen(
+    connection: &Connection,
+    seen: &HashMap<Uuid, (DateTime<Utc>, AgentStatus)>,
+) -> Result<(), tokio_postgres::Error> {
+    let client = &connection.client;
+    let (mut heard_ids, mut heard_at, mut offline) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, (last_seen, status)) in seen {
+        match status {
+            AgentStatus::Online => {
+                heard_ids.push(*id);
+                heard_at.push(*last_seen);
+            }
+            AgentStatus::Offline => offline.push(*id),
+        }
+    }
+    if !heard_ids.is_empty() {
+        client
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&HEARD_LOCK])
+            .await?;
+        client
+            .execute(&connection.heard, &[&heard_ids, &heard_at])
+            .await?;
+    }
+    if !offline.is_empty() {
+        client.execute(&connection.offline, &[&offline]).await?;
+    }
+    Ok(())
 }
 
 /// Why an upsert wrote nothing: its id was deleted at another router, or
