@@ -141,7 +141,8 @@ pub fn targets() -> Vec<Target> {
             met: |v| v <= 50.0,
         },
         Target {
-            description: "Heartbeats: each of 3 routers on PostgreSQL >= 80 % of a file-store router",
+            description:
+                "Heartbeats: each of 3 routers on PostgreSQL >= 80 % of a file-store router",
             figure: "pg_heartbeat_vs_files_pct",
             unit: "%",
             met: |v| v >= 80.0,
@@ -170,7 +171,10 @@ pub fn targets() -> Vec<Target> {
 // ---- helpers ----
 
 /// One request on a fresh connection; the status and the whole body.
-pub(crate) async fn call(address: SocketAddr, request: Request<Full<Bytes>>) -> anyhow::Result<(u16, Bytes)> {
+pub(crate) async fn call(
+    address: SocketAddr,
+    request: Request<Full<Bytes>>,
+) -> anyhow::Result<(u16, Bytes)> {
     let stream = tokio::net::TcpStream::connect(address).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

@@ -20,7 +20,9 @@ use testkit::postgres::{ClusterOptions, PostgresCluster};
 
 use crate::load::{self, get, post_json, Limit};
 use crate::procs::Proc;
-use crate::scenarios::{call, check_clean, fleet_registration, milliseconds, Context, Figures, HEARTBEAT_BODY};
+use crate::scenarios::{
+    call, check_clean, fleet_registration, milliseconds, Context, Figures, HEARTBEAT_BODY,
+};
 
 fn database_router(
     context: &Context,
@@ -46,7 +48,11 @@ async fn fleet_ids(address: SocketAddr) -> anyhow::Result<Arc<Vec<String>>> {
     ))
 }
 
-async fn heartbeat_rate(context: &Context, address: SocketAddr, ids: &Arc<Vec<String>>) -> anyhow::Result<f64> {
+async fn heartbeat_rate(
+    context: &Context,
+    address: SocketAddr,
+    ids: &Arc<Vec<String>>,
+) -> anyhow::Result<f64> {
     let ids = Arc::clone(ids);
     let result = load::run(
         address,
@@ -54,7 +60,10 @@ async fn heartbeat_rate(context: &Context, address: SocketAddr, ids: &Arc<Vec<St
         context.measure_for(),
         Arc::new(move |n| {
             let id = &ids[(n as usize).wrapping_mul(7_919) % ids.len()];
-            post_json(&format!("/api/agents/{id}/heartbeat"), HEARTBEAT_BODY.to_vec())
+            post_json(
+                &format!("/api/agents/{id}/heartbeat"),
+                HEARTBEAT_BODY.to_vec(),
+            )
         }),
     )
     .await;
@@ -115,7 +124,11 @@ pub async fn shared(context: &Context, work: &Path, figures: &mut Figures) -> an
     let (third, third_address) = database_router(context, &database, work, "shared-c")?;
     let ids = fleet_ids(third_address).await?;
     if ids.len() as u64 != context.fleet {
-        bail!("the third router lists {} of {} agents", ids.len(), context.fleet);
+        bail!(
+            "the third router lists {} of {} agents",
+            ids.len(),
+            context.fleet
+        );
     }
 
     // Propagation: register at A, poll B until it answers 200.
@@ -145,13 +158,19 @@ pub async fn shared(context: &Context, work: &Path, figures: &mut Figures) -> an
 
     // Statements the database runs while 100,000 agents heartbeat every
     // 30 s through the three routers: 3,333 heartbeats/s, paced.
-    cluster.psql(&db_name, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
+    cluster.psql(
+        &db_name,
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+    );
     cluster.psql(&db_name, "SELECT pg_stat_statements_reset()");
     let statements_begun = Instant::now();
     let paced_for = Duration::from_secs_f64(context.seconds.max(5.0) * 2.0);
     let per_router_per_tick = (context.fleet as f64 / 30.0 / 3.0 / 100.0).ceil() as usize;
     let mut pacers = Vec::new();
-    for (index, address) in [first_address, second_address, third_address].into_iter().enumerate() {
+    for (index, address) in [first_address, second_address, third_address]
+        .into_iter()
+        .enumerate()
+    {
         let ids = Arc::clone(&ids);
         pacers.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -163,7 +182,15 @@ pub async fn shared(context: &Context, work: &Path, figures: &mut Figures) -> an
                 for _ in 0..per_router_per_tick {
                     let id = &ids[next % ids.len()];
                     next += 3;
-                    if let Ok((200, _)) = call(address, post_json(&format!("/api/agents/{id}/heartbeat"), HEARTBEAT_BODY.to_vec())).await {
+                    if let Ok((200, _)) = call(
+                        address,
+                        post_json(
+                            &format!("/api/agents/{id}/heartbeat"),
+                            HEARTBEAT_BODY.to_vec(),
+                        ),
+                    )
+                    .await
+                    {
                         sent += 1;
                     }
                 }
@@ -184,7 +211,10 @@ pub async fn shared(context: &Context, work: &Path, figures: &mut Figures) -> an
         .parse()
         .unwrap_or(f64::NAN);
     figures.insert("pg_paced_heartbeats_per_s", paced as f64 / elapsed);
-    figures.insert("pg_statements_per_s_at_100k_every_30s", statements / elapsed);
+    figures.insert(
+        "pg_statements_per_s_at_100k_every_30s",
+        statements / elapsed,
+    );
 
     // Heartbeat throughput: each database router alone under the load,
     // against a router on the data files with the same fleet, same run.
@@ -193,7 +223,10 @@ pub async fn shared(context: &Context, work: &Path, figures: &mut Figures) -> an
         rates.push(heartbeat_rate(context, address, &ids).await?);
     }
     let data = work.join("shared-files");
-    let (files_router, files_address) = context.binaries.router(&data, &["--agent-timeout", "3600"], work)?;
+    let (files_router, files_address) =
+        context
+            .binaries
+            .router(&data, &["--agent-timeout", "3600"], work)?;
     fill(files_address, 0, context.fleet).await?;
     let file_ids = fleet_ids(files_address).await?;
     let file_rate = heartbeat_rate(context, files_address, &file_ids).await?;

@@ -1,5 +1,6 @@
-// Refreshes the table and the rates every two seconds from the router's own
-// API (/api/agents) and metrics (/metrics), without reloading the page.
+// Refreshes the tables and the rates every two seconds from the router's own
+// API (/api/agents, /api/routers) and metrics (/metrics), without reloading
+// the page.
 // Every value is set as text, never as HTML: agents choose their own names.
 "use strict";
 
@@ -125,14 +126,33 @@ function askForToken() {
   };
 }
 
+// The routers sharing this registry (this one alone with the data files).
+function renderRouters(list) {
+  const shared = list.store === "postgres";
+  document.getElementById("store").textContent = shared
+    ? `sharing a PostgreSQL registry${list.database_reachable ? "" : " (database unreachable: routing from memory)"}`
+    : "data files: this router alone";
+  const body = document.querySelector("#routers tbody");
+  body.replaceChildren(...list.routers.map((router) => {
+    const row = document.createElement("tr");
+    row.dataset.routerId = router.id;
+    const state = (router.alive ? "alive" : "gone") + (router.this_router ? " (this one)" : "");
+    [router.address, router.version, new Date(router.started_at).toLocaleString(), ago(router.last_seen), state]
+      .forEach((text) => { row.insertCell().textContent = text; });
+    return row;
+  }));
+}
+
 async function refresh() {
   try {
-    const [agents, metrics] = await Promise.all([
+    const [agents, metrics, routers] = await Promise.all([
       get("/api/agents").then((r) => r.json()),
       get("/metrics").then((r) => r.text()),
+      get("/api/routers").then((r) => r.json()),
     ]);
     renderAgents(agents);
     renderRates(metrics);
+    renderRouters(routers);
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (error) {
     if (error instanceof NeedsToken) {

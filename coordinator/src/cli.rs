@@ -194,7 +194,11 @@ fn routers_text(list: &common::RouterList) -> String {
         "\nrouters:   {alive} alive of {} ({}{})",
         list.routers.len(),
         list.store,
-        if list.database_reachable { "" } else { ", database unreachable" }
+        if list.database_reachable {
+            ""
+        } else {
+            ", database unreachable"
+        }
     );
     for router in &list.routers {
         let _ = write!(
@@ -205,7 +209,11 @@ fn routers_text(list: &common::RouterList) -> String {
             router.version,
             router.started_at.format("%Y-%m-%d %H:%M:%S"),
             router.last_seen.format("%H:%M:%S"),
-            if router.this_router { " (this one)" } else { "" }
+            if router.this_router {
+                " (this one)"
+            } else {
+                ""
+            }
         );
     }
     text

@@ -180,7 +180,11 @@ pub async fn run(
     let credentials = Arc::new(config.credentials()?);
     telemetry::install();
     let address = listener.local_addr()?;
-    let scheme = if config.tls_cert.is_some() { "https" } else { "http" };
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let database = config.database()?;
     let roster = Arc::new(store::RouterRoster::new(
         uuid::Uuid::new_v4(),
@@ -197,7 +201,8 @@ pub async fn run(
         Some(path) => tls::read_certificates(path, "--node-ca-cert")?,
         None => Vec::new(),
     };
-    let sweeper = registry::Sweeper::start(Arc::clone(&registry), durability.flush_interval(&config))?;
+    let sweeper =
+        registry::Sweeper::start(Arc::clone(&registry), durability.flush_interval(&config))?;
     let stop_prober = CancellationToken::new();
     let prober = tokio::spawn(health::run_prober(
         Arc::clone(&registry),
@@ -362,7 +367,11 @@ async fn open_database(
 ) -> anyhow::Result<(Arc<Registry>, Durability)> {
     let router = store::postgres::RouterIdentity {
         id: roster.this_router(),
-        address: roster.list().first().map(|row| row.address.clone()).unwrap_or_default(),
+        address: roster
+            .list()
+            .first()
+            .map(|row| row.address.clone())
+            .unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let (store, workers, loaded, news) = store::postgres::open(

@@ -199,6 +199,22 @@ async fn dashboard_shows_agents_and_a_status_change_without_reloading() {
         .await,
         "1"
     );
+    // The routers sharing the registry: with the data files, this one.
+    let routers = script(
+        &browser,
+        "return [...document.querySelectorAll('#routers tbody tr')].map((r) => r.textContent).join('|') \
+         + '#' + document.getElementById('store').textContent;",
+    )
+    .await;
+    let routers = routers.as_str().unwrap_or_default();
+    assert!(
+        routers.contains(&router.url("")) && routers.contains("alive (this one)"),
+        "{routers}"
+    );
+    assert!(
+        routers.ends_with("#data files: this router alone"),
+        "{routers}"
+    );
     let heartbeat_rate = script(
         &browser,
         "return Number(document.getElementById('heartbeat-rate').textContent);",

@@ -51,7 +51,13 @@ async fn a_change_at_one_router_is_seen_and_routed_at_every_other() {
     let node = StandIn::spawn(StandInOptions::ollama("node-1", &["smollm2:135m"]))
         .await
         .expect("stand-in");
-    let port = node.url().rsplit(':').next().expect("port").parse::<u16>().expect("port");
+    let port = node
+        .url()
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .parse::<u16>()
+        .expect("port");
     let mut body = registration("shared-1");
     body["ip_address"] = json!("127.0.0.1");
     body["port"] = json!(port);
@@ -60,10 +66,14 @@ async fn a_change_at_one_router_is_seen_and_routed_at_every_other() {
     let started = Instant::now();
     let id = register(&http, &a.url(""), &body).await;
     for router in [&b, &c] {
-        eventually(Duration::from_secs(1), "the agent shows at the other router", || {
-            let (http, url) = (http.clone(), router.url(&format!("/api/agents/{id}")));
-            async move { (get(&http, url).await.0 == 200).then_some(()) }
-        })
+        eventually(
+            Duration::from_secs(1),
+            "the agent shows at the other router",
+            || {
+                let (http, url) = (http.clone(), router.url(&format!("/api/agents/{id}")));
+                async move { (get(&http, url).await.0 == 200).then_some(()) }
+            },
+        )
         .await;
     }
     println!("propagated to two routers in {:?}", started.elapsed());
@@ -73,7 +83,11 @@ async fn a_change_at_one_router_is_seen_and_routed_at_every_other() {
         .send()
         .await
         .expect("chat");
-    assert_eq!(chat.status(), 200, "routed at a router it was not registered at");
+    assert_eq!(
+        chat.status(),
+        200,
+        "routed at a router it was not registered at"
+    );
 
     // Updated at B: C sees the new models.
     let update = http
@@ -112,7 +126,10 @@ async fn a_change_at_one_router_is_seen_and_routed_at_every_other() {
     })
     .await;
     let db_name = database.rsplit('/').next().expect("db");
-    assert_eq!(cluster.psql(db_name, "SELECT count(*) FROM llm_router_agents"), "0");
+    assert_eq!(
+        cluster.psql(db_name, "SELECT count(*) FROM llm_router_agents"),
+        "0"
+    );
 
     // The routers list each other (each reads the roster every second).
     let routers = eventually(Duration::from_secs(3), "three routers listed", || {
@@ -126,7 +143,10 @@ async fn a_change_at_one_router_is_seen_and_routed_at_every_other() {
     assert_eq!(routers["store"], "postgres");
     let listed = routers["routers"].as_array().expect("routers");
     assert!(listed.iter().all(|r| r["alive"] == true));
-    assert_eq!(listed.iter().filter(|r| r["this_router"] == true).count(), 1);
+    assert_eq!(
+        listed.iter().filter(|r| r["this_router"] == true).count(),
+        1
+    );
     let _ = node;
 }
 
@@ -140,7 +160,11 @@ async fn one_machine_registering_at_two_routers_at_once_gets_one_id() {
     for n in 0..20 {
         let body = registration(&format!("race-{n}"));
         let at = |router: &RouterProcess| {
-            let (http, url, body) = (http.clone(), router.url("/api/agents/register"), body.clone());
+            let (http, url, body) = (
+                http.clone(),
+                router.url("/api/agents/register"),
+                body.clone(),
+            );
             async move {
                 let response = http.post(url).json(&body).send().await.expect("register");
                 assert!(response.status().is_success(), "{}", response.status());
@@ -152,7 +176,10 @@ async fn one_machine_registering_at_two_routers_at_once_gets_one_id() {
         assert_eq!(first, second, "race-{n} got two ids");
     }
     let db_name = database.rsplit('/').next().expect("db");
-    assert_eq!(cluster.psql(db_name, "SELECT count(*) FROM llm_router_agents"), "20");
+    assert_eq!(
+        cluster.psql(db_name, "SELECT count(*) FROM llm_router_agents"),
+        "20"
+    );
     for router in [&a, &b] {
         eventually(Duration::from_secs(2), "20 agents at each router", || {
             let (http, url) = (http.clone(), router.url("/api/agents"));
@@ -180,7 +207,11 @@ fn faketime_library() -> String {
 
 /// A router whose wall clock is `offset` away from the others' (libfaketime;
 /// its monotonic clock runs true, as on a machine with a wrong time).
-async fn skewed_router_on(database: &str, offset: &str, extra: &[&str]) -> (RouterProcess, tempfile::TempDir) {
+async fn skewed_router_on(
+    database: &str,
+    offset: &str,
+    extra: &[&str],
+) -> (RouterProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let preload = format!("LD_PRELOAD={}", faketime_library());
     let offset = format!("FAKETIME={offset}");
@@ -211,10 +242,16 @@ async fn an_agent_is_online_everywhere_while_any_router_hears_it() {
     // The skew is real: B stamps what it registers 5 minutes earlier.
     let probe = register(&http, &b.url(""), &registration("clock-probe")).await;
     let (_, probed) = get(&http, b.url(&format!("/api/agents/{probe}"))).await;
-    let stamped: chrono::DateTime<chrono::Utc> =
-        probed["registered_at"].as_str().expect("registered_at").parse().expect("date");
+    let stamped: chrono::DateTime<chrono::Utc> = probed["registered_at"]
+        .as_str()
+        .expect("registered_at")
+        .parse()
+        .expect("date");
     let behind = chrono::Utc::now() - stamped;
-    assert!(behind > chrono::Duration::minutes(4), "B's clock is not skewed: {behind}");
+    assert!(
+        behind > chrono::Duration::minutes(4),
+        "B's clock is not skewed: {behind}"
+    );
     let id = register(&http, &a.url(""), &registration("heard-at-a")).await;
     for other in [&b, &c] {
         eventually(Duration::from_secs(1), "the agent shows elsewhere", || {
@@ -229,7 +266,11 @@ async fn an_agent_is_online_everywhere_while_any_router_hears_it() {
         for other in [&b, &c] {
             let (status, agent) = get(&http, other.url(&format!("/api/agents/{id}"))).await;
             assert_eq!(status, 200);
-            assert_eq!(status_of(&agent), "Online", "an agent heard at A went Offline elsewhere");
+            assert_eq!(
+                status_of(&agent),
+                "Online",
+                "an agent heard at A went Offline elsewhere"
+            );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -242,7 +283,10 @@ async fn an_agent_is_online_everywhere_while_any_router_hears_it() {
         .await;
     }
     let took = silent_since.elapsed();
-    assert!(took <= Duration::from_secs(4) + Duration::from_millis(500), "Offline everywhere after {took:?}");
+    assert!(
+        took <= Duration::from_secs(4) + Duration::from_millis(500),
+        "Offline everywhere after {took:?}"
+    );
     // Heard again at B: Online at A too.
     assert_eq!(heartbeat(&http, &b, &id).await, 200);
     eventually(Duration::from_secs(2), "Online again at A", || {
@@ -290,15 +334,25 @@ async fn migrate_copies_a_data_dir_into_the_database_once() {
             .output()
             .await
             .expect("run migrate");
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
     let first = migrate(database.clone(), files.path().to_owned()).await;
     assert!(first.contains("copied 2 agents"), "{first}");
     let again = migrate(database.clone(), files.path().to_owned()).await;
-    assert!(again.contains("copied 0 agents") && again.contains("2 were there already"), "{again}");
+    assert!(
+        again.contains("copied 0 agents") && again.contains("2 were there already"),
+        "{again}"
+    );
     let db = database.rsplit('/').next().expect("db");
-    assert_eq!(cluster.psql(db, "SELECT count(*) FROM llm_router_agents"), "2");
+    assert_eq!(
+        cluster.psql(db, "SELECT count(*) FROM llm_router_agents"),
+        "2"
+    );
 
     let (router, _dir) = router_on(&database, &["--agent-token", "join-me"]).await;
     for (id, secret) in &agents {
@@ -330,7 +384,11 @@ async fn migrate_copies_a_data_dir_into_the_database_once() {
 async fn the_database_is_reached_over_verified_tls_and_its_password_never_logged() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
-    let (cert, key, ca) = (dir.path().join("db.crt"), dir.path().join("db.key"), dir.path().join("ca.pem"));
+    let (cert, key, ca) = (
+        dir.path().join("db.crt"),
+        dir.path().join("db.key"),
+        dir.path().join("ca.pem"),
+    );
     std::fs::write(&cert, certified.cert.pem()).expect("cert");
     std::fs::write(&key, certified.key_pair.serialize_pem()).expect("key");
     std::fs::write(&ca, certified.cert.pem()).expect("ca");
@@ -351,7 +409,10 @@ async fn the_database_is_reached_over_verified_tls_and_its_password_never_logged
         "registry_0",
         "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE ssl AND application_name = 'llm-router'",
     );
-    assert!(encrypted.parse::<u32>().expect("count") >= 2, "writer and feed over TLS: {encrypted}");
+    assert!(
+        encrypted.parse::<u32>().expect("count") >= 2,
+        "writer and feed over TLS: {encrypted}"
+    );
     let log = router.terminate().await;
     assert!(!log.contains("hunter2"), "the password was logged");
     assert!(log.contains("postgres:REDACTED@127.0.0.1"), "{log}");
@@ -369,6 +430,9 @@ async fn the_database_is_reached_over_verified_tls_and_its_password_never_logged
         .expect("run");
     assert!(!refused.status.success());
     let error = String::from_utf8_lossy(&refused.stderr);
-    assert!(error.contains("cannot connect") && error.to_lowercase().contains("certificate"), "{error}");
+    assert!(
+        error.contains("cannot connect") && error.to_lowercase().contains("certificate"),
+        "{error}"
+    );
     assert!(!error.contains("hunter2"), "{error}");
 }

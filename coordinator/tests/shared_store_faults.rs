@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use serde_json::{json, Value};
 use support::{client, eventually, register, registration, RouterProcess};
-use testkit::postgres::{ClusterOptions, PostgresCluster};
+use testkit::postgres::PostgresCluster;
 use testkit::{StandIn, StandInOptions};
 
 async fn router_on(database: &str, extra: &[&str]) -> (RouterProcess, tempfile::TempDir) {
@@ -59,7 +59,13 @@ async fn while_the_database_is_away_routers_route_and_freeze_liveness() {
     let node = StandIn::spawn(StandInOptions::ollama("node-db", &["smollm2:135m"]))
         .await
         .expect("stand-in");
-    let port: u16 = node.url().rsplit(':').next().expect("port").parse().expect("port");
+    let port: u16 = node
+        .url()
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .parse()
+        .expect("port");
     let mut body = registration("db-away");
     body["ip_address"] = json!("127.0.0.1");
     body["port"] = json!(port);
@@ -76,7 +82,10 @@ async fn while_the_database_is_away_routers_route_and_freeze_liveness() {
         // Heard at A only; B hears nothing of it while the database is away.
         assert_eq!(heartbeat(&http, &a.url(""), &id).await, 200);
         let (_, agent) = get(&http, b.url(&format!("/api/agents/{id}"))).await;
-        assert_eq!(agent["status"], "Online", "B marked an agent Offline for want of news");
+        assert_eq!(
+            agent["status"], "Online",
+            "B marked an agent Offline for want of news"
+        );
         let chat = http
             .post(b.url("/api/chat"))
             .json(&json!({"model": "smollm2:135m", "stream": false, "messages": [{"role": "user", "content": "hi"}]}))
@@ -105,7 +114,12 @@ async fn while_the_database_is_away_routers_route_and_freeze_liveness() {
     let new_id = eventually(Duration::from_secs(10), "B takes changes again", || {
         let (http, url) = (http.clone(), b.url("/api/agents/register"));
         async move {
-            let response = http.post(url).json(&registration("after-return")).send().await.ok()?;
+            let response = http
+                .post(url)
+                .json(&registration("after-return"))
+                .send()
+                .await
+                .ok()?;
             let answer: Value = response.json().await.ok()?;
             answer["id"].as_str().map(str::to_owned)
         }
@@ -116,7 +130,10 @@ async fn while_the_database_is_away_routers_route_and_freeze_liveness() {
         async move { (get(&http, url).await.0 == 200).then_some(()) }
     })
     .await;
-    println!("converged {:?} after the database came back", back.elapsed());
+    println!(
+        "converged {:?} after the database came back",
+        back.elapsed()
+    );
     // Heard at A, Online at B again with news flowing.
     for _ in 0..8 {
         assert_eq!(heartbeat(&http, &a.url(""), &id).await, 200);
@@ -146,8 +163,14 @@ async fn terminated_database_connections_heal_by_themselves() {
     let refused = Arc::new(AtomicU64::new(0));
     let stop = tokio_util::sync::CancellationToken::new();
     let load = {
-        let (http, bases, ids, acknowledged, refused, stop) =
-            (http.clone(), bases.clone(), ids.clone(), Arc::clone(&acknowledged), Arc::clone(&refused), stop.clone());
+        let (http, bases, ids, acknowledged, refused, stop) = (
+            http.clone(),
+            bases.clone(),
+            ids.clone(),
+            Arc::clone(&acknowledged),
+            Arc::clone(&refused),
+            stop.clone(),
+        );
         tokio::spawn(async move {
             let mut n = 0usize;
             while !stop.is_cancelled() {
@@ -162,7 +185,10 @@ async fn terminated_database_connections_heal_by_themselves() {
                 match response {
                     Ok(response) if response.status().is_success() => {
                         let answer: Value = response.json().await.expect("json");
-                        acknowledged.lock().expect("ids").push(answer["id"].as_str().expect("id").to_owned());
+                        acknowledged
+                            .lock()
+                            .expect("ids")
+                            .push(answer["id"].as_str().expect("id").to_owned());
                     }
                     _ => {
                         refused.fetch_add(1, Ordering::Relaxed);
@@ -178,7 +204,10 @@ async fn terminated_database_connections_heal_by_themselves() {
         db_name(&database),
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'llm-router'",
     );
-    assert!(terminated.parse::<u32>().expect("count") >= 4, "each router has a writer and a feed: {terminated}");
+    assert!(
+        terminated.parse::<u32>().expect("count") >= 4,
+        "each router has a writer and a feed: {terminated}"
+    );
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.cancel();
     load.await.expect("load");
@@ -186,17 +215,39 @@ async fn terminated_database_connections_heal_by_themselves() {
         db_name(&database),
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'llm-router'",
     );
-    assert!(reconnected.parse::<u32>().expect("count") >= 4, "both routers reconnected: {reconnected}");
+    assert!(
+        reconnected.parse::<u32>().expect("count") >= 4,
+        "both routers reconnected: {reconnected}"
+    );
     let acknowledged = acknowledged.lock().expect("ids").clone();
-    assert!(acknowledged.len() > 20, "registrations went on: {}", acknowledged.len());
-    println!("{} registrations acknowledged, {} refused around the termination", acknowledged.len(), refused.load(Ordering::Relaxed));
+    assert!(
+        acknowledged.len() > 20,
+        "registrations went on: {}",
+        acknowledged.len()
+    );
+    println!(
+        "{} registrations acknowledged, {} refused around the termination",
+        acknowledged.len(),
+        refused.load(Ordering::Relaxed)
+    );
     for id in &acknowledged {
-        let stored = cluster.psql(db_name(&database), &format!("SELECT count(*) FROM llm_router_agents WHERE id = '{id}'"));
-        assert_eq!(stored, "1", "acknowledged registration {id} is in the database");
+        let stored = cluster.psql(
+            db_name(&database),
+            &format!("SELECT count(*) FROM llm_router_agents WHERE id = '{id}'"),
+        );
+        assert_eq!(
+            stored, "1",
+            "acknowledged registration {id} is in the database"
+        );
     }
     for base in &bases {
         let (_, agents) = get(&http, format!("{base}/api/agents?status=online")).await;
-        let online: Vec<&str> = agents.as_array().expect("list").iter().filter_map(|a| a["id"].as_str()).collect();
+        let online: Vec<&str> = agents
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|a| a["id"].as_str())
+            .collect();
         for id in &ids {
             assert!(online.contains(&id.as_str()), "{id} went Offline at {base}");
         }
@@ -234,14 +285,21 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
     };
     let stop_agent = tokio_util::sync::CancellationToken::new();
     let agent_task = tokio::spawn(agent::run(agent_config, stop_agent.clone()));
-    let agent_id = eventually(Duration::from_secs(5), "the agent registers and reports", || {
-        let (http, url) = (http.clone(), b.url("/api/agents"));
-        async move {
-            let (_, agents) = get(&http, url).await;
-            agents.as_array()?.iter().find(|a| a["machine_name"] == "node-k" && a["routable"] == true)
-                .and_then(|a| a["id"].as_str().map(str::to_owned))
-        }
-    })
+    let agent_id = eventually(
+        Duration::from_secs(5),
+        "the agent registers and reports",
+        || {
+            let (http, url) = (http.clone(), b.url("/api/agents"));
+            async move {
+                let (_, agents) = get(&http, url).await;
+                agents
+                    .as_array()?
+                    .iter()
+                    .find(|a| a["machine_name"] == "node-k" && a["routable"] == true)
+                    .and_then(|a| a["id"].as_str().map(str::to_owned))
+            }
+        },
+    )
     .await;
 
     let bases = vec![a.url(""), b.url(""), c.url("")];
@@ -252,7 +310,12 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
     let mut load = Vec::new();
     for worker in 0..4usize {
         let (http, bases, acknowledged, errors, chats, stop) = (
-            http.clone(), bases.clone(), Arc::clone(&acknowledged), Arc::clone(&errors), Arc::clone(&chats), stop.clone(),
+            http.clone(),
+            bases.clone(),
+            Arc::clone(&acknowledged),
+            Arc::clone(&errors),
+            Arc::clone(&chats),
+            stop.clone(),
         );
         load.push(tokio::spawn(async move {
             let mut n = 0usize;
@@ -299,7 +362,10 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let change_before = cluster.psql(db_name(&database), &format!("SELECT change_seq FROM llm_router_agents WHERE id = '{agent_id}'"));
+    let change_before = cluster.psql(
+        db_name(&database),
+        &format!("SELECT change_seq FROM llm_router_agents WHERE id = '{agent_id}'"),
+    );
     kill(a.pid(), Signal::SIGKILL).expect("kill -9");
     let _ = a.child.wait().await;
     let killed_at = Instant::now();
@@ -307,7 +373,10 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
     while killed_at.elapsed() < Duration::from_secs(4) {
         for router in [&b, &c] {
             let (_, agent) = get(&http, router.url(&format!("/api/agents/{agent_id}"))).await;
-            assert_eq!(agent["status"], "Online", "the agent went Offline after a router died");
+            assert_eq!(
+                agent["status"], "Online",
+                "the agent went Offline after a router died"
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -315,20 +384,38 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
     for task in load {
         task.await.expect("load");
     }
-    assert_eq!(errors.load(Ordering::Relaxed), 0, "clients retrying on another router saw errors");
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "clients retrying on another router saw errors"
+    );
     let acknowledged = acknowledged.lock().expect("ids").clone();
-    println!("{} registrations and {} chats across the kill", acknowledged.len(), chats.load(Ordering::Relaxed));
+    println!(
+        "{} registrations and {} chats across the kill",
+        acknowledged.len(),
+        chats.load(Ordering::Relaxed)
+    );
     assert!(acknowledged.len() > 50 && chats.load(Ordering::Relaxed) > 50);
     let (_, listed) = get(&http, c.url("/api/agents")).await;
-    let known: std::collections::HashSet<&str> =
-        listed.as_array().expect("list").iter().filter_map(|a| a["id"].as_str()).collect();
+    let known: std::collections::HashSet<&str> = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|a| a["id"].as_str())
+        .collect();
     for id in &acknowledged {
         assert!(known.contains(id.as_str()), "acknowledged {id} was lost");
     }
     // The agent moved without registering again: a registration rewrites
     // its row (a new change number); heartbeats do not.
-    let change_after = cluster.psql(db_name(&database), &format!("SELECT change_seq FROM llm_router_agents WHERE id = '{agent_id}'"));
-    assert_eq!(change_after, change_before, "the agent registered again at another router");
+    let change_after = cluster.psql(
+        db_name(&database),
+        &format!("SELECT change_seq FROM llm_router_agents WHERE id = '{agent_id}'"),
+    );
+    assert_eq!(
+        change_after, change_before,
+        "the agent registered again at another router"
+    );
     let (_, agent) = get(&http, b.url(&format!("/api/agents/{agent_id}"))).await;
     assert_eq!(agent["state"], "serving", "{agent}");
 
@@ -336,14 +423,25 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
     let (back, _dir) = router_on(&database, &["--agent-timeout", "3"]).await;
     drop(dir_a);
     let (_, agents) = get(&http, back.url("/api/agents")).await;
-    assert_eq!(agents.as_array().map(Vec::len), listed.as_array().map(Vec::len));
-    eventually(Duration::from_secs(3), "the roster lists the returned router", || {
-        let (http, url, address) = (http.clone(), b.url("/api/routers"), back.url(""));
-        async move {
-            let (_, routers) = get(&http, url).await;
-            routers["routers"].as_array()?.iter().any(|r| r["address"] == address && r["alive"] == true).then_some(())
-        }
-    })
+    assert_eq!(
+        agents.as_array().map(Vec::len),
+        listed.as_array().map(Vec::len)
+    );
+    eventually(
+        Duration::from_secs(3),
+        "the roster lists the returned router",
+        || {
+            let (http, url, address) = (http.clone(), b.url("/api/routers"), back.url(""));
+            async move {
+                let (_, routers) = get(&http, url).await;
+                routers["routers"]
+                    .as_array()?
+                    .iter()
+                    .any(|r| r["address"] == address && r["alive"] == true)
+                    .then_some(())
+            }
+        },
+    )
     .await;
     stop_agent.cancel();
     let _ = agent_task.await;

@@ -105,9 +105,21 @@ impl PostgresCluster {
         let data = dir.join("data");
         let output = run_as_server_user(
             &bin.join("initdb"),
-            &["-D", data.to_str().expect("utf-8 path"), "-A", "trust", "-U", "postgres", "--no-sync"],
+            &[
+                "-D",
+                data.to_str().expect("utf-8 path"),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
         );
-        assert!(output.status.success(), "initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         if let Some((cert, key)) = &options.tls {
             // The server reads them as its own user, the key with mode 0600.
             for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
@@ -140,7 +152,10 @@ impl PostgresCluster {
                 return cluster;
             }
         }
-        panic!("PostgreSQL did not start: see {}", cluster.log_path().display());
+        panic!(
+            "PostgreSQL did not start: see {}",
+            cluster.log_path().display()
+        );
     }
 
     fn log_path(&self) -> PathBuf {
@@ -182,7 +197,11 @@ impl PostgresCluster {
 
     /// Starts the server again after [`PostgresCluster::stop`], on the same port.
     pub fn start_again(&self) {
-        assert!(self.try_start(), "PostgreSQL did not start again: see {}", self.log_path().display());
+        assert!(
+            self.try_start(),
+            "PostgreSQL did not start again: see {}",
+            self.log_path().display()
+        );
     }
 
     /// Stops the server at once (`-m immediate`: as a crash would).
@@ -190,7 +209,14 @@ impl PostgresCluster {
         let data = self.dir.join("data");
         let _ = run_as_server_user(
             &self.bin.join("pg_ctl"),
-            &["-D", data.to_str().expect("utf-8 path"), "-m", "immediate", "-w", "stop"],
+            &[
+                "-D",
+                data.to_str().expect("utf-8 path"),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
         );
     }
 
@@ -205,7 +231,10 @@ impl PostgresCluster {
 
     /// A new, empty database; returns its URL.
     pub fn create_database(&self) -> String {
-        let name = format!("registry_{}", self.databases.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "registry_{}",
+            self.databases.fetch_add(1, Ordering::Relaxed)
+        );
         self.psql("postgres", &format!("CREATE DATABASE {name}"));
         self.url(&name)
     }
@@ -213,7 +242,16 @@ impl PostgresCluster {
     /// Runs SQL with psql and returns its unaligned output.
     pub fn psql(&self, database: &str, sql: &str) -> String {
         let output = Command::new(self.bin.join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", database])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+            ])
             .args(["-v", "ON_ERROR_STOP=1", "-Atc", sql])
             .output()
             .expect("psql");

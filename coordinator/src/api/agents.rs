@@ -84,7 +84,12 @@ pub async fn routers(
 ) -> Json<common::RouterList> {
     let this = roster.this_router();
     Json(common::RouterList {
-        store: if roster.is_shared() { "postgres" } else { "files" }.to_owned(),
+        store: if roster.is_shared() {
+            "postgres"
+        } else {
+            "files"
+        }
+        .to_owned(),
         database_reachable: roster.database_reachable(),
         routers: roster
             .list()

@@ -45,7 +45,9 @@ impl Follower {
                 while let Ok(item) = news.recv() {
                     match item {
                         FleetNews::Changed(changes) => registry.take_in(changes),
-                        FleetNews::Heard(agents) => registry.heard_elsewhere(&agents, Instant::now()),
+                        FleetNews::Heard(agents) => {
+                            registry.heard_elsewhere(&agents, Instant::now())
+                        }
                         FleetNews::Lost => registry.freeze_liveness(),
                         FleetNews::Restored => registry.thaw_liveness(Instant::now()),
                     }
@@ -113,7 +115,8 @@ impl Registry {
             }
             None => {
                 let id = our_id.or_else(|| {
-                    identity.and_then(|identity| self.read_maps().by_identity.get(&identity).copied())
+                    identity
+                        .and_then(|identity| self.read_maps().by_identity.get(&identity).copied())
                 });
                 if let Some(id) = id {
                     self.take_in_deletion(id, ChangeNumber::MAX);

@@ -452,7 +452,9 @@ impl RouterRoster {
     /// Whether the database answered the last time it was asked (always
     /// true with the data files).
     pub fn database_reachable(&self) -> bool {
-        !self.database_lost.load(std::sync::atomic::Ordering::Relaxed)
+        !self
+            .database_lost
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every router known, this one always among them.

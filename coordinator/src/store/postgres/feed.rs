@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::schema::CHANGE_CHANNEL;
-use super::{error_text, facts_from_row, DatabaseUrl, ReadMarks, RouterIdentity, STATEMENT_DEADLINE};
+use super::{
+    error_text, facts_from_row, DatabaseUrl, ReadMarks, RouterIdentity, STATEMENT_DEADLINE,
+};
 use crate::record::NodeFacts;
 use crate::store::{RouterRoster, RouterRow};
 
@@ -89,8 +91,15 @@ async fn follow(options: &mut FeedOptions, lost: &mut bool) -> Result<(), String
     let (client, mut connection) =
         tokio::time::timeout(options.connect_timeout, options.url.connect())
             .await
-            .map_err(|_| format!("no answer from {} within {:?}", options.url, options.connect_timeout))?
-            .map_err(|error| format!("cannot connect to {}: {}", options.url, error_text(&error)))?;
+            .map_err(|_| {
+                format!(
+                    "no answer from {} within {:?}",
+                    options.url, options.connect_timeout
+                )
+            })?
+            .map_err(|error| {
+                format!("cannot connect to {}: {}", options.url, error_text(&error))
+            })?;
     let woken = Arc::new(Notify::new());
     let closed = CancellationToken::new();
     {
@@ -117,7 +126,9 @@ async fn follow(options: &mut FeedOptions, lost: &mut bool) -> Result<(), String
             closed.cancel();
         });
     }
-    let deadline = |what| move |_| format!("no answer from the database to {what} within {STATEMENT_DEADLINE:?}");
+    let deadline = |what| {
+        move |_| format!("no answer from the database to {what} within {STATEMENT_DEADLINE:?}")
+    };
     let failed = |error: tokio_postgres::Error| error_text(&error);
     tokio::time::timeout(
         STATEMENT_DEADLINE,

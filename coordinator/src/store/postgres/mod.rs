@@ -108,14 +108,16 @@ pub async fn open(
                 options.connect_timeout
             ))
         })?
-        .map_err(|error| StoreError::Database(format!("cannot connect to {url}: {}", error_text(&error))))?;
+        .map_err(|error| {
+            StoreError::Database(format!("cannot connect to {url}: {}", error_text(&error)))
+        })?;
     let driver = tokio::spawn(connection);
-    let migrations_applied = schema::migrate(&mut client)
-        .await
-        .map_err(|error| StoreError::Database(format!("applying migrations: {}", error_text(&error))))?;
-    let (agents, marks) = load(&mut client)
-        .await
-        .map_err(|error| StoreError::Database(format!("loading the registry: {}", error_text(&error))))?;
+    let migrations_applied = schema::migrate(&mut client).await.map_err(|error| {
+        StoreError::Database(format!("applying migrations: {}", error_text(&error)))
+    })?;
+    let (agents, marks) = load(&mut client).await.map_err(|error| {
+        StoreError::Database(format!("loading the registry: {}", error_text(&error)))
+    })?;
     drop(client);
     let _ = driver.await;
 
@@ -299,21 +301,26 @@ pub async fn copy_in(
     url: &DatabaseUrl,
     agents: &[NodeFacts],
 ) -> Result<(usize, usize, Vec<Uuid>), StoreError> {
-    let (mut client, connection) = url
-        .connect()
-        .await
-        .map_err(|error| StoreError::Database(format!("cannot connect to {url}: {}", error_text(&error))))?;
+    let (mut client, connection) = url.connect().await.map_err(|error| {
+        StoreError::Database(format!("cannot connect to {url}: {}", error_text(&error)))
+    })?;
     let driver = tokio::spawn(connection);
-    schema::migrate(&mut client)
+    schema::migrate(&mut client).await.map_err(|error| {
+        StoreError::Database(format!("applying migrations: {}", error_text(&error)))
+    })?;
+    let transaction = client
+        .transaction()
         .await
-        .map_err(|error| StoreError::Database(format!("applying migrations: {}", error_text(&error))))?;
-    let transaction = client.transaction().await.map_err(|e| unavailable(error_text(&e)))?;
+        .map_err(|e| unavailable(error_text(&e)))?;
     transaction
         .execute("SELECT pg_advisory_xact_lock($1)", &[&schema::CHANGE_LOCK])
         .await
         .map_err(|e| unavailable(error_text(&e)))?;
     let present: HashSet<Uuid> = transaction
-        .query("SELECT id FROM llm_router_agents UNION SELECT id FROM llm_router_deleted", &[])
+        .query(
+            "SELECT id FROM llm_router_agents UNION SELECT id FROM llm_router_deleted",
+            &[],
+        )
         .await
         .map_err(|e| unavailable(error_text(&e)))?
         .iter()
@@ -355,7 +362,10 @@ pub async fn copy_in(
             .await
             .map_err(|e| unavailable(error_text(&e)))?;
     }
-    transaction.commit().await.map_err(|e| unavailable(error_text(&e)))?;
+    transaction
+        .commit()
+        .await
+        .map_err(|e| unavailable(error_text(&e)))?;
     drop(client);
     let _ = driver.await;
     Ok((copied, already, refused))

@@ -29,11 +29,15 @@ pub enum Verification {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatabaseUrlError {
-    #[error("--database-url is not a URL ({0}): give it as postgres://USER:PASSWORD@HOST:PORT/DATABASE")]
+    #[error(
+        "--database-url is not a URL ({0}): give it as postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+    )]
     NotAUrl(String),
     #[error("--database-url must start with postgres:// or postgresql://, not {0}://")]
     Scheme(String),
-    #[error("--database-url has sslmode={0}; use disable, prefer, require, verify-ca or verify-full")]
+    #[error(
+        "--database-url has sslmode={0}; use disable, prefer, require, verify-ca or verify-full"
+    )]
     SslMode(String),
     #[error("--database-url: {0}")]
     Invalid(String),
@@ -160,38 +164,39 @@ fn client_config(
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|error| DatabaseUrlError::Invalid(error.to_string()))?;
-    let config = match verification {
-        Verification::None | Verification::EncryptOnly => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
-            .with_no_client_auth(),
-        Verification::Certificate => {
-            let mut roots = rustls::RootCertStore::empty();
-            match root_certificate {
-                Some(path) => {
-                    let certificates = crate::tls::read_certificates(path, "sslrootcert")
-                        .map_err(|error| DatabaseUrlError::RootCertificate {
-                            path: path.clone(),
-                            reason: format!("{error:#}"),
-                        })?;
-                    for certificate in certificates {
-                        roots.add(certificate).map_err(|error| {
-                            DatabaseUrlError::RootCertificate {
+    let config =
+        match verification {
+            Verification::None | Verification::EncryptOnly => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+                .with_no_client_auth(),
+            Verification::Certificate => {
+                let mut roots = rustls::RootCertStore::empty();
+                match root_certificate {
+                    Some(path) => {
+                        let certificates = crate::tls::read_certificates(path, "sslrootcert")
+                            .map_err(|error| DatabaseUrlError::RootCertificate {
                                 path: path.clone(),
-                                reason: error.to_string(),
-                            }
-                        })?;
+                                reason: format!("{error:#}"),
+                            })?;
+                        for certificate in certificates {
+                            roots.add(certificate).map_err(|error| {
+                                DatabaseUrlError::RootCertificate {
+                                    path: path.clone(),
+                                    reason: error.to_string(),
+                                }
+                            })?;
+                        }
+                    }
+                    None => {
+                        for certificate in rustls_native_certs::load_native_certs().certs {
+                            let _ = roots.add(certificate);
+                        }
                     }
                 }
-                None => {
-                    for certificate in rustls_native_certs::load_native_certs().certs {
-                        let _ = roots.add(certificate);
-                    }
-                }
+                builder.with_root_certificates(roots).with_no_client_auth()
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-    };
+        };
     Ok(config)
 }
 
@@ -252,10 +257,14 @@ mod tests {
 
     #[test]
     fn the_password_never_shows() {
-        let url = DatabaseUrl::parse("postgres://router:s3cret@127.0.0.1:5432/fleet").expect("parses");
+        let url =
+            DatabaseUrl::parse("postgres://router:s3cret@127.0.0.1:5432/fleet").expect("parses");
         let shown = url.to_string();
         assert!(!shown.contains("s3cret"), "{shown}");
-        assert!(shown.contains("router:REDACTED@127.0.0.1:5432/fleet"), "{shown}");
+        assert!(
+            shown.contains("router:REDACTED@127.0.0.1:5432/fleet"),
+            "{shown}"
+        );
         assert!(!format!("{url:?}").contains("s3cret"));
     }
 
@@ -270,26 +279,32 @@ mod tests {
             ("?sslmode=verify-ca", Verification::Certificate),
         ];
         for (query, expected) in cases {
-            let url = DatabaseUrl::parse(&format!("postgres://u@127.0.0.1/db{query}")).expect(query);
+            let url =
+                DatabaseUrl::parse(&format!("postgres://u@127.0.0.1/db{query}")).expect(query);
             assert_eq!(url.verification(), expected, "{query}");
         }
-        let error = DatabaseUrl::parse("postgres://u@127.0.0.1/db?sslmode=always").unwrap_err();
+        let error =
+            DatabaseUrl::parse("postgres://u@127.0.0.1/db?sslmode=always").expect_err("refused");
         assert!(error.to_string().contains("verify-full"), "{error}");
     }
 
     #[test]
     fn a_url_of_another_kind_is_refused_with_the_form_to_use() {
-        let error = DatabaseUrl::parse("mysql://u@127.0.0.1/db").unwrap_err();
+        let error = DatabaseUrl::parse("mysql://u@127.0.0.1/db").expect_err("refused");
         assert!(error.to_string().contains("postgres://"), "{error}");
-        let error = DatabaseUrl::parse("host=127.0.0.1 user=u").unwrap_err();
-        assert!(error.to_string().contains("postgres://USER:PASSWORD@HOST"), "{error}");
+        let error = DatabaseUrl::parse("host=127.0.0.1 user=u").expect_err("refused");
+        assert!(
+            error.to_string().contains("postgres://USER:PASSWORD@HOST"),
+            "{error}"
+        );
     }
 
     #[test]
     fn a_missing_ca_file_names_the_file() {
-        let error =
-            DatabaseUrl::parse("postgres://u@127.0.0.1/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem")
-                .unwrap_err();
+        let error = DatabaseUrl::parse(
+            "postgres://u@127.0.0.1/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+        )
+        .expect_err("refused");
         assert!(error.to_string().contains("/nonexistent/ca.pem"), "{error}");
     }
 }

@@ -27,10 +27,15 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
 type Ack = oneshot::Sender<Result<u64, Arc<StoreError>>>;
 
 pub enum Command {
-    Commit { change: Change, ack: Ack },
+    Commit {
+        change: Change,
+        ack: Ack,
+    },
     Seen(Vec<Seen>),
     /// Write what is pending now (shutdown).
-    Flush { ack: Ack },
+    Flush {
+        ack: Ack,
+    },
 }
 
 /// One connection and its prepared statements.
@@ -176,7 +181,9 @@ pub async fn run(
                     tracing::info!(database = %url, "The store's writer is connected.");
                     connection = Some(opened);
                 }
-                Err(error) => tracing::warn!(%error, "The store's writer cannot reach the database; changes are refused until it can."),
+                Err(error) => {
+                    tracing::warn!(%error, "The store's writer cannot reach the database; changes are refused until it can.")
+                }
             }
         }
         let Some(open) = connection.as_ref() else {
@@ -232,7 +239,12 @@ pub async fn run(
         // fleet) and refuses no change.
         let mut flushed = Ok(0);
         if !pending_seen.is_empty() && !lost {
-            match deadline(in_transaction(&open.client, write_seen(open, &pending_seen))).await {
+            match deadline(in_transaction(
+                &open.client,
+                write_seen(open, &pending_seen),
+            ))
+            .await
+            {
                 Ok(()) => pending_seen.clear(),
                 Err(error) => {
                     tracing::warn!(%error, "Could not write the heartbeats heard; kept for the next flush.");
@@ -251,7 +263,11 @@ pub async fn run(
     // Every handle is gone: write the last heartbeats heard.
     if let Some(open) = connection.as_ref() {
         if !pending_seen.is_empty() {
-            let _ = deadline(in_transaction(&open.client, write_seen(open, &pending_seen))).await;
+            let _ = deadline(in_transaction(
+                &open.client,
+                write_seen(open, &pending_seen),
+            ))
+            .await;
         }
     }
 }
@@ -263,7 +279,11 @@ async fn deadline<T>(
 ) -> Result<T, String> {
     tokio::time::timeout(STATEMENT_DEADLINE, work)
         .await
-        .unwrap_or_else(|_| Err(format!("no answer from the database within {STATEMENT_DEADLINE:?}")))
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no answer from the database within {STATEMENT_DEADLINE:?}"
+            ))
+        })
 }
 
 fn merge_seen(pending: &mut HashMap<Uuid, (DateTime<Utc>, AgentStatus)>, seen: Vec<Seen>) {
@@ -315,7 +335,8 @@ async fn write_changes(
             names.push(&*facts.machine_name);
             ports.push(i32::from(facts.port));
             records.push(
-                serde_json::to_value(StoredAgent::from(&**facts)).unwrap_or(serde_json::Value::Null),
+                serde_json::to_value(StoredAgent::from(&**facts))
+                    .unwrap_or(serde_json::Value::Null),
             );
             last_seen.push(facts.last_seen);
             online.push(facts.status == AgentStatus::Online);
