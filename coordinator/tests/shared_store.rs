@@ -436,3 +436,37 @@ async fn the_database_is_reached_over_verified_tls_and_its_password_never_logged
     );
     assert!(!error.contains("hunter2"), "{error}");
 }
+
+/// Three routers started at the same moment on an empty database: the
+/// schema is created once (the migration lock), and all three serve.
+#[tokio::test]
+async fn routers_starting_together_on_an_empty_database_migrate_it_once() {
+    let cluster = PostgresCluster::start();
+    let database = cluster.create_database();
+    let (a, b, c) = tokio::join!(
+        router_on(&database, &[]),
+        router_on(&database, &[]),
+        router_on(&database, &[])
+    );
+    let db = database.rsplit('/').next().expect("db");
+    assert_eq!(
+        cluster.psql(
+            db,
+            "SELECT string_agg(version::text, ',') FROM llm_router_migrations"
+        ),
+        "1"
+    );
+    let http = client();
+    let id = register(&http, &a.0.url(""), &registration("after-a-race")).await;
+    for router in [&b.0, &c.0] {
+        eventually(
+            Duration::from_secs(1),
+            "the agent shows at each router",
+            || {
+                let (http, url) = (http.clone(), router.url(&format!("/api/agents/{id}")));
+                async move { (get(&http, url).await.0 == 200).then_some(()) }
+            },
+        )
+        .await;
+    }
+}
