@@ -16,7 +16,13 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
 fi
 
-ours() { { pgrep -x nginx; pgrep -x llm-router; pgrep -x llm-standin; pgrep -f llm-router-agent; true; } | wc -l; }
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "==> Installing PostgreSQL from Debian's packages (the shared-registry scenario)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+
+ours() { { pgrep -x nginx; pgrep -x llm-router; pgrep -x llm-standin; pgrep -f llm-router-agent; pgrep -f llm-router-pg-; true; } | wc -l; }
 before=$(ours)
 
 echo "==> Building release binaries"
