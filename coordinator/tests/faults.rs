@@ -10,7 +10,7 @@ use agent::AgentConfig;
 use nix::sys::signal::{kill, Signal};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::{client, eventually, list, registration, RouterProcess};
+use support::{client, eventually, faketime_library, list, registration, RouterProcess};
 use testkit::{StandIn, StandInOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -260,20 +260,6 @@ fn names_to_ids(listed: &[Value]) -> HashMap<String, String> {
             )
         })
         .collect()
-}
-
-/// libfaketime, which the test command installs (Debian's `faketime`).
-fn faketime_library() -> String {
-    let found = std::fs::read_dir("/usr/lib")
-        .expect("read /usr/lib")
-        .filter_map(Result::ok)
-        .map(|entry| entry.path().join("faketime/libfaketime.so.1"))
-        .chain(std::iter::once("/usr/lib/faketime/libfaketime.so.1".into()))
-        .find(|path| path.exists());
-    found
-        .expect("libfaketime is installed (apt-get install faketime; scripts/test.sh does)")
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// Clock jumps: the real router runs under libfaketime, which moves its

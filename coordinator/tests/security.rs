@@ -840,22 +840,7 @@ async fn protected_listings_need_a_readers_credential() {
     let (client, base) = (client(), router.url(""));
     let register_as = |name: &'static str| {
         let (client, base) = (client.clone(), base.clone());
-        async move {
-            let answer: Value = client
-                .post(format!("{base}/api/agents/register"))
-                .bearer_auth(JOIN)
-                .json(&registration(name))
-                .send()
-                .await
-                .expect("register")
-                .json()
-                .await
-                .expect("json");
-            (
-                answer["id"].as_str().expect("id").to_owned(),
-                answer["agent_secret"].as_str().expect("secret").to_owned(),
-            )
-        }
+        async move { support::register_with_token(&client, &base, JOIN, &registration(name)).await }
     };
     let (id, secret) = register_as("reader-a").await;
     let (_, other_secret) = register_as("reader-b").await;

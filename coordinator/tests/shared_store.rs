@@ -7,23 +7,12 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{client, eventually, register, registration, RouterProcess};
+use support::{
+    client, eventually, faketime_library, get_json, register, register_with_token, registration,
+    router_on_database, RouterProcess,
+};
 use testkit::postgres::PostgresCluster;
 use testkit::{StandIn, StandInOptions};
-
-/// A router on the shared database, with a short agent timeout when asked.
-async fn router_on(database: &str, extra: &[&str]) -> (RouterProcess, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut args = vec!["--database-url", database];
-    args.extend_from_slice(extra);
-    (RouterProcess::spawn(dir.path(), &args).await, dir)
-}
-
-async fn get(client: &reqwest::Client, url: String) -> (u16, Value) {
-    let response = client.get(url).send().await.expect("get");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 async fn heartbeat(client: &reqwest::Client, router: &RouterProcess, id: &str) -> u16 {
     client
@@ -44,9 +33,9 @@ fn status_of(agent: &Value) -> String {
 async fn a_change_at_one_router_is_seen_and_routed_at_every_other() {
     let cluster = PostgresCluster::start();
     let database = cluster.create_database();
-    let (a, _da) = router_on(&database, &[]).await;
-    let (b, _db) = router_on(&database, &[]).await;
-    let (c, _dc) = router_on(&database, &[]).await;
+    let (a, _da) = router_on_database(&database, &[]).await;
+    let (b, _db) = router_on_database(&database, &[]).await;
+    let (c, _dc) = router_on_database(&database, &[]).await;
     let http = client();
     let node = StandIn::spawn(StandInOptions::ollama("node-1", &["smollm2:135m"]))
         .await
@@ -71,7 +60,7 @@ async fn a_change_at_one_router_is_seen_and_routed_at_every_other() {
             "the agent shows at the other router",
             || {
                 let (http, url) = (http.clone(), router.url(&format!("/api/agents/{id}")));
-                async move { (get(&http, url).await.0 == 200).then_some(()) }
+                async move { (get_json(&http, url).await.0 == 200).then_some(()) }
             },
         )
         .await;
@@ -100,7 +89,7 @@ async fn a_change_at_one_router_is_seen_and_routed_at_every_other() {
     eventually(Duration::from_secs(1), "the update shows at C", || {
         let (http, url) = (http.clone(), c.url(&format!("/api/agents/{id}")));
         async move {
-            let (_, agent) = get(&http, url).await;
+            let (_, agent) = get_json(&http, url).await;
             (agent["models"].as_array().map(Vec::len) == Some(2)).then_some(())
         }
     })
@@ -115,14 +104,14 @@ async fn a_change_at_one_router_is_seen_and_routed_at_every_other() {
     assert_eq!(deleted.status(), 204);
     eventually(Duration::from_secs(1), "the deletion shows at A", || {
         let (http, url) = (http.clone(), a.url(&format!("/api/agents/{id}")));
-        async move { (get(&http, url).await.0 == 404).then_some(()) }
+        async move { (get_json(&http, url).await.0 == 404).then_some(()) }
     })
     .await;
     assert_eq!(heartbeat(&http, &a, &id).await, 404);
     // An update at B of the id deleted at C is 404 too, and writes nothing back.
     eventually(Duration::from_secs(1), "the deletion shows at B", || {
         let (http, url) = (http.clone(), b.url(&format!("/api/agents/{id}")));
-        async move { (get(&http, url).await.0 == 404).then_some(()) }
+        async move { (get_json(&http, url).await.0 == 404).then_some(()) }
     })
     .await;
     let db_name = database.rsplit('/').next().expect("db");
@@ -135,7 +124,7 @@ async fn a_change_at_one_router_is_seen_and_routed_at_every_other() {
     let routers = eventually(Duration::from_secs(3), "three routers listed", || {
         let (http, url) = (http.clone(), a.url("/api/routers"));
         async move {
-            let (_, routers) = get(&http, url).await;
+            let (_, routers) = get_json(&http, url).await;
             (routers["routers"].as_array().map(Vec::len) == Some(3)).then_some(routers)
         }
     })
@@ -154,8 +143,8 @@ async fn a_change_at_one_router_is_seen_and_routed_at_every_other() {
 async fn one_machine_registering_at_two_routers_at_once_gets_one_id() {
     let cluster = PostgresCluster::start();
     let database = cluster.create_database();
-    let (a, _da) = router_on(&database, &[]).await;
-    let (b, _db) = router_on(&database, &[]).await;
+    let (a, _da) = router_on_database(&database, &[]).await;
+    let (b, _db) = router_on_database(&database, &[]).await;
     let http = client();
     for n in 0..20 {
         let body = registration(&format!("race-{n}"));
@@ -184,25 +173,12 @@ async fn one_machine_registering_at_two_routers_at_once_gets_one_id() {
         eventually(Duration::from_secs(2), "20 agents at each router", || {
             let (http, url) = (http.clone(), router.url("/api/agents"));
             async move {
-                let (_, agents) = get(&http, url).await;
+                let (_, agents) = get_json(&http, url).await;
                 (agents.as_array().map(Vec::len) == Some(20)).then_some(())
             }
         })
         .await;
     }
-}
-
-/// libfaketime, which the test command installs (Debian's `faketime`).
-fn faketime_library() -> String {
-    std::fs::read_dir("/usr/lib")
-        .expect("read /usr/lib")
-        .filter_map(Result::ok)
-        .map(|entry| entry.path().join("faketime/libfaketime.so.1"))
-        .chain(std::iter::once("/usr/lib/faketime/libfaketime.so.1".into()))
-        .find(|path| path.exists())
-        .expect("libfaketime is installed (apt-get install faketime; scripts/test.sh does)")
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// A router whose wall clock is `offset` away from the others' (libfaketime;
@@ -235,13 +211,13 @@ async fn skewed_router_on(
 async fn an_agent_is_online_everywhere_while_any_router_hears_it() {
     let cluster = PostgresCluster::start();
     let database = cluster.create_database();
-    let (a, _da) = router_on(&database, &["--agent-timeout", "2"]).await;
+    let (a, _da) = router_on_database(&database, &["--agent-timeout", "2"]).await;
     let (b, _db) = skewed_router_on(&database, "-5m", &["--agent-timeout", "2"]).await;
     let (c, _dc) = skewed_router_on(&database, "+10m", &["--agent-timeout", "2"]).await;
     let http = client();
     // The skew is real: B stamps what it registers 5 minutes earlier.
     let probe = register(&http, &b.url(""), &registration("clock-probe")).await;
-    let (_, probed) = get(&http, b.url(&format!("/api/agents/{probe}"))).await;
+    let (_, probed) = get_json(&http, b.url(&format!("/api/agents/{probe}"))).await;
     let stamped: chrono::DateTime<chrono::Utc> = probed["registered_at"]
         .as_str()
         .expect("registered_at")
@@ -256,7 +232,7 @@ async fn an_agent_is_online_everywhere_while_any_router_hears_it() {
     for other in [&b, &c] {
         eventually(Duration::from_secs(1), "the agent shows elsewhere", || {
             let (http, url) = (http.clone(), other.url(&format!("/api/agents/{id}")));
-            async move { (get(&http, url).await.0 == 200).then_some(()) }
+            async move { (get_json(&http, url).await.0 == 200).then_some(()) }
         })
         .await;
     }
@@ -264,7 +240,7 @@ async fn an_agent_is_online_everywhere_while_any_router_hears_it() {
     while Instant::now() < until {
         assert_eq!(heartbeat(&http, &a, &id).await, 200);
         for other in [&b, &c] {
-            let (status, agent) = get(&http, other.url(&format!("/api/agents/{id}"))).await;
+            let (status, agent) = get_json(&http, other.url(&format!("/api/agents/{id}"))).await;
             assert_eq!(status, 200);
             assert_eq!(
                 status_of(&agent),
@@ -278,7 +254,7 @@ async fn an_agent_is_online_everywhere_while_any_router_hears_it() {
     for router in [&a, &b, &c] {
         eventually(Duration::from_secs(5), "Offline after the timeout", || {
             let (http, url) = (http.clone(), router.url(&format!("/api/agents/{id}")));
-            async move { (status_of(&get(&http, url).await.1) == "Offline").then_some(()) }
+            async move { (status_of(&get_json(&http, url).await.1) == "Offline").then_some(()) }
         })
         .await;
     }
@@ -291,7 +267,7 @@ async fn an_agent_is_online_everywhere_while_any_router_hears_it() {
     assert_eq!(heartbeat(&http, &b, &id).await, 200);
     eventually(Duration::from_secs(2), "Online again at A", || {
         let (http, url) = (http.clone(), a.url(&format!("/api/agents/{id}")));
-        async move { (status_of(&get(&http, url).await.1) == "Online").then_some(()) }
+        async move { (status_of(&get_json(&http, url).await.1) == "Online").then_some(()) }
     })
     .await;
 }
@@ -308,20 +284,9 @@ async fn migrate_copies_a_data_dir_into_the_database_once() {
     let mut file_router = RouterProcess::spawn(files.path(), &["--agent-token", "join-me"]).await;
     let mut agents = Vec::new();
     for name in ["moved-1", "moved-2"] {
-        let answer: Value = http
-            .post(file_router.url("/api/agents/register"))
-            .bearer_auth("join-me")
-            .json(&registration(name))
-            .send()
-            .await
-            .expect("register")
-            .json()
-            .await
-            .expect("json");
-        agents.push((
-            answer["id"].as_str().expect("id").to_owned(),
-            answer["agent_secret"].as_str().expect("secret").to_owned(),
-        ));
+        agents.push(
+            register_with_token(&http, &file_router.url(""), "join-me", &registration(name)).await,
+        );
     }
     file_router.terminate().await;
 
@@ -354,9 +319,9 @@ async fn migrate_copies_a_data_dir_into_the_database_once() {
         "2"
     );
 
-    let (router, _dir) = router_on(&database, &["--agent-token", "join-me"]).await;
+    let (router, _dir) = router_on_database(&database, &["--agent-token", "join-me"]).await;
     for (id, secret) in &agents {
-        let (status, _) = get(&http, router.url(&format!("/api/agents/{id}"))).await;
+        let (status, _) = get_json(&http, router.url(&format!("/api/agents/{id}"))).await;
         assert_eq!(status, 200, "{id} kept its id");
         let beat = http
             .post(router.url(&format!("/api/agents/{id}/heartbeat")))
@@ -402,7 +367,7 @@ async fn the_database_is_reached_over_verified_tls_and_its_password_never_logged
         cluster.port(),
         ca.display()
     );
-    let (mut router, _rd) = router_on(&database, &[]).await;
+    let (mut router, _rd) = router_on_database(&database, &[]).await;
     let http = client();
     register(&http, &router.url(""), &registration("over-tls")).await;
     let encrypted = cluster.psql(
@@ -444,9 +409,9 @@ async fn routers_starting_together_on_an_empty_database_migrate_it_once() {
     let cluster = PostgresCluster::start();
     let database = cluster.create_database();
     let (a, b, c) = tokio::join!(
-        router_on(&database, &[]),
-        router_on(&database, &[]),
-        router_on(&database, &[])
+        router_on_database(&database, &[]),
+        router_on_database(&database, &[]),
+        router_on_database(&database, &[])
     );
     let db = database.rsplit('/').next().expect("db");
     assert_eq!(
@@ -464,7 +429,7 @@ async fn routers_starting_together_on_an_empty_database_migrate_it_once() {
             "the agent shows at each router",
             || {
                 let (http, url) = (http.clone(), router.url(&format!("/api/agents/{id}")));
-                async move { (get(&http, url).await.0 == 200).then_some(()) }
+                async move { (get_json(&http, url).await.0 == 200).then_some(()) }
             },
         )
         .await;

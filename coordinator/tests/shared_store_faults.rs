@@ -12,26 +12,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use serde_json::{json, Value};
-use support::{client, eventually, register, registration, RouterProcess};
+use support::{client, eventually, get_json, register, registration, router_on_database};
 use testkit::postgres::PostgresCluster;
 use testkit::{StandIn, StandInOptions};
-
-async fn router_on(database: &str, extra: &[&str]) -> (RouterProcess, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut args = vec!["--database-url", database];
-    args.extend_from_slice(extra);
-    (RouterProcess::spawn(dir.path(), &args).await, dir)
-}
-
-async fn get(http: &reqwest::Client, url: String) -> (u16, Value) {
-    match http.get(url).send().await {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            (status, response.json().await.unwrap_or(Value::Null))
-        }
-        Err(_) => (0, Value::Null),
-    }
-}
 
 async fn heartbeat(http: &reqwest::Client, base: &str, id: &str) -> u16 {
     http.post(format!("{base}/api/agents/{id}/heartbeat"))
@@ -53,8 +36,8 @@ fn db_name(url: &str) -> &str {
 async fn while_the_database_is_away_routers_route_and_freeze_liveness() {
     let cluster = PostgresCluster::start();
     let database = cluster.create_database();
-    let (a, _da) = router_on(&database, &["--agent-timeout", "2"]).await;
-    let (b, _db) = router_on(&database, &["--agent-timeout", "2"]).await;
+    let (a, _da) = router_on_database(&database, &["--agent-timeout", "2"]).await;
+    let (b, _db) = router_on_database(&database, &["--agent-timeout", "2"]).await;
     let http = client();
     let node = StandIn::spawn(StandInOptions::ollama("node-db", &["smollm2:135m"]))
         .await
@@ -72,7 +55,7 @@ async fn while_the_database_is_away_routers_route_and_freeze_liveness() {
     let id = register(&http, &a.url(""), &body).await;
     eventually(Duration::from_secs(2), "B knows the agent", || {
         let (http, url) = (http.clone(), b.url(&format!("/api/agents/{id}")));
-        async move { (get(&http, url).await.0 == 200).then_some(()) }
+        async move { (get_json(&http, url).await.0 == 200).then_some(()) }
     })
     .await;
 
@@ -81,7 +64,7 @@ async fn while_the_database_is_away_routers_route_and_freeze_liveness() {
     while Instant::now() < until {
         // Heard at A only; B hears nothing of it while the database is away.
         assert_eq!(heartbeat(&http, &a.url(""), &id).await, 200);
-        let (_, agent) = get(&http, b.url(&format!("/api/agents/{id}"))).await;
+        let (_, agent) = get_json(&http, b.url(&format!("/api/agents/{id}"))).await;
         assert_eq!(
             agent["status"], "Online",
             "B marked an agent Offline for want of news"
@@ -104,7 +87,7 @@ async fn while_the_database_is_away_routers_route_and_freeze_liveness() {
     assert_eq!(refused.status(), 503);
     let error: Value = refused.json().await.expect("json");
     assert_eq!(error["error"]["code"], "store_unavailable", "{error}");
-    let (_, routers) = get(&http, a.url("/api/routers")).await;
+    let (_, routers) = get_json(&http, a.url("/api/routers")).await;
     assert_eq!(routers["database_reachable"], false, "{routers}");
 
     cluster.start_again();
@@ -127,7 +110,7 @@ async fn while_the_database_is_away_routers_route_and_freeze_liveness() {
     .await;
     eventually(Duration::from_secs(2), "A sees B's registration", || {
         let (http, url) = (http.clone(), a.url(&format!("/api/agents/{new_id}")));
-        async move { (get(&http, url).await.0 == 200).then_some(()) }
+        async move { (get_json(&http, url).await.0 == 200).then_some(()) }
     })
     .await;
     println!(
@@ -139,7 +122,7 @@ async fn while_the_database_is_away_routers_route_and_freeze_liveness() {
         assert_eq!(heartbeat(&http, &a.url(""), &id).await, 200);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let (_, agent) = get(&http, b.url(&format!("/api/agents/{id}"))).await;
+    let (_, agent) = get_json(&http, b.url(&format!("/api/agents/{id}"))).await;
     assert_eq!(agent["status"], "Online");
     let _ = node;
 }
@@ -151,8 +134,8 @@ async fn while_the_database_is_away_routers_route_and_freeze_liveness() {
 async fn terminated_database_connections_heal_by_themselves() {
     let cluster = PostgresCluster::start();
     let database = cluster.create_database();
-    let (a, _da) = router_on(&database, &["--agent-timeout", "3"]).await;
-    let (b, _db) = router_on(&database, &["--agent-timeout", "3"]).await;
+    let (a, _da) = router_on_database(&database, &["--agent-timeout", "3"]).await;
+    let (b, _db) = router_on_database(&database, &["--agent-timeout", "3"]).await;
     let http = client();
     let bases = [a.url(""), b.url("")];
     let mut ids = Vec::new();
@@ -241,7 +224,7 @@ async fn terminated_database_connections_heal_by_themselves() {
         );
     }
     for base in &bases {
-        let (_, agents) = get(&http, format!("{base}/api/agents?status=online")).await;
+        let (_, agents) = get_json(&http, format!("{base}/api/agents?status=online")).await;
         let online: Vec<&str> = agents
             .as_array()
             .expect("list")
@@ -262,9 +245,9 @@ async fn terminated_database_connections_heal_by_themselves() {
 async fn kill_9_of_one_router_of_three_loses_nothing() {
     let cluster = PostgresCluster::start();
     let database = cluster.create_database();
-    let (mut a, dir_a) = router_on(&database, &["--agent-timeout", "3"]).await;
-    let (b, _db) = router_on(&database, &["--agent-timeout", "3"]).await;
-    let (c, _dc) = router_on(&database, &["--agent-timeout", "3"]).await;
+    let (mut a, dir_a) = router_on_database(&database, &["--agent-timeout", "3"]).await;
+    let (b, _db) = router_on_database(&database, &["--agent-timeout", "3"]).await;
+    let (c, _dc) = router_on_database(&database, &["--agent-timeout", "3"]).await;
     let http = client();
     let node = StandIn::spawn(StandInOptions::ollama("node-k", &["smollm2:135m"]))
         .await
@@ -291,7 +274,7 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
         || {
             let (http, url) = (http.clone(), b.url("/api/agents"));
             async move {
-                let (_, agents) = get(&http, url).await;
+                let (_, agents) = get_json(&http, url).await;
                 agents
                     .as_array()?
                     .iter()
@@ -372,7 +355,7 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
     // For 4 s (more than the agent timeout) nobody may go Offline.
     while killed_at.elapsed() < Duration::from_secs(4) {
         for router in [&b, &c] {
-            let (_, agent) = get(&http, router.url(&format!("/api/agents/{agent_id}"))).await;
+            let (_, agent) = get_json(&http, router.url(&format!("/api/agents/{agent_id}"))).await;
             assert_eq!(
                 agent["status"], "Online",
                 "the agent went Offline after a router died"
@@ -396,7 +379,7 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
         chats.load(Ordering::Relaxed)
     );
     assert!(acknowledged.len() > 50 && chats.load(Ordering::Relaxed) > 50);
-    let (_, listed) = get(&http, c.url("/api/agents")).await;
+    let (_, listed) = get_json(&http, c.url("/api/agents")).await;
     let known: std::collections::HashSet<&str> = listed
         .as_array()
         .expect("list")
@@ -416,13 +399,13 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
         change_after, change_before,
         "the agent registered again at another router"
     );
-    let (_, agent) = get(&http, b.url(&format!("/api/agents/{agent_id}"))).await;
+    let (_, agent) = get_json(&http, b.url(&format!("/api/agents/{agent_id}"))).await;
     assert_eq!(agent["state"], "serving", "{agent}");
 
     // The killed router comes back on its own and rejoins.
-    let (back, _dir) = router_on(&database, &["--agent-timeout", "3"]).await;
+    let (back, _dir) = router_on_database(&database, &["--agent-timeout", "3"]).await;
     drop(dir_a);
-    let (_, agents) = get(&http, back.url("/api/agents")).await;
+    let (_, agents) = get_json(&http, back.url("/api/agents")).await;
     assert_eq!(
         agents.as_array().map(Vec::len),
         listed.as_array().map(Vec::len)
@@ -433,7 +416,7 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
         || {
             let (http, url, address) = (http.clone(), b.url("/api/routers"), back.url(""));
             async move {
-                let (_, routers) = get(&http, url).await;
+                let (_, routers) = get_json(&http, url).await;
                 routers["routers"]
                     .as_array()?
                     .iter()

@@ -320,3 +320,62 @@ pub async fn send(
     let body = response.json().await.unwrap_or(Value::Null);
     (status, body)
 }
+
+/// The real router on a shared PostgreSQL registry (`--database-url`); its
+/// data dir goes with the returned guard.
+pub async fn router_on_database(
+    database: &str,
+    extra: &[&str],
+) -> (RouterProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut args = vec!["--database-url", database];
+    args.extend_from_slice(extra);
+    (RouterProcess::spawn(dir.path(), &args).await, dir)
+}
+
+/// GET: the status and the JSON body (`0` and null when nothing answered).
+pub async fn get_json(http: &reqwest::Client, url: String) -> (u16, Value) {
+    match http.get(url).send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (status, response.json().await.unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+/// Registers with a bearer credential; returns the id and the agent secret.
+pub async fn register_with_token(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    body: &Value,
+) -> (String, String) {
+    let answer: Value = http
+        .post(format!("{base}/api/agents/register"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("json");
+    (
+        answer["id"].as_str().expect("id").to_owned(),
+        answer["agent_secret"].as_str().expect("secret").to_owned(),
+    )
+}
+
+/// libfaketime, which the test command installs (Debian's `faketime`).
+pub fn faketime_library() -> String {
+    std::fs::read_dir("/usr/lib")
+        .expect("read /usr/lib")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("faketime/libfaketime.so.1"))
+        .chain(std::iter::once("/usr/lib/faketime/libfaketime.so.1".into()))
+        .find(|path| path.exists())
+        .expect("libfaketime is installed (apt-get install faketime; scripts/test.sh does)")
+        .to_string_lossy()
+        .into_owned()
+}
