@@ -32,7 +32,7 @@ echo "==> Load generator ($(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') G
 ./target/release/llm-router-bench --runs "${RUNS:-3}" --seconds "${MEASURE_SECONDS:-5}" "$@"
 
 echo "==> Micro-benchmarks (criterion)"
-cargo bench --locked -p bench --bench pick 2>&1 | grep -E '^(choose|plan)|time:'
+cargo bench --locked -p bench --bench pick 2>&1 | grep -E '^(choose|plan|cache-aware)|time:'
 
 after=$(ours)
 if [ "$after" -gt "$before" ]; then

@@ -56,6 +56,7 @@ fn pick(c: &mut Criterion) {
                     black_box(&table),
                     ApiKind::Ollama,
                     black_box("llama3.1:8b"),
+                    None,
                     1,
                 );
                 black_box(plan.map(|plan| plan[0].in_flight.load(Ordering::Relaxed)))
@@ -69,6 +70,7 @@ fn pick(c: &mut Criterion) {
                         black_box(&table),
                         ApiKind::Ollama,
                         black_box("llama3.1:8b"),
+                        None,
                         3,
                     ))
                 })
@@ -77,5 +79,58 @@ fn pick(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, pick);
+/// Cache-aware: a 4,000-token prompt (16,000 bytes, about 63 blocks) among
+/// 100 nodes, the index already holding 10,000 conversations. Making the
+/// prompt's key and choosing are measured apart and together.
+fn cache_aware(c: &mut Criterion) {
+    use coordinator::balancer::prefix::PromptKey;
+    use coordinator::balancer::CacheAware;
+    let table = fleet(100);
+    let balancer = Balancer::new(Policy::CacheAware(CacheAware::default()));
+    let conversation = |n: u32, turns: usize| {
+        let system = format!("[{{\"role\":\"system\",\"content\":\"assistant {n}: ")
+            + &"be brief and exact. ".repeat(800);
+        system + &",{\"role\":\"user\",\"content\":\"next\"}".repeat(turns) + "]"
+    };
+    for n in 0..10_000 {
+        let key = PromptKey::of("llama3.1:8b", &[conversation(n, 1).as_bytes()]);
+        let _ = balancer.plan(&table, ApiKind::Ollama, "llama3.1:8b", Some(&key), 1);
+    }
+    let prompt = conversation(4_242, 2);
+    assert!(prompt.len() >= 16_000, "{} bytes", prompt.len());
+    let key = PromptKey::of("llama3.1:8b", &[prompt.as_bytes()]);
+    c.bench_function("cache-aware: key of a 4,000-token prompt", |b| {
+        b.iter(|| {
+            black_box(PromptKey::of(
+                black_box("llama3.1:8b"),
+                &[black_box(prompt.as_bytes())],
+            ))
+        })
+    });
+    c.bench_function(
+        "cache-aware: choose among 100 nodes, 4,000-token prompt",
+        |b| {
+            b.iter(|| {
+                black_box(balancer.plan(
+                    black_box(&table),
+                    ApiKind::Ollama,
+                    black_box("llama3.1:8b"),
+                    Some(black_box(&key)),
+                    1,
+                ))
+            })
+        },
+    );
+    c.bench_function(
+        "cache-aware: key and choice, 4,000-token prompt, 100 nodes",
+        |b| {
+            b.iter(|| {
+                let key = PromptKey::of("llama3.1:8b", &[black_box(prompt.as_bytes())]);
+                black_box(balancer.plan(&table, ApiKind::Ollama, "llama3.1:8b", Some(&key), 1))
+            })
+        },
+    );
+}
+
+criterion_group!(benches, pick, cache_aware);
 criterion_main!(benches);

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::auth::{self, Credentials, Secret};
-use crate::balancer::Policy;
+use crate::balancer::{CacheAware, Policy};
 use crate::proxy::ProxyOptions;
 
 /// The server's options; the command line around them is `cli::Cli`.
@@ -47,6 +47,12 @@ pub struct Config {
         default_value = "round-robin"
     )]
     pub balancer: BalancerChoice,
+
+    /// Bytes the cache-aware balancer may spend remembering where prompt
+    /// prefixes went (about 40 bytes per 256 bytes of prompt; the oldest
+    /// are forgotten first).
+    #[arg(long, env = "LLM_ROUTER_CACHE_MEMORY", default_value_t = 64 * 1024 * 1024)]
+    pub cache_memory: usize,
 
     /// Seconds to wait for a connection to a node before trying the next.
     #[arg(long, env = "LLM_ROUTER_CONNECT_TIMEOUT", default_value = "5", value_parser = parse_seconds)]
@@ -237,7 +243,7 @@ impl Config {
 
     pub fn proxy_options(&self) -> ProxyOptions {
         ProxyOptions {
-            policy: self.balancer.policy(),
+            policy: self.balancer.policy(self.cache_memory),
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
             max_attempts: usize::from(self.max_attempts),
@@ -357,16 +363,24 @@ pub enum BalancerChoice {
     RoundRobin,
     /// The node with the fewest requests in flight from this router.
     LeastBusy,
+    /// The node that was sent the longest prefix of the prompt (its prompt
+    /// cache holds it), unless it is busier than the least busy by more
+    /// than 2 requests; a new prompt goes to the least busy.
+    CacheAware,
 }
 
 impl BalancerChoice {
     /// The balancer's policy of this name. (A method here rather than a
     /// `From` impl, which would belong to the balancer's type and so make
     /// the balancer depend on the command line.)
-    pub fn policy(self) -> Policy {
+    pub fn policy(self, cache_memory: usize) -> Policy {
         match self {
             BalancerChoice::RoundRobin => Policy::RoundRobin,
             BalancerChoice::LeastBusy => Policy::LeastBusy,
+            BalancerChoice::CacheAware => Policy::CacheAware(CacheAware {
+                memory_budget: cache_memory,
+                ..CacheAware::default()
+            }),
         }
     }
 }

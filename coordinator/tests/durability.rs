@@ -361,6 +361,7 @@ async fn round_robin_selection_skips_offline_agents() {
                 &registry.routing_table(),
                 ApiKind::OpenAi,
                 "smollm2:135m",
+                None,
                 1,
             )
             .ok()

@@ -12,6 +12,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::balancer::prefix::PromptKey;
 use crate::balancer::{ApiKind, NoRoute};
 use crate::proxy::{no_route_status, ForwardRequest, Proxy, ProxyError};
 use crate::telemetry::RequestAccount;
@@ -56,6 +57,11 @@ pub async fn forward(forwarder: &Forwarder, api: ApiKind, request: Request) -> R
             )
         }
     };
+    let prompt = forwarder
+        .proxy
+        .wants_prompt()
+        .then(|| prompt_key(parts.uri.path(), &model, &body))
+        .flatten();
     // The account carries the model from here: routing reads it there.
     account.set_model(model);
     let path_and_query = parts
@@ -68,6 +74,7 @@ pub async fn forward(forwarder: &Forwarder, api: ApiKind, request: Request) -> R
         path_and_query: &path_and_query,
         headers: &parts.headers,
         body,
+        prompt,
     };
     match forwarder.proxy.forward(request, account).await {
         Ok(response) => response,
@@ -320,6 +327,39 @@ async fn discard(body: &mut Body, limit: usize) {
             return;
         }
     }
+}
+
+/// The key cache-aware routing goes by: the prompt as the server will see
+/// it, in order (the system prompt, the messages or the prompt, images by
+/// their bytes), for the four generation routes. Each part is taken as its
+/// JSON text, unparsed: a conversation's next turn repeats the earlier
+/// messages byte for byte, so its key begins with the earlier turn's.
+fn prompt_key(path: &str, model: &str, body: &[u8]) -> Option<PromptKey> {
+    use serde_json::value::RawValue;
+    #[derive(Deserialize)]
+    struct PromptFields<'a> {
+        #[serde(borrow)]
+        system: Option<&'a RawValue>,
+        #[serde(borrow)]
+        messages: Option<&'a RawValue>,
+        #[serde(borrow)]
+        prompt: Option<&'a RawValue>,
+        #[serde(borrow)]
+        images: Option<&'a RawValue>,
+    }
+    if !matches!(
+        path,
+        "/api/chat" | "/api/generate" | "/v1/chat/completions" | "/v1/completions"
+    ) {
+        return None;
+    }
+    let fields: PromptFields<'_> = serde_json::from_slice(body).ok()?;
+    let parts: Vec<&[u8]> = [fields.system, fields.messages, fields.prompt, fields.images]
+        .into_iter()
+        .flatten()
+        .map(|raw| raw.get().as_bytes())
+        .collect();
+    (!parts.is_empty()).then(|| PromptKey::of(model, &parts))
 }
 
 /// The requested model: `model`, or `name` as older Ollama clients send to

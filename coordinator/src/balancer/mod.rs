@@ -3,6 +3,8 @@
 //! It knows nothing of the registry, which builds the tables and keeps the
 //! current one.
 
+pub mod prefix;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -36,6 +38,34 @@ pub enum Policy {
     RoundRobin,
     /// The candidate with the fewest requests in flight from this router.
     LeastBusy,
+    /// The candidate that was sent the longest prefix of this prompt, when
+    /// that prefix is worth it and the candidate is not overloaded; else
+    /// the least busy (see [`CacheAware`]).
+    CacheAware(CacheAware),
+}
+
+/// When the node holding a prompt's prefix wins over the least busy one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheAware {
+    /// Bytes the prefix index may hold.
+    pub memory_budget: usize,
+    /// The shared prefix must cover at least this share of the prompt, in
+    /// percent (SGLang's gateway starts from 50).
+    pub min_match_percent: u32,
+    /// The node holding the prefix is passed over when it has this many
+    /// more requests in flight than the least busy candidate: a cold
+    /// prompt elsewhere beats a queue here.
+    pub max_extra_in_flight: u64,
+}
+
+impl Default for CacheAware {
+    fn default() -> Self {
+        CacheAware {
+            memory_budget: 64 * 1024 * 1024,
+            min_match_percent: 50,
+            max_extra_in_flight: 2,
+        }
+    }
 }
 
 /// Why a request has nowhere to go.
@@ -232,19 +262,31 @@ fn model_key(name: &str) -> &str {
     name.strip_suffix(":latest").unwrap_or(name)
 }
 
-/// A policy and its cursor.
+/// A policy and its cursor (and, cache-aware, where prompts went).
 #[derive(Debug)]
 pub struct Balancer {
     policy: Policy,
     cursor: AtomicUsize,
+    prefixes: Option<prefix::PrefixIndex>,
 }
 
 impl Balancer {
     pub fn new(policy: Policy) -> Self {
+        let prefixes = match policy {
+            Policy::CacheAware(settings) => Some(prefix::PrefixIndex::new(settings.memory_budget)),
+            _ => None,
+        };
         Balancer {
             policy,
             cursor: AtomicUsize::new(0),
+            prefixes,
         }
+    }
+
+    /// Whether plans use the prompt: only then is a [`prefix::PromptKey`]
+    /// worth making for a request.
+    pub fn wants_prompt(&self) -> bool {
+        self.prefixes.is_some()
     }
 
     /// The nodes to try for one request, in order, at most `max_attempts`:
@@ -255,6 +297,7 @@ impl Balancer {
         table: &RoutingTable,
         api: ApiKind,
         model: &str,
+        prompt: Option<&prefix::PromptKey>,
         max_attempts: usize,
     ) -> Result<Vec<Arc<Candidate>>, NoRoute> {
         let (loaded, cold) = table.groups(api, model)?;
@@ -263,7 +306,18 @@ impl Balancer {
         } else {
             (loaded, cold)
         };
-        let first = self.pick_in_group(preferred).ok_or(NoRoute::NoNodes)?;
+        let first = match (&self.policy, &self.prefixes, prompt) {
+            (Policy::CacheAware(settings), Some(index), Some(prompt)) if !prompt.is_empty() => {
+                let first = self.pick_for_prompt(table, preferred, index, settings, prompt);
+                if let Some(position) = first {
+                    let chosen = &table.candidates[preferred.members[position] as usize];
+                    index.remember(prompt, prefix::node_key(&chosen.id));
+                }
+                first
+            }
+            _ => self.pick_in_group(preferred),
+        }
+        .ok_or(NoRoute::NoNodes)?;
         let members = &preferred.members;
         let rotated = members[first..].iter().chain(&members[..first]);
         Ok(rotated
@@ -276,8 +330,38 @@ impl Balancer {
     fn pick_in_group(&self, group: &Group) -> Option<usize> {
         match self.policy {
             Policy::RoundRobin => self.rotate(group.members.len()),
-            Policy::LeastBusy => self.least_busy(&group.in_flight),
+            Policy::LeastBusy | Policy::CacheAware(_) => self.least_busy(&group.in_flight),
         }
+    }
+
+    /// The member that holds the longest prefix of the prompt, if the
+    /// prefix covers enough of it and that member is not much busier than
+    /// the least busy; else the least busy (a new conversation spreads).
+    fn pick_for_prompt(
+        &self,
+        table: &RoutingTable,
+        group: &Group,
+        index: &prefix::PrefixIndex,
+        settings: &CacheAware,
+        prompt: &prefix::PromptKey,
+    ) -> Option<usize> {
+        let least_busy = self.least_busy(&group.in_flight)?;
+        let keys: Vec<u64> = group
+            .members
+            .iter()
+            .map(|&i| prefix::node_key(&table.candidates[i as usize].id))
+            .collect();
+        let Some(found) = index.longest_match(prompt, &keys) else {
+            return Some(least_busy);
+        };
+        let worth_it = found.blocks * 100 >= prompt.blocks() * settings.min_match_percent as usize;
+        let load = |position: usize| group.in_flight[position].load(Ordering::Relaxed);
+        let balanced = load(found.position) <= load(least_busy) + settings.max_extra_in_flight;
+        Some(if worth_it && balanced {
+            found.position
+        } else {
+            least_busy
+        })
     }
 
     /// The position of the smallest count, scanning from a rotating start
@@ -351,8 +435,43 @@ mod tests {
         api: ApiKind,
         model: &str,
     ) -> Result<Arc<Candidate>, NoRoute> {
-        let plan = balancer.plan(table, api, model, 1)?;
+        let plan = balancer.plan(table, api, model, None, 1)?;
         Ok(Arc::clone(&plan[0]))
+    }
+
+    #[test]
+    fn cache_aware_keeps_a_prompt_where_its_prefix_is_unless_that_node_is_overloaded() {
+        let table = RoutingTable::build(
+            (2..5)
+                .map(|n| candidate(n, BackendKind::Ollama, &["m"], &[]))
+                .collect(),
+            Vec::new(),
+        );
+        let balancer = Balancer::new(Policy::CacheAware(CacheAware::default()));
+        let system = "A long system prompt. ".repeat(100);
+        let turn = |n: usize| {
+            let messages = format!("[{system}]") + &" more".repeat(n);
+            prefix::PromptKey::of("m", &[messages.as_bytes()])
+        };
+        let plan = |key: &prefix::PromptKey| {
+            let plan = balancer
+                .plan(&table, ApiKind::Ollama, "m", Some(key), 1)
+                .expect("a plan");
+            Arc::clone(&plan[0])
+        };
+        let home = plan(&turn(0));
+        for n in 1..5 {
+            assert_eq!(plan(&turn(n)).id, home.id, "turn {n} stays");
+        }
+        // Two more in flight than the least busy: still worth the wait.
+        home.in_flight.store(2, Ordering::Relaxed);
+        assert_eq!(plan(&turn(6)).id, home.id);
+        // Three more: a cold prompt elsewhere beats the queue.
+        home.in_flight.store(3, Ordering::Relaxed);
+        assert_ne!(plan(&turn(7)).id, home.id);
+        // A new prompt goes to the least busy, never to the busy home.
+        let fresh = prefix::PromptKey::of("m", &[b"an unrelated prompt"]);
+        assert_ne!(plan(&fresh).id, home.id);
     }
 
     fn port_of(candidate: impl AsRef<Candidate>) -> u8 {
@@ -397,7 +516,7 @@ mod tests {
                 );
             }
             let plan = balancer
-                .plan(&table, ApiKind::Ollama, "m", 5)
+                .plan(&table, ApiKind::Ollama, "m", None, 5)
                 .expect("plan");
             assert_eq!(
                 plan.iter().map(port_of).collect::<Vec<_>>(),
@@ -496,7 +615,7 @@ mod tests {
         // Node 2's loaded list names the tag and its model list does not:
         // it still counts as holding the model, so it comes before node 5.
         let plan = balancer
-            .plan(&table, ApiKind::Ollama, "llama3.2", 3)
+            .plan(&table, ApiKind::Ollama, "llama3.2", None, 3)
             .expect("plan");
         assert_eq!(plan.iter().map(port_of).collect::<Vec<_>>(), [2, 5]);
         assert_eq!(
@@ -519,7 +638,7 @@ mod tests {
         let balancer = Balancer::new(Policy::RoundRobin);
         for turn in 0..6u8 {
             let plan = balancer
-                .plan(&table, ApiKind::Ollama, "m", 3)
+                .plan(&table, ApiKind::Ollama, "m", None, 3)
                 .expect("plan");
             // Round-robin's choice this turn, then the next two in order:
             // bounded by max_attempts, no node twice.
@@ -531,7 +650,7 @@ mod tests {
             );
         }
         let everyone = balancer
-            .plan(&table, ApiKind::Ollama, "m", 100)
+            .plan(&table, ApiKind::Ollama, "m", None, 100)
             .expect("plan");
         let distinct: HashSet<u8> = everyone.iter().map(port_of).collect();
         assert_eq!(

@@ -51,6 +51,8 @@ pub struct ForwardRequest<'a> {
     pub path_and_query: &'a PathAndQuery,
     pub headers: &'a HeaderMap,
     pub body: Bytes,
+    /// The prompt's block hashes, when the balancer routes on them.
+    pub prompt: Option<crate::balancer::prefix::PromptKey>,
 }
 
 /// Why a request could not be forwarded; the API layer shapes the answer
@@ -138,6 +140,11 @@ impl Proxy {
         self.upstream.prune(|address| addresses.contains(&address));
     }
 
+    /// Whether requests should bring their prompt's key (cache-aware).
+    pub fn wants_prompt(&self) -> bool {
+        self.balancer.wants_prompt()
+    }
+
     /// Idle node connections now, over every thread.
     pub fn idle_node_connections(&self) -> usize {
         self.upstream.idle_connections()
@@ -157,12 +164,16 @@ impl Proxy {
             path_and_query,
             headers,
             body,
+            prompt,
         } = request;
         let table = self.registry.routing_table();
-        let plan = match self
-            .balancer
-            .plan(&table, api, account.model(), self.options.max_attempts)
-        {
+        let plan = match self.balancer.plan(
+            &table,
+            api,
+            account.model(),
+            prompt.as_ref(),
+            self.options.max_attempts,
+        ) {
             Ok(plan) => plan,
             Err(no_route) => return Err((ProxyError::NoRoute(no_route), account)),
         };
