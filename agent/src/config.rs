@@ -67,6 +67,12 @@ pub struct AgentConfig {
     #[arg(long, env = "LLM_ROUTER_DRAIN_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
     pub drain_timeout: Duration,
 
+    /// Requests this node's LLM server takes at once: the router never
+    /// sends it more, and queues the rest. Without it, what the server
+    /// says (llama.cpp's slots in `/props`), else no limit.
+    #[arg(long, env = "LLM_ROUTER_MAX_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrency: Option<u32>,
+
     /// A PEM file of CA certificates to trust for an https:// router, besides
     /// the system's (for a router whose certificate a private CA signed).
     #[arg(long, env = "LLM_ROUTER_CA_CERT")]

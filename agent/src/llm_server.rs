@@ -14,6 +14,9 @@ pub struct ServerState {
     pub version: String,
     pub models: Vec<String>,
     pub loaded_models: Vec<String>,
+    /// Requests the server takes at once, where it says (llama.cpp's
+    /// server: `total_slots` in `/props`).
+    pub slots: Option<u32>,
 }
 
 pub struct LlmServer {
@@ -38,6 +41,12 @@ struct OllamaModel {
     name: String,
     #[serde(default)]
     model: String,
+}
+
+/// llama.cpp's server: `GET /props`.
+#[derive(Deserialize)]
+struct LlamaCppProps {
+    total_slots: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +98,7 @@ impl LlmServer {
                 version: version.version,
                 models,
                 loaded_models,
+                slots: None,
             });
         }
         let models = self.get_json::<OpenAiModels>("/v1/models").await.ok()?;
@@ -98,7 +108,14 @@ impl LlmServer {
             .map(|v| v.version)
             .unwrap_or_else(|_| "openai-compatible".to_owned());
         let models: Vec<String> = models.data.into_iter().map(|m| m.id).collect();
+        let slots = self
+            .get_json::<LlamaCppProps>("/props")
+            .await
+            .ok()
+            .and_then(|props| props.total_slots)
+            .filter(|slots| *slots > 0);
         Some(ServerState {
+            slots,
             kind: BackendKind::OpenAi,
             version,
             // An OpenAI-compatible server holds what it lists in memory.

@@ -69,7 +69,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         report_server_change(&mut server_was_up, state.is_some(), llm_server.base_url());
         let delay = match &registered {
             Some(current) if !server_changed(current, state.as_ref()) => {
-                let report = heartbeat_report(state.as_ref(), &mut host);
+                let report = heartbeat_report(state.as_ref(), &mut host, config.max_concurrency);
                 match router
                     .heartbeat(current.id, current.secret.as_deref(), &report)
                     .await
@@ -113,7 +113,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 let request = advertised.map(|ip| RegisterRequest {
                     agent_secret: secret.clone(),
                     tls: server.is_https(),
-                    ..register_request(&machine_name, ip, server.port, &system_info, state.as_ref())
+                    ..register_request(
+                        &machine_name,
+                        ip,
+                        server.port,
+                        &system_info,
+                        state.as_ref(),
+                        config.max_concurrency,
+                    )
                 });
                 let result = match request {
                     Ok(request) => router.register(&request).await.map_err(anyhow::Error::from),
@@ -300,6 +307,7 @@ fn register_request(
     port: u16,
     system_info: &common::SystemInfo,
     state: Option<&ServerState>,
+    max_concurrency: Option<u32>,
 ) -> RegisterRequest {
     RegisterRequest {
         machine_name: machine_name.to_owned(),
@@ -310,11 +318,18 @@ fn register_request(
         models: state.map(|s| s.models.clone()).unwrap_or_default(),
         backend: state.map(|s| s.kind).unwrap_or_default(),
         tls: false,
+        max_concurrency: max_concurrency.or(state.and_then(|s| s.slots)),
         agent_secret: None,
     }
 }
 
-fn heartbeat_report(state: Option<&ServerState>, host: &mut HostProbe) -> HeartbeatReport {
+/// `max_concurrency`: the operator's `--max-concurrency`, which wins over
+/// what the server says of its slots.
+fn heartbeat_report(
+    state: Option<&ServerState>,
+    host: &mut HostProbe,
+    max_concurrency: Option<u32>,
+) -> HeartbeatReport {
     let (cpu, memory) = host.load();
     HeartbeatReport {
         models: state.map(|s| s.models.clone()),
@@ -323,6 +338,7 @@ fn heartbeat_report(state: Option<&ServerState>, host: &mut HostProbe) -> Heartb
         llm_server_up: Some(state.is_some()),
         cpu_usage_percent: Some(cpu),
         memory_used: Some(memory),
+        max_concurrency: max_concurrency.or(state.and_then(|s| s.slots)),
     }
 }
 

@@ -35,6 +35,7 @@ fn fleet(nodes: u32) -> RoutingTable {
             loaded_models: Arc::from([]),
             // Busy nodes everywhere, so least-busy cannot stop early.
             in_flight: Arc::new(AtomicU64::new(1 + u64::from(n % 7))),
+            capacity: 0,
             traffic: Default::default(),
             host_header: coordinator::axum_http::HeaderValue::from_static("127.0.0.1:11434"),
         })

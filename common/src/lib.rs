@@ -60,6 +60,10 @@ pub struct RegisterRequest {
     /// `--node-ca-cert`) for `ip_address`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls: bool,
+    /// Requests the node's LLM server takes at once (its slots); the router
+    /// never sends it more. Absent: no limit known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
     /// The secret this agent was given when its identity was first
     /// registered: registering a known `(machine_name, port)` again needs
     /// it (or the admin token), so that no one else can take the identity.
@@ -110,6 +114,10 @@ pub struct HeartbeatReport {
     /// Bytes of memory in use on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_used: Option<u64>,
+    /// Requests the node's LLM server takes at once, as now known (a
+    /// server restarted with more slots); overrides the registered one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
 }
 
 /// `PUT /api/agents/:id`: the mutable fields; an absent field is unchanged.
@@ -207,6 +215,10 @@ pub struct Agent {
     /// The router reaches its LLM server over HTTPS.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls: bool,
+    /// Requests its LLM server takes at once, as registered (the report's,
+    /// when there is one, is the one routing uses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
 }
 
 /// One agent as the API shows it: the stored record plus what the router

@@ -48,6 +48,16 @@ pub struct Config {
     )]
     pub balancer: BalancerChoice,
 
+    /// Requests that may wait at the router when every node of their model
+    /// is at its capacity (`--max-concurrency` on the agent); one more is
+    /// answered 429. 0: none wait.
+    #[arg(long, env = "LLM_ROUTER_QUEUE_SIZE", default_value_t = 1024)]
+    pub queue_size: usize,
+
+    /// Seconds a request may wait in that queue before it is answered 429.
+    #[arg(long, env = "LLM_ROUTER_QUEUE_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
+    pub queue_timeout: Duration,
+
     /// Bytes the cache-aware balancer may spend remembering where prompt
     /// prefixes went (about 40 bytes per 256 bytes of prompt; the oldest
     /// are forgotten first).
@@ -250,6 +260,8 @@ impl Config {
             node_keepalive: self.node_keepalive,
             node_ca_certificates: Vec::new(),
             max_idle_node_connections: self.max_idle_node_connections,
+            queue_size: self.queue_size,
+            queue_timeout: self.queue_timeout,
         }
     }
 

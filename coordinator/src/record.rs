@@ -29,6 +29,7 @@ pub struct Registration {
     pub backend: BackendKind,
     /// Its LLM server speaks HTTPS.
     pub tls: bool,
+    pub max_concurrency: Option<u32>,
 }
 
 impl TryFrom<common::RegisterRequest> for Registration {
@@ -52,6 +53,7 @@ impl TryFrom<common::RegisterRequest> for Registration {
             models: request.models,
             backend: request.backend,
             tls: request.tls,
+            max_concurrency: request.max_concurrency,
         })
     }
 }
@@ -79,6 +81,8 @@ pub struct NodeFacts {
     pub backend: BackendKind,
     /// Its LLM server speaks HTTPS.
     pub tls: bool,
+    /// Requests its LLM server takes at once, as registered.
+    pub max_concurrency: Option<u32>,
     pub report: Report,
     /// SHA-256 of the agent's secret (stored; never shown by the API).
     pub secret_digest: Option<TokenDigest>,
@@ -93,6 +97,7 @@ pub struct Report {
     pub llm_server_up: Option<bool>,
     pub cpu_usage_percent: Option<f32>,
     pub memory_used: Option<u64>,
+    pub max_concurrency: Option<u32>,
 }
 
 impl NodeFacts {
@@ -114,6 +119,7 @@ impl NodeFacts {
             models: intern_models(&[]),
             backend: registration.backend,
             tls: registration.tls,
+            max_concurrency: registration.max_concurrency,
             report: Report::default(),
             secret_digest: None,
         };
@@ -133,6 +139,7 @@ impl NodeFacts {
         self.models = intern_models(&registration.models);
         self.backend = registration.backend;
         self.tls = registration.tls;
+        self.max_concurrency = registration.max_concurrency;
         self.status = AgentStatus::Online;
         self.last_seen = now;
     }
@@ -157,8 +164,20 @@ impl NodeFacts {
             models: to_strings(&self.models),
             backend: self.backend,
             tls: self.tls,
+            max_concurrency: self.max_concurrency,
             report: self.report.to_wire(),
         }
+    }
+
+    /// Requests routing may have in flight to it at once (0: no limit):
+    /// the latest report's, else the registered one.
+    pub fn capacity(&self) -> u64 {
+        u64::from(
+            self.report
+                .max_concurrency
+                .or(self.max_concurrency)
+                .unwrap_or(0),
+        )
     }
 
     /// The models routing should use: the latest report's, else the registered ones.
@@ -176,6 +195,7 @@ impl Report {
             llm_server_up: self.llm_server_up,
             cpu_usage_percent: self.cpu_usage_percent,
             memory_used: self.memory_used,
+            max_concurrency: self.max_concurrency,
         }
     }
 
@@ -196,6 +216,10 @@ impl Report {
         }
         if report.memory_used.is_some() {
             self.memory_used = report.memory_used;
+        }
+        if report.max_concurrency.is_some() && report.max_concurrency != self.max_concurrency {
+            self.max_concurrency = report.max_concurrency;
+            routing_changed = true;
         }
         routing_changed
     }
@@ -301,6 +325,7 @@ mod tests {
             models: vec!["a".into(), "b".into()],
             backend: BackendKind::Ollama,
             tls: true,
+            max_concurrency: Some(4),
         };
         let now = Utc::now();
         let id = Uuid::new_v4();
@@ -312,8 +337,10 @@ mod tests {
             llm_server_up: Some(true),
             cpu_usage_percent: Some(1.5),
             memory_used: Some(7),
+            max_concurrency: Some(2),
         };
         facts.report.merge(report.clone());
+        assert_eq!(facts.capacity(), 2, "the report's capacity wins");
         let agent = facts.to_wire();
         assert_eq!(
             agent,
@@ -330,6 +357,7 @@ mod tests {
                 models: vec!["a".into(), "b".into()],
                 backend: BackendKind::Ollama,
                 tls: true,
+                max_concurrency: Some(4),
                 report,
             }
         );

@@ -21,6 +21,9 @@ pub const FAILOVERS: &str = "llm_router_failovers_total";
 pub const STORE_WRITES: &str = "llm_router_store_writes_total";
 pub const STORE_WRITE_DURATION: &str = "llm_router_store_write_duration_seconds";
 pub const STORE_CHANGES: &str = "llm_router_store_changes_total";
+pub const QUEUE_LENGTH: &str = "llm_router_queue_length";
+pub const QUEUE_WAIT: &str = "llm_router_queue_wait_seconds";
+pub const QUEUE_REFUSED: &str = "llm_router_queue_refused_total";
 
 /// Latency buckets, in seconds: from a fast cached answer to a long generation.
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -91,6 +94,20 @@ fn describe() {
         "Time of one journal write and its fdatasync"
     );
     describe_counter!(STORE_CHANGES, "Changes committed to the journal, by kind");
+    metrics::describe_gauge!(
+        QUEUE_LENGTH,
+        "Requests waiting at the router for a node of their model to free a slot"
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "How long requests waited in the router's queue"
+    );
+    describe_counter!(
+        QUEUE_REFUSED,
+        "Requests answered 429 by the queue, by reason (full, timeout)"
+    );
+    metrics::gauge!(QUEUE_LENGTH).set(0.0);
 }
 
 /// The LLM routes metrics label requests with: a fixed set, so that each

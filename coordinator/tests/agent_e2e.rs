@@ -57,6 +57,7 @@ impl RunningAgent {
             machine_name: Some(name.to_owned()),
             advertise_ip: None,
             drain_timeout: Duration::from_secs(5),
+            max_concurrency: None,
             log_format: agent::config::LogFormat::Text,
         };
         let stop = CancellationToken::new();

@@ -174,6 +174,7 @@ async fn a_router_restart_under_1000_live_agents_brings_all_back_with_their_ids(
                 machine_name: Some(format!("herd-{n:04}")),
                 advertise_ip: None,
                 drain_timeout: Duration::from_millis(100),
+                max_concurrency: None,
                 log_format: agent::config::LogFormat::Text,
                 token: None,
                 token_file: None,

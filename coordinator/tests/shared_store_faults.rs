@@ -264,6 +264,7 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
         machine_name: Some("node-k".to_owned()),
         advertise_ip: Some("127.0.0.1".parse().expect("ip")),
         drain_timeout: Duration::from_secs(1),
+        max_concurrency: None,
         log_format: agent::config::LogFormat::Text,
     };
     let stop_agent = tokio_util::sync::CancellationToken::new();

@@ -46,6 +46,7 @@ fn agent_over_tls(
         token: token.map(str::to_owned),
         token_file: None,
         drain_timeout: Duration::from_secs(5),
+        max_concurrency: None,
         ca_cert: Some(ca.to_owned()),
         state_dir: Some(state_dir.to_owned()),
     }

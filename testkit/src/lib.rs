@@ -44,6 +44,9 @@ pub struct StandInOptions {
     /// a client that sees the first chunk before the release proves that
     /// nothing between them buffers the stream.
     pub gated: bool,
+    /// Slots, as llama.cpp's server reports them at `GET /props`
+    /// (`total_slots`); only an OpenAI-compatible stand-in has `/props`.
+    pub slots: Option<u32>,
 }
 
 impl StandInOptions {
@@ -57,6 +60,7 @@ impl StandInOptions {
             chunks: 4,
             chunk_delay: Duration::ZERO,
             gated: false,
+            slots: None,
         }
     }
 
@@ -74,6 +78,8 @@ impl StandInOptions {
 pub struct StandInStats {
     pub requests: AtomicU64,
     pub generations_in_flight: AtomicU64,
+    /// The most generations that were ever in flight at once.
+    pub most_generations_at_once: AtomicU64,
     pub generations_completed: AtomicU64,
     /// Streams dropped before their last chunk: the client went away.
     pub generations_cancelled: AtomicU64,
@@ -193,6 +199,7 @@ impl StandInStats {
         json!({
             "requests": self.requests.load(Ordering::SeqCst),
             "generations_in_flight": self.generations_in_flight.load(Ordering::SeqCst),
+            "most_generations_at_once": self.most_generations_at_once.load(Ordering::SeqCst),
             "generations_completed": self.generations_completed.load(Ordering::SeqCst),
             "generations_cancelled": self.generations_cancelled.load(Ordering::SeqCst),
             "connections_open": self.connections_open.load(Ordering::SeqCst),
@@ -298,6 +305,15 @@ impl Drop for StandIn {
     }
 }
 
+/// llama.cpp's server: its slots (how many requests it takes at once);
+/// 404 when the stand-in has none, as vLLM answers.
+async fn llama_cpp_props(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.options.slots {
+        Some(slots) => Json(json!({"total_slots": slots, "chat_template": ""})).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
 fn router(shared: Arc<Shared>) -> Router {
     let mut app = Router::new()
         .route("/v1/models", get(openai_models))
@@ -319,7 +335,9 @@ fn router(shared: Arc<Shared>) -> Router {
             .route("/api/show", post(ollama_show)),
         // vLLM's version endpoint; llama.cpp's server has none, which the
         // agent also copes with.
-        BackendKind::OpenAi => app.route("/version", get(ollama_version)),
+        BackendKind::OpenAi => app
+            .route("/version", get(ollama_version))
+            .route("/props", get(llama_cpp_props)),
     };
     // Real servers take chat requests with large images.
     app.layer(axum::extract::DefaultBodyLimit::disable())
@@ -442,7 +460,10 @@ struct GenerationGuard {
 
 impl GenerationGuard {
     fn new(stats: &Arc<StandInStats>) -> Self {
-        stats.generations_in_flight.fetch_add(1, Ordering::SeqCst);
+        let now = stats.generations_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        stats
+            .most_generations_at_once
+            .fetch_max(now, Ordering::SeqCst);
         GenerationGuard {
             stats: Arc::clone(stats),
             finished: false,

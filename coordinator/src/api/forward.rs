@@ -87,6 +87,25 @@ pub async fn forward(forwarder: &Forwarder, api: ApiKind, request: Request) -> R
             };
             answer(account, no_route_answer(api, &model, &no_route))
         }
+        Err((ProxyError::Queue(refusal), account)) => {
+            use crate::proxy::queue::QueueRefusal;
+            let (code, message, reason) = match refusal {
+                QueueRefusal::Full => (
+                    "queue_full",
+                    "every node that serves this model is at its capacity and the router's queue is full (--queue-size); retry shortly",
+                    "full",
+                ),
+                QueueRefusal::TimedOut => (
+                    "queue_timeout",
+                    "every node that serves this model stayed at its capacity for as long as this router lets a request wait (--queue-timeout); retry shortly",
+                    "timeout",
+                ),
+            };
+            metrics::counter!(crate::telemetry::QUEUE_REFUSED, "reason" => reason).increment(1);
+            let mut response = error(api, StatusCode::TOO_MANY_REQUESTS, code, message);
+            retry_after(&mut response);
+            answer(account, response)
+        }
         Err((ProxyError::AllFailed { attempts }, account)) => answer(
             account,
             error(

@@ -250,6 +250,8 @@ pub struct Candidate {
     pub loaded_models: ModelList,
     /// Requests the router has in flight to this node.
     pub in_flight: Arc<AtomicU64>,
+    /// The most it may have in flight there at once (0: no limit).
+    pub capacity: u64,
     /// Its traffic counters, for `/metrics`.
     pub traffic: Arc<crate::telemetry::NodeTraffic>,
     /// `Host` for requests to it, made once here rather than per request.
@@ -258,7 +260,7 @@ pub struct Candidate {
 
 /// A model's name as the table indexes it: Ollama's default tag dropped,
 /// so that `llama3.2` and `llama3.2:latest` are one key.
-fn model_key(name: &str) -> &str {
+pub fn model_key(name: &str) -> &str {
     name.strip_suffix(":latest").unwrap_or(name)
 }
 
@@ -422,6 +424,7 @@ mod tests {
             models: models.iter().map(|m| Arc::from(*m)).collect(),
             loaded_models: loaded.iter().map(|m| Arc::from(*m)).collect(),
             in_flight: Arc::new(AtomicU64::new(0)),
+            capacity: 0,
             traffic: Default::default(),
             host_header: axum::http::HeaderValue::from_static("127.0.0.1:11434"),
         }

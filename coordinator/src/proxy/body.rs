@@ -18,10 +18,15 @@ use super::upstream::PooledConnection;
 
 /// Counts one request in flight to a node. Dropping it is the only way the
 /// count goes down, so completion, error and client disconnect (which drops
-/// the response body) are one path and the count cannot drift.
+/// the response body) are one path and the count cannot drift. For a node
+/// with a capacity, dropping it also gives the freed slot to the queue.
 #[derive(Debug)]
 pub struct InFlightGuard {
     counter: Arc<AtomicU64>,
+    release: Option<(
+        Arc<super::queue::WaitQueue>,
+        Arc<crate::balancer::Candidate>,
+    )>,
 }
 
 impl InFlightGuard {
@@ -29,13 +34,38 @@ impl InFlightGuard {
         counter.fetch_add(1, Ordering::Relaxed);
         InFlightGuard {
             counter: Arc::clone(counter),
+            release: None,
         }
+    }
+
+    /// A slot at `node`, if it has one free: never more in flight than its
+    /// capacity (0: no limit), whatever the event loops do at once.
+    pub fn reserve(
+        node: &Arc<crate::balancer::Candidate>,
+        queue: &Arc<super::queue::WaitQueue>,
+    ) -> Option<Self> {
+        if node.capacity == 0 {
+            return Some(Self::new(&node.in_flight));
+        }
+        node.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < node.capacity).then_some(n + 1)
+            })
+            .ok()?;
+        Some(InFlightGuard {
+            counter: Arc::clone(&node.in_flight),
+            release: Some((Arc::clone(queue), Arc::clone(node))),
+        })
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.counter.fetch_sub(1, Ordering::Relaxed);
+        // Sequentially consistent with the queue's count (see `queue`).
+        self.counter.fetch_sub(1, Ordering::SeqCst);
+        if let Some((queue, node)) = &self.release {
+            queue.slot_freed(node);
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! answer streamed back as the node produces it.
 
 mod body;
+pub mod queue;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -43,6 +44,10 @@ pub struct ProxyOptions {
     /// CA certificates trusted for nodes that speak HTTPS, besides the
     /// system's (`--node-ca-cert`).
     pub node_ca_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Requests that may wait for a node at capacity (`--queue-size`).
+    pub queue_size: usize,
+    /// How long one may wait (`--queue-timeout`).
+    pub queue_timeout: Duration,
 }
 
 /// One client request for [`Proxy::forward`].
@@ -64,11 +69,15 @@ pub enum ProxyError {
     AllFailed {
         attempts: usize,
     },
+    /// Every node of the model is at capacity and the queue is full, or
+    /// the wait ran past `--queue-timeout`.
+    Queue(queue::QueueRefusal),
 }
 
 pub struct Proxy {
     registry: Arc<Registry>,
     balancer: Balancer,
+    queue: Arc<queue::WaitQueue>,
     upstream: Arc<UpstreamPool>,
     options: ProxyOptions,
     /// This router's name in `Via` (RFC 9110, section 7.6.3): random per
@@ -103,6 +112,10 @@ impl Proxy {
             via,
             registry,
             balancer: Balancer::new(options.policy),
+            queue: Arc::new(queue::WaitQueue::new(
+                options.queue_size,
+                options.queue_timeout,
+            )),
             upstream: UpstreamPool::new(
                 options.connect_timeout,
                 options.node_keepalive,
@@ -166,42 +179,130 @@ impl Proxy {
             body,
             prompt,
         } = request;
+        let deadline = tokio::time::Instant::now() + self.queue.timeout;
+        // Set once this request has waited and been given its turn.
+        let mut had_turn = false;
+        loop {
+            // A new request queues behind those already waiting for its
+            // model, so that a freed slot goes to the first in line.
+            let behind_others = !had_turn && self.queue.has_waiters_for(account.model(), api);
+            if !behind_others {
+                let mut tried = self
+                    .try_plan(
+                        api,
+                        prompt.as_ref(),
+                        path_and_query,
+                        headers,
+                        &body,
+                        account,
+                        self.options.max_attempts,
+                    )
+                    .await;
+                if let Tried::AllAtCapacity(returned) = tried {
+                    // The first few were full: look at every node before waiting.
+                    tried = self
+                        .try_plan(
+                            api,
+                            prompt.as_ref(),
+                            path_and_query,
+                            headers,
+                            &body,
+                            returned,
+                            usize::MAX,
+                        )
+                        .await;
+                }
+                match tried {
+                    Tried::Done(result) => return result,
+                    Tried::AllAtCapacity(returned) => account = returned,
+                }
+            }
+            // Every node that can take it is at its capacity: wait for a slot.
+            let mut ticket = match self.queue.enter(account.model(), api, had_turn) {
+                Ok(ticket) => ticket,
+                Err(refusal) => return Err((ProxyError::Queue(refusal), account)),
+            };
+            // A slot freed between the last look and joining the queue was
+            // given to nobody: give it now (to the first in line).
+            self.offer_free_slots(api, account.model());
+            if let Err(refusal) = ticket.turn(deadline).await {
+                return Err((ProxyError::Queue(refusal), account));
+            }
+            had_turn = true;
+        }
+    }
+
+    /// Wakes a waiter for each node of the model that has a free slot now.
+    fn offer_free_slots(&self, api: ApiKind, model: &str) {
         let table = self.registry.routing_table();
-        let plan = match self.balancer.plan(
-            &table,
-            api,
-            account.model(),
-            prompt.as_ref(),
-            self.options.max_attempts,
-        ) {
-            Ok(plan) => plan,
-            Err(no_route) => return Err((ProxyError::NoRoute(no_route), account)),
-        };
-        drop(table);
-        let mut last_server_error = None;
-        let attempts = plan.len();
-        for candidate in plan {
+        if let Ok(plan) = self.balancer.plan(&table, api, model, None, usize::MAX) {
+            for node in plan {
+                if node.capacity > 0
+                    && node.in_flight.load(std::sync::atomic::Ordering::SeqCst) < node.capacity
+                {
+                    self.queue.slot_freed(&node);
+                }
+            }
+        }
+    }
+
+    /// One pass over a plan of at most `max_attempts` nodes, skipping those
+    /// at capacity. Nodes that fail are marked and the next is tried.
+    #[allow(clippy::too_many_arguments)]
+    async fn try_plan(
+        &self,
+        api: ApiKind,
+        prompt: Option<&crate::balancer::prefix::PromptKey>,
+        path_and_query: &PathAndQuery,
+        headers: &HeaderMap,
+        body: &Bytes,
+        mut account: RequestAccount,
+        max_attempts: usize,
+    ) -> Tried {
+        let plan = {
+            let table = self.registry.routing_table();
             match self
-                .attempt(&candidate, path_and_query, headers, body.clone())
+                .balancer
+                .plan(&table, api, account.model(), prompt, max_attempts)
+            {
+                Ok(plan) => plan,
+                Err(no_route) => return Tried::Done(Err((ProxyError::NoRoute(no_route), account))),
+            }
+        };
+        let mut last_server_error = None;
+        let mut attempts = 0;
+        for candidate in &plan {
+            if attempts >= self.options.max_attempts {
+                break;
+            }
+            let Some(in_flight) = InFlightGuard::reserve(candidate, &self.queue) else {
+                continue;
+            };
+            attempts += 1;
+            match self
+                .attempt(candidate, in_flight, path_and_query, headers, body.clone())
                 .await
             {
                 Attempt::Answered(parts, body) => {
                     account.answered_by(&candidate.traffic, parts.status.as_u16());
-                    return Ok(Response::from_parts(
+                    return Tried::Done(Ok(Response::from_parts(
                         parts,
                         Body::new(body.with_account(account)),
-                    ));
+                    )));
                 }
                 Attempt::ServerError(parts, body) => {
                     self.registry.mark_unreachable(candidate.id);
-                    last_server_error = Some((parts, body, Arc::clone(&candidate)));
+                    last_server_error = Some((parts, body, Arc::clone(candidate)));
                 }
                 Attempt::Failed => self.registry.mark_unreachable(candidate.id),
             }
             candidate.traffic.count_failover(account.route());
         }
+        if attempts == 0 {
+            return Tried::AllAtCapacity(account);
+        }
         // Every node failed; a node's own 5xx says more than ours would.
-        match last_server_error {
+        Tried::Done(match last_server_error {
             Some((parts, body, candidate)) => {
                 account.answered_by(&candidate.traffic, parts.status.as_u16());
                 Ok(Response::from_parts(
@@ -210,17 +311,17 @@ impl Proxy {
                 ))
             }
             None => Err((ProxyError::AllFailed { attempts }, account)),
-        }
+        })
     }
 
     async fn attempt(
         &self,
         candidate: &Candidate,
+        in_flight: InFlightGuard,
         path_and_query: &PathAndQuery,
         headers: &HeaderMap,
         body: Bytes,
     ) -> Attempt {
-        let in_flight = InFlightGuard::new(&candidate.in_flight);
         let build =
             || upstream_request(candidate, path_and_query, headers, body.clone(), &self.via);
         let sent = tokio::time::timeout(
@@ -259,6 +360,13 @@ impl Proxy {
             Attempt::Answered(parts, body)
         }
     }
+}
+
+/// What one pass over a plan came to.
+enum Tried {
+    Done(Result<Response<Body>, (ProxyError, RequestAccount)>),
+    /// Every node in the plan was at its capacity; nothing was tried.
+    AllAtCapacity(RequestAccount),
 }
 
 enum Attempt {

@@ -258,6 +258,7 @@ fn take_stored_fields(record: &mut AgentRecord, facts: &NodeFacts) -> bool {
     agent.models = Arc::clone(&facts.models);
     agent.backend = facts.backend;
     agent.tls = facts.tls;
+    agent.max_concurrency = facts.max_concurrency;
     agent.secret_digest = facts.secret_digest;
     if moved {
         record.unreachable = false;

@@ -887,6 +887,7 @@ impl Registry {
                     .clone()
                     .unwrap_or_else(|| Arc::from([])),
                 in_flight: Arc::clone(&record.in_flight),
+                capacity: agent.capacity(),
                 traffic: Arc::clone(&record.traffic),
             });
         }

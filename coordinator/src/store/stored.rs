@@ -41,6 +41,8 @@ pub struct StoredAgent {
     pub backend: BackendKind,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
     /// SHA-256 of the agent's secret, in hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_hash: Option<String>,
@@ -71,6 +73,7 @@ impl From<&NodeFacts> for StoredAgent {
             models: to_strings(&facts.models),
             backend: facts.backend,
             tls: facts.tls,
+            max_concurrency: facts.max_concurrency,
             secret_hash: facts.secret_digest.map(TokenDigest::to_hex),
         }
     }
@@ -98,6 +101,7 @@ impl StoredAgent {
             models: intern_models(&agent.models),
             backend: agent.backend,
             tls: agent.tls,
+            max_concurrency: agent.max_concurrency,
             report: Report::default(),
             secret_digest: agent.secret_hash.as_deref().and_then(TokenDigest::from_hex),
         }
@@ -259,6 +263,7 @@ mod tests {
             models: vec!["a".into(), "b".into()],
             backend: BackendKind::Ollama,
             tls: true,
+            max_concurrency: Some(3),
             secret_hash: Some(TokenDigest::of(b"a secret").to_hex()),
         }
     }

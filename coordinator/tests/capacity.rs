@@ -1,0 +1,291 @@
+//! Node capacity and the queue at the router: a node is never sent more
+//! requests at once than it takes; the rest wait at the router, in order,
+//! and a full queue or a long wait is a 429 with Retry-After in each API's
+//! error shape, never a 5xx.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{client, config, eventually, register, TestRouter};
+use testkit::{StandIn, StandInOptions};
+
+async fn slow_node(name: &str, chunk_delay: Duration) -> (StandIn, u16) {
+    let options = StandInOptions {
+        chunk_delay,
+        ..StandInOptions::ollama(name, &["smollm2:135m"])
+    };
+    let node = StandIn::spawn(options).await.expect("stand-in");
+    let port = node
+        .url()
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .parse()
+        .expect("port");
+    (node, port)
+}
+
+async fn register_with_capacity(
+    router: &TestRouter,
+    name: &str,
+    port: u16,
+    capacity: u32,
+) -> String {
+    register(
+        &client(),
+        &router.url(""),
+        &json!({
+            "machine_name": name, "ip_address": "127.0.0.1", "port": port,
+            "runtime_version": "0.5.7", "models": ["smollm2:135m"],
+            "system_info": {"os": "Linux", "arch": "x86_64", "cpu_cores": 2, "total_memory": 1024},
+            "max_concurrency": capacity,
+        }),
+    )
+    .await
+}
+
+fn chat_body() -> Value {
+    json!({"model": "smollm2:135m", "stream": false, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn queue_length(router: &TestRouter) -> f64 {
+    let metrics = client()
+        .get(router.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("llm_router_queue_length "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test]
+async fn a_node_of_capacity_one_never_takes_two_and_every_queued_request_succeeds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let (node, port) = slow_node("one-slot", Duration::from_millis(40)).await;
+    let id = register_with_capacity(&router, "one-slot", port, 1).await;
+    let (_, agent) = support::get_json(&client(), router.url(&format!("/api/agents/{id}"))).await;
+    assert_eq!(
+        agent["max_concurrency"], 1,
+        "the listing shows the capacity: {agent}"
+    );
+
+    let http = client();
+    let requests = (0..8).map(|n| {
+        let (http, url) = (
+            http.clone(),
+            router.url(if n % 2 == 0 {
+                "/api/chat"
+            } else {
+                "/v1/chat/completions"
+            }),
+        );
+        async move {
+            http.post(url)
+                .json(&chat_body())
+                .send()
+                .await
+                .expect("chat")
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let stats = node.stats.to_json_for_tests();
+    assert_eq!(stats["most_generations_at_once"], 1, "{stats}");
+    assert_eq!(stats["generations_completed"], 8, "{stats}");
+    assert_eq!(queue_length(&router).await, 0.0);
+}
+
+#[tokio::test]
+async fn a_full_queue_and_a_long_wait_answer_429_with_retry_after_in_each_apis_shape() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut settings = config(dir.path());
+    settings.queue_size = 1;
+    settings.queue_timeout = Duration::from_millis(1500);
+    let router = TestRouter::start(settings).await;
+    // One generation takes about 2 s: 4 chunks, 500 ms apart.
+    let (_node, port) = slow_node("busy", Duration::from_millis(500)).await;
+    register_with_capacity(&router, "busy", port, 1).await;
+    let http = client();
+
+    let running = tokio::spawn({
+        let (http, url) = (http.clone(), router.url("/api/chat"));
+        async move {
+            http.post(url)
+                .json(&chat_body())
+                .send()
+                .await
+                .expect("chat")
+                .status()
+                .as_u16()
+        }
+    });
+    eventually(
+        Duration::from_secs(5),
+        "the first request at the node",
+        || {
+            let (http, url) = (http.clone(), router.url("/api/agents"));
+            async move {
+                let (_, agents) = support::get_json(&http, url).await;
+                (agents[0]["in_flight"] == 1).then_some(())
+            }
+        },
+    )
+    .await;
+    let queued = tokio::spawn({
+        let (http, url) = (http.clone(), router.url("/v1/chat/completions"));
+        async move {
+            let response = http
+                .post(url)
+                .json(&chat_body())
+                .send()
+                .await
+                .expect("chat");
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    });
+    eventually(Duration::from_secs(5), "one request queued", || async {
+        (queue_length(&router).await == 1.0).then_some(())
+    })
+    .await;
+
+    // The queue holds one: the next is refused at once, in Ollama's shape...
+    let full = http
+        .post(router.url("/api/chat"))
+        .json(&chat_body())
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(full.status(), 429);
+    assert!(full.headers().contains_key("retry-after"));
+    let body: Value = full.json().await.expect("json");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("--queue-size")),
+        "{body}"
+    );
+    // ...and in OpenAI's.
+    let full = http
+        .post(router.url("/v1/chat/completions"))
+        .json(&chat_body())
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(full.status(), 429);
+    let body: Value = full.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "queue_full", "{body}");
+
+    // The queued one waited past --queue-timeout: 429, not a 5xx.
+    let (status, body) = queued.await.expect("queued");
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "queue_timeout", "{body}");
+    assert_eq!(running.await.expect("running"), 200);
+    assert_eq!(queue_length(&router).await, 0.0);
+}
+
+/// A client that gives up while queued leaves the queue at once.
+#[tokio::test]
+async fn a_client_that_leaves_while_queued_leaves_the_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let (_node, port) = slow_node("held", Duration::from_millis(500)).await;
+    register_with_capacity(&router, "held", port, 1).await;
+    let http = client();
+    let running = tokio::spawn({
+        let (http, url) = (http.clone(), router.url("/api/chat"));
+        async move {
+            http.post(url)
+                .json(&chat_body())
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    });
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(800))
+        .build()
+        .expect("client");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let giving_up = tokio::spawn({
+        let url = router.url("/api/chat");
+        async move { impatient.post(url).json(&chat_body()).send().await }
+    });
+    eventually(
+        Duration::from_secs(1),
+        "the impatient request queued",
+        || async { (queue_length(&router).await == 1.0).then_some(()) },
+    )
+    .await;
+    assert!(
+        giving_up.await.expect("task").is_err(),
+        "the impatient client timed out"
+    );
+    // Long before the running request ends (about 2 s in) and frees the slot.
+    eventually(
+        Duration::from_millis(400),
+        "the queue is empty again",
+        || async { (queue_length(&router).await == 0.0).then_some(()) },
+    )
+    .await;
+    assert!(!running.is_finished(), "the slot is still taken");
+    assert_eq!(running.await.expect("task").expect("running"), 200);
+}
+
+/// The agent reads llama.cpp's slots from `/props` and reports them; the
+/// router then holds the node to them.
+#[tokio::test]
+async fn the_agent_reports_llama_cpp_slots_as_the_nodes_capacity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let options = StandInOptions {
+        slots: Some(2),
+        ..StandInOptions::openai("llama-cpp", &["smollm2"])
+    };
+    let node = StandIn::spawn(options).await.expect("stand-in");
+    let state = tempfile::tempdir().expect("state");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let agent = tokio::spawn(agent::run(
+        agent::AgentConfig {
+            state_dir: Some(state.path().to_owned()),
+            ca_cert: None,
+            token: None,
+            token_file: None,
+            router_url: vec![router.url("")],
+            backend_url: Some(node.url()),
+            heartbeat_interval: Duration::from_millis(100),
+            machine_name: Some("llama-cpp".to_owned()),
+            advertise_ip: Some("127.0.0.1".parse().expect("ip")),
+            drain_timeout: Duration::from_secs(1),
+            max_concurrency: None,
+            log_format: agent::config::LogFormat::Text,
+        },
+        stop.clone(),
+    ));
+    let http = client();
+    eventually(Duration::from_secs(5), "the slots reported", || {
+        let (http, url) = (http.clone(), router.url("/api/agents"));
+        async move {
+            let (_, agents) = support::get_json(&http, url).await;
+            (agents[0]["max_concurrency"] == 2 && agents[0]["report"]["max_concurrency"] == 2)
+                .then_some(())
+        }
+    })
+    .await;
+    stop.cancel();
+    let _ = agent.await;
+}
