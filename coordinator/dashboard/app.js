@@ -98,6 +98,8 @@ function renderRates(text) {
     document.getElementById("heartbeat-rate").textContent = rate(now.heartbeats, previous.heartbeats);
   }
   previous = now;
+  // Requests waiting at the router for a node at capacity to free a slot.
+  document.getElementById("queued").textContent = total(text, "llm_router_queue_length");
 }
 
 // With --protect-listings the router wants a reader's credential (the admin

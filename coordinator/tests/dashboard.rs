@@ -199,6 +199,11 @@ async fn dashboard_shows_agents_and_a_status_change_without_reloading() {
         .await,
         "1"
     );
+    assert_eq!(
+        script(&browser, "return document.getElementById('queued').textContent;").await,
+        "0",
+        "the queue's length is shown"
+    );
     // The routers sharing the registry: with the data files, this one.
     let routers = script(
         &browser,
