@@ -19,6 +19,18 @@ pub struct ServerState {
     pub slots: Option<u32>,
 }
 
+/// What one probe found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Probe {
+    Up(ServerState),
+    /// It took the connection but did not answer in time: busy (a server
+    /// that answers its model list only between generations, as
+    /// llama-cpp-python's does) rather than dead.
+    Busy,
+    /// Refused, or answered as neither kind.
+    Down,
+}
+
 pub struct LlmServer {
     base_url: String,
     http: reqwest::Client,
@@ -82,7 +94,22 @@ impl LlmServer {
 
     /// Probes the server; `None` when it does not answer as either kind.
     pub async fn probe(&self) -> Option<ServerState> {
-        if let Ok(version) = self.get_json::<OllamaVersion>("/api/version").await {
+        match self.check().await {
+            Probe::Up(state) => Some(state),
+            Probe::Busy | Probe::Down => None,
+        }
+    }
+
+    /// Probes the server, telling a busy one from a dead one.
+    pub async fn check(&self) -> Probe {
+        let busy = |error: &reqwest::Error| error.is_timeout() && !error.is_connect();
+        let version = self.get_json::<OllamaVersion>("/api/version").await;
+        if let Err(error) = &version {
+            if busy(error) {
+                return Probe::Busy;
+            }
+        }
+        if let Ok(version) = version {
             let models = self
                 .get_json::<OllamaModels>("/api/tags")
                 .await
@@ -93,7 +120,7 @@ impl LlmServer {
                 .await
                 .map(|list| names(list.models))
                 .unwrap_or_default();
-            return Some(ServerState {
+            return Probe::Up(ServerState {
                 kind: BackendKind::Ollama,
                 version: version.version,
                 models,
@@ -101,7 +128,11 @@ impl LlmServer {
                 slots: None,
             });
         }
-        let models = self.get_json::<OpenAiModels>("/v1/models").await.ok()?;
+        let models = match self.get_json::<OpenAiModels>("/v1/models").await {
+            Ok(models) => models,
+            Err(error) if busy(&error) => return Probe::Busy,
+            Err(_) => return Probe::Down,
+        };
         let version = self
             .get_json::<OllamaVersion>("/version")
             .await
@@ -114,7 +145,7 @@ impl LlmServer {
             .ok()
             .and_then(|props| props.total_slots)
             .filter(|slots| *slots > 0);
-        Some(ServerState {
+        Probe::Up(ServerState {
             slots,
             kind: BackendKind::OpenAi,
             version,

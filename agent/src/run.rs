@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::address::{ServerAddress, ServerHost};
 use crate::config::AgentConfig;
 use crate::identity::IdentityFile;
-use crate::llm_server::{LlmServer, ServerState};
+use crate::llm_server::{LlmServer, Probe, ServerState};
 use crate::router_client::{RouterClient, RouterError};
 use crate::system::{host_name, HostProbe};
 
@@ -64,8 +64,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let mut checked_address: Option<IpAddr> = None;
     tracing::info!(router = %router.base_url(), llm_server = %llm_server.base_url(), from = %server_source, machine_name = machine_name.as_str(), "Agent starting.");
 
+    // The last state the server showed: a busy server keeps it.
+    let mut last_state: Option<ServerState> = None;
     loop {
-        let state = llm_server.probe().await;
+        let state = match llm_server.check().await {
+            Probe::Up(state) => Some(state),
+            Probe::Busy => last_state.clone(),
+            Probe::Down => None,
+        };
+        last_state.clone_from(&state);
         report_server_change(&mut server_was_up, state.is_some(), llm_server.base_url());
         let delay = match &registered {
             Some(current) if !server_changed(current, state.as_ref()) => {

@@ -32,7 +32,14 @@ fn database_router(
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     context.binaries.router(
         &work.join(name),
-        &["--agent-timeout", "3600", "--database-url", database],
+        &[
+            "--agent-timeout",
+            "3600",
+            "--health-check-interval",
+            "0",
+            "--database-url",
+            database,
+        ],
         work,
     )
 }
@@ -226,7 +233,7 @@ pub async fn shared(context: &Context, work: &Path, figures: &mut Figures) -> an
     let (files_router, files_address) =
         context
             .binaries
-            .router(&data, &["--agent-timeout", "3600"], work)?;
+            .router(&data, crate::scenarios::FLEET_ROUTER_ARGS, work)?;
     fill(files_address, 0, context.fleet).await?;
     let file_ids = fleet_ids(files_address).await?;
     let file_rate = heartbeat_rate(context, files_address, &file_ids).await?;

@@ -48,6 +48,15 @@ pub struct Config {
     )]
     pub balancer: BalancerChoice,
 
+    /// Seconds between the router's own checks of every node in rotation
+    /// (`GET /api/version`, or `/v1/models`): two failed in a row take a
+    /// node out until it answers again. A check that times out while the
+    /// router has requests at the node is no failure (busy, not dead).
+    /// 0: no checks; nodes then leave only on failed requests or their
+    /// agents' reports.
+    #[arg(long, env = "LLM_ROUTER_HEALTH_CHECK_INTERVAL", default_value = "10", value_parser = parse_seconds)]
+    pub health_check_interval: Duration,
+
     /// Requests that may wait at the router when every node of their model
     /// is at its capacity (`--max-concurrency` on the agent); one more is
     /// answered 429. 0: none wait.

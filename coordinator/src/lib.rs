@@ -210,7 +210,15 @@ pub async fn run(
         node_ca_certificates.clone(),
         stop_prober.clone(),
     ));
-    // Also stops it if start-up fails below.
+    let health_checks = (!config.health_check_interval.is_zero()).then(|| {
+        tokio::spawn(health::run_health_checks(
+            Arc::clone(&registry),
+            config.health_check_interval,
+            node_ca_certificates.clone(),
+            stop_prober.clone(),
+        ))
+    });
+    // Also stops them if start-up fails below.
     let stop_prober = stop_prober.drop_guard();
 
     let connection_limits = Arc::new(connection_limits(&config));
@@ -281,6 +289,9 @@ pub async fn run(
 
     drop(stop_prober);
     let _ = prober.await;
+    if let Some(health_checks) = health_checks {
+        let _ = health_checks.await;
+    }
     tracing::info!("Shutting down: flushing the store.");
     // The proxy (and so its pooled connections) went with the app.
     let _ = tokio::task::spawn_blocking(move || sweeper.stop()).await;

@@ -200,7 +200,11 @@ async fn dashboard_shows_agents_and_a_status_change_without_reloading() {
         "1"
     );
     assert_eq!(
-        script(&browser, "return document.getElementById('queued').textContent;").await,
+        script(
+            &browser,
+            "return document.getElementById('queued').textContent;"
+        )
+        .await,
         "0",
         "the queue's length is shown"
     );

@@ -47,6 +47,10 @@ pub struct StandInOptions {
     /// Slots, as llama.cpp's server reports them at `GET /props`
     /// (`total_slots`); only an OpenAI-compatible stand-in has `/props`.
     pub slots: Option<u32>,
+    /// llama-cpp-python's quirk: its model list (and version, props) are
+    /// answered only once the generations running now have ended, so a
+    /// health check during a long generation waits, or times out.
+    pub probes_wait_for_generation: bool,
 }
 
 impl StandInOptions {
@@ -61,6 +65,7 @@ impl StandInOptions {
             chunk_delay: Duration::ZERO,
             gated: false,
             slots: None,
+            probes_wait_for_generation: false,
         }
     }
 
@@ -212,6 +217,19 @@ struct Shared {
     stats: Arc<StandInStats>,
     /// Permits for gated streams to go on past their first chunk.
     gate: Arc<tokio::sync::Semaphore>,
+    /// Held (shared) by each generation; a probe that waits for
+    /// generations takes it whole.
+    generating: Arc<tokio::sync::RwLock<()>>,
+}
+
+impl Shared {
+    /// For a probe: waits until no generation runs, when the stand-in
+    /// imitates a server that answers probes only between generations.
+    async fn wait_for_generations(&self) {
+        if self.options.probes_wait_for_generation {
+            let _whole = self.generating.write().await;
+        }
+    }
 }
 
 /// A running stand-in. Dropping it stops the server.
@@ -273,6 +291,7 @@ impl StandIn {
             options,
             stats: Arc::clone(&stats),
             gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            generating: Arc::new(tokio::sync::RwLock::new(())),
         }));
         let listener = CountingListener {
             listener,
@@ -308,6 +327,7 @@ impl Drop for StandIn {
 /// llama.cpp's server: its slots (how many requests it takes at once);
 /// 404 when the stand-in has none, as vLLM answers.
 async fn llama_cpp_props(State(shared): State<Arc<Shared>>) -> Response {
+    shared.wait_for_generations().await;
     match shared.options.slots {
         Some(slots) => Json(json!({"total_slots": slots, "chat_template": ""})).into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
@@ -456,10 +476,12 @@ fn check_model<'a>(shared: &Shared, body: &'a Value, openai: bool) -> Result<&'a
 struct GenerationGuard {
     stats: Arc<StandInStats>,
     finished: bool,
+    _generating: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
 }
 
 impl GenerationGuard {
-    fn new(stats: &Arc<StandInStats>) -> Self {
+    fn new(shared: &Shared) -> Self {
+        let stats = &shared.stats;
         let now = stats.generations_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         stats
             .most_generations_at_once
@@ -467,6 +489,7 @@ impl GenerationGuard {
         GenerationGuard {
             stats: Arc::clone(stats),
             finished: false,
+            _generating: Arc::clone(&shared.generating).try_read_owned().ok(),
         }
     }
 
@@ -500,7 +523,7 @@ fn streamed(
 ) -> Response {
     let delay = shared.options.chunk_delay;
     let gate = shared.options.gated.then(|| Arc::clone(&shared.gate));
-    let guard = GenerationGuard::new(&shared.stats);
+    let guard = GenerationGuard::new(shared);
     let state = (frames.into_iter().enumerate(), closing, Some(guard), gate);
     let stream = futures::stream::unfold(
         state,
@@ -534,7 +557,7 @@ fn streamed(
 
 /// A whole answer after the same total delay a stream would take.
 async fn unstreamed(shared: &Shared, body: Value) -> Response {
-    let guard = GenerationGuard::new(&shared.stats);
+    let guard = GenerationGuard::new(shared);
     let total_delay = shared.options.chunk_delay * shared.options.chunks.max(1) as u32;
     if !total_delay.is_zero() {
         tokio::time::sleep(total_delay).await;
@@ -573,6 +596,7 @@ fn parse_body(bytes: &[u8]) -> Result<Value, Response> {
 // ---- Ollama ----
 
 async fn ollama_version(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    shared.wait_for_generations().await;
     Json(json!({ "version": shared.options.version }))
 }
 
@@ -586,6 +610,7 @@ fn ollama_model_entry(name: &str) -> Value {
 }
 
 async fn ollama_tags(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    shared.wait_for_generations().await;
     let models: Vec<Value> = shared
         .options
         .models
@@ -736,6 +761,7 @@ async fn ollama_show(State(shared): State<Arc<Shared>>, bytes: axum::body::Bytes
 // ---- OpenAI-compatible ----
 
 async fn openai_models(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    shared.wait_for_generations().await;
     let data: Vec<Value> = shared
         .options
         .models

@@ -109,6 +109,10 @@ pub struct Registry {
     /// News from the other routers sharing the store has stopped (their
     /// database is unreachable): no agent is swept Offline until it is back.
     liveness_frozen: std::sync::atomic::AtomicBool,
+    /// The longest wait between two probes of an unreachable node, in
+    /// milliseconds: [`PROBE_BACKOFF_CAP`], or the health-check interval
+    /// when shorter, so that a server that comes back is back within it.
+    probe_backoff_cap_ms: AtomicU64,
 }
 
 /// An unreachable node the prober is to try again.
@@ -136,10 +140,10 @@ pub const PROBE_BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// A probe taken by the prober is not handed out again until it reports.
 const PROBE_IN_PROGRESS: Duration = Duration::from_secs(3600);
 
-fn probe_backoff(failures: u32) -> Duration {
+fn probe_backoff(failures: u32, cap: Duration) -> Duration {
     PROBE_BACKOFF_FIRST
         .saturating_mul(1 << failures.min(16))
-        .min(PROBE_BACKOFF_CAP)
+        .min(cap)
 }
 
 #[derive(Default)]
@@ -265,11 +269,24 @@ impl Registry {
             registrations: AtomicU64::new(0),
             probes: Mutex::new(HashMap::new()),
             liveness_frozen: std::sync::atomic::AtomicBool::new(false),
+            probe_backoff_cap_ms: AtomicU64::new(PROBE_BACKOFF_CAP.as_millis() as u64),
         }
     }
 
     pub fn agent_timeout(&self) -> Duration {
         self.agent_timeout
+    }
+
+    /// Probes of an unreachable node back off to at most `cap` (never
+    /// beyond [`PROBE_BACKOFF_CAP`]).
+    pub fn limit_probe_backoff(&self, cap: Duration) {
+        let cap = cap.clamp(PROBE_BACKOFF_FIRST, PROBE_BACKOFF_CAP);
+        self.probe_backoff_cap_ms
+            .store(cap.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn probe_backoff_cap(&self) -> Duration {
+        Duration::from_millis(self.probe_backoff_cap_ms.load(Ordering::Relaxed))
     }
 
     /// Registers a node, or refreshes it when `(machine_name, port)` is known:
@@ -718,7 +735,8 @@ impl Registry {
             if let Some(schedule) = lock(&self.probes).get_mut(&target.id) {
                 if schedule.target == *target {
                     schedule.failures = schedule.failures.saturating_add(1);
-                    schedule.next_at = now + probe_backoff(schedule.failures);
+                    schedule.next_at =
+                        now + probe_backoff(schedule.failures, self.probe_backoff_cap());
                 }
             }
             return;
@@ -733,15 +751,28 @@ impl Registry {
             probes.remove(&target.id);
         }
         drop(probes);
-        if record.unreachable && record.address() == target.address {
+        if record.address() != target.address {
+            return;
+        }
+        // The router reached the server itself: it is up, whatever the
+        // agent last said (its next heartbeat may be a minute away).
+        let mut changed = false;
+        if record.agent.report.llm_server_up == Some(false) {
+            record.agent.report.llm_server_up = Some(true);
+            changed = true;
+        }
+        if record.unreachable {
             record.unreachable = false;
+            changed = true;
             tracing::info!(
                 agent_id = %target.id,
                 machine_name = &*record.agent.machine_name,
                 address = %target.address,
                 "The router reaches this node's LLM server again; back in rotation."
             );
-            drop(record);
+        }
+        drop(record);
+        if changed {
             self.mark_routing_stale();
         }
     }
