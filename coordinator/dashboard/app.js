@@ -100,6 +100,11 @@ function renderRates(text) {
   previous = now;
   // Requests waiting at the router for a node at capacity to free a slot.
   document.getElementById("queued").textContent = total(text, "llm_router_queue_length");
+  // The mean wait of the requests that have waited there.
+  const waited = total(text, "llm_router_queue_wait_seconds_count");
+  document.getElementById("queue-wait").textContent = waited
+    ? `${(1000 * total(text, "llm_router_queue_wait_seconds_sum") / waited).toFixed(0)} ms`
+    : "–";
 }
 
 // With --protect-listings the router wants a reader's credential (the admin

@@ -52,9 +52,10 @@ pub struct CacheAware {
     /// The shared prefix must cover at least this share of the prompt, in
     /// percent (SGLang's gateway starts from 50).
     pub min_match_percent: u32,
-    /// The node holding the prefix is passed over when it has this many
-    /// more requests in flight than the least busy candidate: a cold
-    /// prompt elsewhere beats a queue here.
+    /// A node holding the prefix whose capacity is unknown is passed over
+    /// when it has more than this many requests in flight beyond the least
+    /// busy candidate (a node that reports a capacity is taken while it
+    /// has a free slot): a cold prompt elsewhere beats a queue here.
     pub max_extra_in_flight: u64,
 }
 
@@ -63,7 +64,7 @@ impl Default for CacheAware {
         CacheAware {
             memory_budget: 64 * 1024 * 1024,
             min_match_percent: 50,
-            max_extra_in_flight: 2,
+            max_extra_in_flight: 0,
         }
     }
 }
@@ -353,17 +354,22 @@ impl Balancer {
             .iter()
             .map(|&i| prefix::node_key(&table.candidates[i as usize].id))
             .collect();
-        let Some(found) = index.longest_match(prompt, &keys) else {
-            return Some(least_busy);
-        };
-        let worth_it = found.blocks * 100 >= prompt.blocks() * settings.min_match_percent as usize;
-        let load = |position: usize| group.in_flight[position].load(Ordering::Relaxed);
-        let balanced = load(found.position) <= load(least_busy) + settings.max_extra_in_flight;
-        Some(if worth_it && balanced {
-            found.position
-        } else {
-            least_busy
-        })
+        let least_load = group.in_flight[least_busy].load(Ordering::Relaxed);
+        // The longest worthwhile prefix on a node that can take the request
+        // now: among the nodes holding one, the first such.
+        let chosen = index.matches(prompt, &keys).into_iter().find(|found| {
+            let worth_it =
+                found.blocks * 100 >= prompt.blocks() * settings.min_match_percent as usize;
+            let node = &table.candidates[group.members[found.position] as usize];
+            let load = group.in_flight[found.position].load(Ordering::Relaxed);
+            let free = if node.capacity > 0 {
+                load < node.capacity
+            } else {
+                load <= least_load + settings.max_extra_in_flight
+            };
+            worth_it && free
+        });
+        Some(chosen.map_or(least_busy, |found| found.position))
     }
 
     /// The position of the smallest count, scanning from a rotating start
@@ -466,13 +472,26 @@ mod tests {
         for n in 1..5 {
             assert_eq!(plan(&turn(n)).id, home.id, "turn {n} stays");
         }
-        // Two more in flight than the least busy: still worth the wait.
-        home.in_flight.store(2, Ordering::Relaxed);
-        assert_eq!(plan(&turn(6)).id, home.id);
-        // Three more: a cold prompt elsewhere beats the queue.
+        // Busier than the least busy: a cold prompt elsewhere beats the
+        // queue (its capacity unknown)...
+        home.in_flight.store(1, Ordering::Relaxed);
+        let elsewhere = plan(&turn(6));
+        assert_ne!(elsewhere.id, home.id);
+        // ...and that node now holds the prefix too: the next turn goes to
+        // whichever holder is free.
+        elsewhere.in_flight.store(1, Ordering::Relaxed);
+        home.in_flight.store(0, Ordering::Relaxed);
+        assert_eq!(plan(&turn(7)).id, home.id);
+        elsewhere.in_flight.store(0, Ordering::Relaxed);
+        home.in_flight.store(1, Ordering::Relaxed);
+        assert_eq!(
+            plan(&turn(8)).id,
+            elsewhere.id,
+            "the other holder, not a cold node"
+        );
+        home.in_flight.store(0, Ordering::Relaxed);
+        // A new prompt goes to the least busy, never to a busy node.
         home.in_flight.store(3, Ordering::Relaxed);
-        assert_ne!(plan(&turn(7)).id, home.id);
-        // A new prompt goes to the least busy, never to the busy home.
         let fresh = prefix::PromptKey::of("m", &[b"an unrelated prompt"]);
         assert_ne!(plan(&fresh).id, home.id);
     }

@@ -144,30 +144,44 @@ impl PrefixIndex {
     /// sent even the first. Among nodes with equally long runs, the one
     /// that was sent it last.
     pub fn longest_match(&self, key: &PromptKey, nodes: &[u64]) -> Option<Match> {
-        let mut best: Option<Match> = None;
-        // The nodes still matching, as positions in `nodes` (at most
-        // NODES_PER_BLOCK can be, since a block names no more).
-        let mut alive: Vec<usize> = Vec::with_capacity(NODES_PER_BLOCK);
+        self.matches(key, nodes).first().copied()
+    }
+
+    /// Every node among `nodes` that holds a prefix of this prompt (at
+    /// most [`NODES_PER_BLOCK`], those named by its first block), longest
+    /// first, and among equals the most recent first.
+    pub fn matches(&self, key: &PromptKey, nodes: &[u64]) -> Vec<Match> {
+        let mut found: Vec<Match> = Vec::with_capacity(NODES_PER_BLOCK);
         for (depth, &block) in key.blocks.iter().enumerate() {
             let Some(holders) = self.shard(block).get(block).copied() else {
                 break;
             };
-            let next: Vec<usize> = holders
-                .iter()
-                .filter(|&&holder| holder != 0)
-                .filter_map(|holder| nodes.iter().position(|node| node == holder))
-                .filter(|position| depth == 0 || alive.contains(position))
-                .collect();
-            if next.is_empty() {
+            let mut any = false;
+            for holder in holders.iter().filter(|&&holder| holder != 0) {
+                let Some(position) = nodes.iter().position(|node| node == holder) else {
+                    continue;
+                };
+                if depth == 0 {
+                    found.push(Match {
+                        position,
+                        blocks: 1,
+                    });
+                    any = true;
+                } else if let Some(known) = found
+                    .iter_mut()
+                    .find(|m| m.position == position && m.blocks == depth)
+                {
+                    known.blocks = depth + 1;
+                    any = true;
+                }
+            }
+            if !any {
                 break;
             }
-            best = Some(Match {
-                position: next[0],
-                blocks: depth + 1,
-            });
-            alive = next;
         }
-        best
+        // Stable: equals keep the order of the first block, most recent first.
+        found.sort_by(|a, b| b.blocks.cmp(&a.blocks));
+        found
     }
 
     /// Remembers that this prompt went to `node`.
