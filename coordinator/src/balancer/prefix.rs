@@ -180,7 +180,7 @@ impl PrefixIndex {
             }
         }
         // Stable: equals keep the order of the first block, most recent first.
-        found.sort_by(|a, b| b.blocks.cmp(&a.blocks));
+        found.sort_by_key(|m| std::cmp::Reverse(m.blocks));
         found
     }
 
