@@ -36,7 +36,7 @@ struct Args {
     /// Threads of the load generator (it shares the machine with the router).
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
-    /// Only these scenarios (comma-separated: registry,proxy,failure,churn,shared); all when empty.
+    /// Only these scenarios (comma-separated: registry,storm,proxy,failure,churn,shared); all when empty.
     #[arg(long, default_value = "")]
     only: String,
 }
@@ -79,6 +79,9 @@ fn main() -> anyhow::Result<()> {
         runtime.block_on(async {
             if wants("registry") {
                 scenarios::registry(&context, &work_path, &mut figures).await?;
+            }
+            if wants("storm") {
+                scenarios::storm(&context, &work_path, &mut figures).await?;
             }
             if wants("proxy") {
                 scenarios::proxy(&context, &work_path, &mut figures).await?;

@@ -22,9 +22,25 @@ pub fn parse_seconds(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// Seconds, where 0 means "off" (`--health-check-interval 0`).
+pub fn parse_seconds_or_off(text: &str) -> Result<Duration, String> {
+    if text.trim().parse::<f64>() == Ok(0.0) {
+        return Ok(Duration::ZERO);
+    }
+    parse_seconds(text)
+        .map_err(|_| format!("{text:?}: seconds must be 0 (off) or a positive number"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_turns_a_periodic_thing_off() {
+        assert_eq!(parse_seconds_or_off("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_seconds_or_off("2.5"), Ok(Duration::from_millis(2500)));
+        assert!(parse_seconds_or_off("-1").is_err());
+    }
 
     #[test]
     fn seconds_are_positive_numbers() {

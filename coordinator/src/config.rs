@@ -54,7 +54,7 @@ pub struct Config {
     /// router has requests at the node is no failure (busy, not dead).
     /// 0: no checks; nodes then leave only on failed requests or their
     /// agents' reports.
-    #[arg(long, env = "LLM_ROUTER_HEALTH_CHECK_INTERVAL", default_value = "10", value_parser = parse_seconds)]
+    #[arg(long, env = "LLM_ROUTER_HEALTH_CHECK_INTERVAL", default_value = "10", value_parser = common::cli::parse_seconds_or_off)]
     pub health_check_interval: Duration,
 
     /// Requests that may wait at the router when every node of their model

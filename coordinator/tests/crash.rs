@@ -167,7 +167,12 @@ async fn kill_9_at_random_moments_during_a_storm_loses_nothing_acknowledged() {
     let ledgers: Ledgers = Arc::default();
     let mut acknowledged_total = 0usize;
     for round in 0..=rounds {
-        let mut router = RouterProcess::spawn(dir.path(), &["--flush-interval", "0.05"]).await;
+        // Snapshots every 50 ms: kill -9 lands in the middle of one often.
+        let mut router = RouterProcess::spawn(
+            dir.path(),
+            &["--flush-interval", "0.05", "--snapshot-interval", "0.05"],
+        )
+        .await;
         let base = router.url("");
         let agents = support::list(&client, &base).await;
         check_against(&ledgers, &agents, round);

@@ -1,6 +1,14 @@
 //! The data files themselves: loading with the corrupt-file policy, journal
-//! appends, atomic snapshots. Only the writer thread calls into this after
-//! start-up.
+//! appends, journal rotation, atomic snapshots. Only the writer thread
+//! calls into this after start-up, but for [`write_snapshot`], which runs
+//! on a thread of its own from a frozen view.
+//!
+//! The journal is `agents.journal` and, while a snapshot is being written,
+//! the closed segments it was rotated out to (`agents.journal.<n>`): the
+//! snapshot holds everything up to the rotation, and the segments it covers
+//! are deleted only once it is in place. Loading replays the segments in
+//! order, then the live journal, over the snapshot; replaying changes the
+//! snapshot already holds is harmless (each sets whole values).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -47,6 +55,9 @@ pub struct DataFiles {
     journal: File,
     journal_len: u64,
     journal_records: usize,
+    /// Closed journal segments no snapshot covers yet, oldest first.
+    closed: Vec<(u64, PathBuf)>,
+    next_segment: u64,
 }
 
 impl DataFiles {
@@ -67,6 +78,12 @@ impl DataFiles {
         let lock = lock_dir(dir)?;
         let mut report = LoadReport::default();
         let mut agents = load_snapshot(dir, &mut report).map_err(dir_error)?;
+        let closed = closed_segments(dir).map_err(dir_error)?;
+        for (_, segment) in &closed {
+            let bytes = fs::read(segment).map_err(dir_error)?;
+            replay_journal(&bytes, &mut agents, &mut report);
+        }
+        let next_segment = closed.last().map_or(1, |(n, _)| n + 1);
 
         let journal_path = dir.join(JOURNAL_FILE);
         let journal = OpenOptions::new()
@@ -90,6 +107,8 @@ impl DataFiles {
             journal,
             journal_len: journal_bytes.len() as u64,
             journal_records: report.journal_replayed,
+            closed,
+            next_segment,
         };
         Ok((files, agents, report))
     }
@@ -129,44 +148,105 @@ impl DataFiles {
         }
     }
 
-    /// Writes `agents.json` atomically, keeps the previous one as `.bak`, then
-    /// empties the journal (whose records the snapshot now holds).
-    pub fn write_snapshot(&mut self, agents: &[&NodeFacts]) -> Result<(), StoreError> {
-        let snapshot = self.dir.join(SNAPSHOT_FILE);
-        let temp = self.dir.join(SNAPSHOT_TEMP);
-        // Streamed one agent at a time: a large fleet's snapshot is never
-        // held whole in memory.
-        let write_temp = || -> std::io::Result<()> {
-            let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&temp)?);
-            serde_json::to_writer_pretty(&mut file, &StoredAgents(agents))?;
-            file.write_all(b"\n")?;
-            file.into_inner()
-                .map_err(|error| error.into_error())?
-                .sync_all()
-        };
-        if let Err(error) = write_temp() {
-            let _ = fs::remove_file(&temp);
-            return Err(StoreError::Snapshot(error));
-        }
-        // Keep the previous good snapshot: link it to the backup name first,
-        // so that `agents.json` itself is never missing, not even for a moment.
-        if snapshot.exists() {
-            let backup_temp = self.dir.join(BACKUP_TEMP);
-            let _ = fs::remove_file(&backup_temp);
-            fs::hard_link(&snapshot, &backup_temp)
-                .and_then(|()| fs::rename(&backup_temp, self.dir.join(BACKUP_FILE)))
-                .map_err(StoreError::Snapshot)?;
-        }
-        fs::rename(&temp, &snapshot).map_err(StoreError::Snapshot)?;
-        sync_dir(&self.dir).map_err(StoreError::Snapshot)?;
-        // The snapshot holds everything: the journal can start again. Were this
-        // to fail, replaying the old records over the new snapshot is harmless.
-        self.journal.set_len(0).map_err(StoreError::Journal)?;
-        self.journal.sync_data().map_err(StoreError::Journal)?;
+    /// Whether closed segments wait for a snapshot to cover them.
+    pub fn has_closed_segments(&self) -> bool {
+        !self.closed.is_empty()
+    }
+
+    /// Closes the live journal as the next segment and starts an empty one.
+    /// Returns every closed segment: a snapshot of the records as they are
+    /// now covers them all. The new journal's directory entry is made
+    /// durable before anything is appended to it.
+    pub fn rotate(&mut self) -> Result<Vec<PathBuf>, StoreError> {
+        let live = self.dir.join(JOURNAL_FILE);
+        let segment = self
+            .dir
+            .join(format!("{JOURNAL_FILE}.{}", self.next_segment));
+        fs::rename(&live, &segment).map_err(StoreError::Journal)?;
+        self.closed.push((self.next_segment, segment));
+        self.next_segment += 1;
+        self.journal = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&live)
+            .map_err(StoreError::Journal)?;
+        sync_dir(&self.dir).map_err(StoreError::Journal)?;
         self.journal_len = 0;
         self.journal_records = 0;
-        Ok(())
+        Ok(self.closed.iter().map(|(_, path)| path.clone()).collect())
     }
+
+    /// A snapshot is in place and its covered segments are gone.
+    pub fn forget_segments(&mut self, covered: &[PathBuf]) {
+        self.closed.retain(|(_, path)| !covered.contains(path));
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Writes `agents.json` atomically from a frozen view of the records (oldest
+/// registration first), keeps the previous one as `.bak`, then deletes the
+/// journal segments the new one covers. Runs beside the writer: commits go
+/// on into the live journal meanwhile.
+pub fn write_snapshot(
+    dir: &Path,
+    mut agents: Vec<std::sync::Arc<NodeFacts>>,
+    covered: &[PathBuf],
+) -> Result<(), StoreError> {
+    agents.sort_by(|a, b| a.registered_at.cmp(&b.registered_at).then(a.id.cmp(&b.id)));
+    let agents: Vec<&NodeFacts> = agents.iter().map(|agent| &**agent).collect();
+    let snapshot = dir.join(SNAPSHOT_FILE);
+    let temp = dir.join(SNAPSHOT_TEMP);
+    // Streamed one agent at a time: a large fleet's snapshot is never
+    // held whole in memory.
+    let write_temp = || -> std::io::Result<()> {
+        let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&temp)?);
+        serde_json::to_writer_pretty(&mut file, &StoredAgents(&agents))?;
+        file.write_all(b"\n")?;
+        file.into_inner()
+            .map_err(|error| error.into_error())?
+            .sync_all()
+    };
+    if let Err(error) = write_temp() {
+        let _ = fs::remove_file(&temp);
+        return Err(StoreError::Snapshot(error));
+    }
+    // Keep the previous good snapshot: link it to the backup name first,
+    // so that `agents.json` itself is never missing, not even for a moment.
+    if snapshot.exists() {
+        let backup_temp = dir.join(BACKUP_TEMP);
+        let _ = fs::remove_file(&backup_temp);
+        fs::hard_link(&snapshot, &backup_temp)
+            .and_then(|()| fs::rename(&backup_temp, dir.join(BACKUP_FILE)))
+            .map_err(StoreError::Snapshot)?;
+    }
+    fs::rename(&temp, &snapshot).map_err(StoreError::Snapshot)?;
+    sync_dir(dir).map_err(StoreError::Snapshot)?;
+    // The snapshot holds everything the segments did. Were a deletion to
+    // fail, replaying them over the new snapshot is harmless.
+    for segment in covered {
+        let _ = fs::remove_file(segment);
+    }
+    sync_dir(dir).map_err(StoreError::Snapshot)?;
+    Ok(())
+}
+
+/// The journal's closed segments in the data dir, oldest first.
+fn closed_segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let prefix = format!("{JOURNAL_FILE}.");
+    let mut segments: Vec<(u64, PathBuf)> = fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let number = name.strip_prefix(&prefix)?.parse::<u64>().ok()?;
+            Some((number, entry.path()))
+        })
+        .collect();
+    segments.sort();
+    Ok(segments)
 }
 
 /// Takes the data dir's lock, so that no second router ever appends to the
@@ -321,5 +401,93 @@ fn replay_journal(bytes: &[u8], agents: &mut Records, report: &mut LoadReport) {
     }
     if report.journal_replayed > 0 {
         tracing::info!(records = report.journal_replayed, "Replayed the journal.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::record::Registration;
+
+    fn facts(name: &str) -> NodeFacts {
+        let registration = Registration {
+            machine_name: name.into(),
+            ip_address: std::net::IpAddr::from([127, 0, 0, 2]),
+            port: 11434,
+            runtime_version: "0.5.7".into(),
+            system_info: common::SystemInfo {
+                os: "Linux".into(),
+                arch: "x86_64".into(),
+                cpu_cores: 1,
+                total_memory: 1,
+            },
+            models: vec!["m".into()],
+            backend: common::BackendKind::Ollama,
+            tls: false,
+            max_concurrency: None,
+        };
+        NodeFacts::registered(uuid::Uuid::new_v4(), &registration, chrono::Utc::now())
+    }
+
+    fn names(records: &Records) -> Vec<String> {
+        let mut names: Vec<String> = records.iter().map(|f| f.machine_name.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    /// Whatever moment a crash picks around a snapshot written beside the
+    /// writer (after the rotation, before the snapshot is in place, after
+    /// it but before its segments are deleted), loading finds every change.
+    #[test]
+    fn every_change_survives_a_crash_at_any_step_of_a_background_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b, c) = (facts("a"), facts("b"), facts("c"));
+        {
+            let (mut files, _, _) = DataFiles::open(dir.path()).expect("open");
+            files
+                .append(&[Change::Upsert(Arc::new(a.clone()))])
+                .expect("append");
+            let covered = files.rotate().expect("rotate");
+            assert_eq!(covered.len(), 1);
+            files
+                .append(&[Change::Upsert(Arc::new(b.clone()))])
+                .expect("append");
+            // Crash: rotated, no snapshot yet.
+        }
+        let (mut files, records, _) = DataFiles::open(dir.path()).expect("reopen");
+        assert_eq!(names(&records), ["a", "b"]);
+        assert!(files.has_closed_segments());
+        // A snapshot in place whose segments were not deleted yet (a crash
+        // between the two): replaying them again changes nothing.
+        let covered = files.rotate().expect("rotate");
+        files
+            .append(&[Change::Delete(a.id), Change::Upsert(Arc::new(c.clone()))])
+            .expect("append");
+        write_snapshot(dir.path(), records.shared(), &[]).expect("snapshot");
+        drop(files);
+        let (mut files, records, _) = DataFiles::open(dir.path()).expect("reopen");
+        assert_eq!(
+            names(&records),
+            ["b", "c"],
+            "a's deletion after the rotation stands"
+        );
+        // And once the segments go, the snapshot and the live journal hold it all.
+        write_snapshot(dir.path(), records.shared(), &covered).expect("snapshot");
+        let covered_now = files.rotate().expect("rotate");
+        write_snapshot(dir.path(), records.shared(), &covered_now).expect("snapshot");
+        files.forget_segments(&covered_now);
+        assert!(!files.has_closed_segments());
+        drop(files);
+        let (_, records, _) = DataFiles::open(dir.path()).expect("reopen");
+        assert_eq!(names(&records), ["b", "c"]);
+        let left: Vec<String> = fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("agents.journal."))
+            .collect();
+        assert!(left.is_empty(), "segments left: {left:?}");
     }
 }

@@ -181,6 +181,7 @@ pub fn open(
         receiver,
         snapshot_interval: options.snapshot_interval,
         snapshot_dirty: report.needs_snapshot(),
+        background: None,
         // A load that replayed a journal (the last run did not stop cleanly)
         // folds it into a snapshot at once, in the background: a router that
         // keeps crashing must not let its journal, and so its start-up, grow
@@ -254,6 +255,9 @@ struct Writer {
     snapshot_interval: Duration,
     snapshot_dirty: bool,
     last_snapshot: Instant,
+    /// The snapshot being written beside the writer, and the segments it
+    /// covers.
+    background: Option<JoinHandle<(Vec<PathBuf>, Result<(), StoreError>)>>,
 }
 
 impl Writer {
@@ -280,10 +284,8 @@ impl Writer {
             self.handle_batch(batch);
         }
         // Every handle is gone: the router is shutting down.
-        if self.snapshot_dirty || self.files.journal_records() > 0 {
-            if let Err(error) = self.write_snapshot() {
-                tracing::error!(%error, "Final snapshot failed; the journal still holds every change.");
-            }
+        if let Err(error) = self.snapshot_and_wait() {
+            tracing::error!(%error, "Final snapshot failed; the journal still holds every change.");
         }
     }
 
@@ -330,33 +332,90 @@ impl Writer {
             }
         }
 
-        let pending = self.snapshot_dirty || self.files.journal_records() > 0;
-        let due = pending && self.last_snapshot.elapsed() >= self.snapshot_interval;
+        // A snapshot that finished meanwhile: its segments are gone.
+        self.collect_snapshot(false);
+        let due = self.pending() && self.last_snapshot.elapsed() >= self.snapshot_interval;
         let journal_full = self.files.journal_bytes() >= JOURNAL_BYTES_BEFORE_SNAPSHOT;
-        let asked = !snapshot_acks.is_empty() && pending;
-        if asked || due || journal_full {
-            let result = self.write_snapshot().map(|()| 0).map_err(Arc::new);
-            if let Err(error) = &result {
-                tracing::error!(%error, "Snapshot failed; the journal still holds every change.");
-                // Try again at the next interval, not in a tight loop.
-                self.last_snapshot = Instant::now();
+        if snapshot_acks.is_empty() {
+            if (due || journal_full) && self.background.is_none() {
+                self.start_snapshot();
             }
-            for ack in snapshot_acks.drain(..) {
-                let _ = ack.send(result.clone());
-            }
+            return;
         }
+        let result = self.snapshot_and_wait().map(|()| 0).map_err(Arc::new);
         for ack in snapshot_acks {
-            let _ = ack.send(Ok(0));
+            let _ = ack.send(result.clone());
         }
     }
 
-    fn write_snapshot(&mut self) -> Result<(), StoreError> {
-        let mut agents: Vec<&NodeFacts> = self.committed.iter().collect();
-        agents.sort_by(|a, b| a.registered_at.cmp(&b.registered_at).then(a.id.cmp(&b.id)));
-        self.files.write_snapshot(&agents)?;
-        self.snapshot_dirty = false;
+    fn pending(&self) -> bool {
+        self.snapshot_dirty || self.files.journal_records() > 0 || self.files.has_closed_segments()
+    }
+
+    /// Rotates the journal and writes a snapshot of the records as they are
+    /// now on a thread of its own: commits go on into the new journal
+    /// meanwhile, and never wait behind the snapshot.
+    fn start_snapshot(&mut self) {
         self.last_snapshot = Instant::now();
-        Ok(())
+        let covered = match self.files.rotate() {
+            Ok(covered) => covered,
+            Err(error) => {
+                return tracing::error!(%error, "Could not rotate the journal for a snapshot; it goes on growing, and nothing is lost.");
+            }
+        };
+        self.snapshot_dirty = false;
+        let view = self.committed.shared();
+        let dir = self.files.dir().to_path_buf();
+        let started = std::thread::Builder::new()
+            .name("store-snapshot".into())
+            .spawn(move || {
+                let result = files::write_snapshot(&dir, view, &covered);
+                (covered, result)
+            });
+        match started {
+            Ok(handle) => self.background = Some(handle),
+            Err(error) => {
+                self.snapshot_dirty = true;
+                tracing::error!(%error, "Could not start the snapshot thread; the journal holds every change.");
+            }
+        }
+    }
+
+    /// Takes in a finished snapshot (or waits for the running one). Returns
+    /// its outcome, if one was taken in.
+    fn collect_snapshot(&mut self, wait: bool) -> Option<Result<(), StoreError>> {
+        let running = self.background.as_ref()?;
+        if !wait && !running.is_finished() {
+            return None;
+        }
+        let handle = self.background.take()?;
+        let (covered, result) = handle.join().unwrap_or_else(|_| {
+            (
+                Vec::new(),
+                Err(StoreError::Snapshot(std::io::Error::other(
+                    "the snapshot thread panicked",
+                ))),
+            )
+        });
+        match &result {
+            Ok(()) => self.files.forget_segments(&covered),
+            Err(error) => {
+                // The segments stay and the next snapshot covers them too.
+                self.snapshot_dirty = true;
+                tracing::error!(%error, "Snapshot failed; the journal still holds every change.");
+            }
+        }
+        Some(result)
+    }
+
+    /// Everything durable so far in a snapshot, now (shutdown, or asked).
+    fn snapshot_and_wait(&mut self) -> Result<(), StoreError> {
+        let _ = self.collect_snapshot(true);
+        if !self.pending() {
+            return Ok(());
+        }
+        self.start_snapshot();
+        self.collect_snapshot(true).unwrap_or(Ok(()))
     }
 }
 

@@ -231,6 +231,16 @@ impl Records {
         }
     }
 
+    /// The records as they are now, shared (a frozen view for a snapshot
+    /// written beside the writer).
+    pub fn shared(&self) -> Vec<Arc<NodeFacts>> {
+        self.order
+            .iter()
+            .filter_map(|id| self.by_id.get(id))
+            .cloned()
+            .collect()
+    }
+
     /// The records in first-seen order.
     pub fn iter(&self) -> impl Iterator<Item = &NodeFacts> {
         self.order
