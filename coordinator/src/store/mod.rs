@@ -246,6 +246,10 @@ impl StoreWriter {
     }
 }
 
+/// A background snapshot's end: the segments it covered, and whether it is
+/// in place.
+type SnapshotOutcome = (Vec<PathBuf>, Result<(), StoreError>);
+
 struct Writer {
     files: files::DataFiles,
     /// The committed records, in the registry's compact form (their shared
@@ -257,7 +261,7 @@ struct Writer {
     last_snapshot: Instant,
     /// The snapshot being written beside the writer, and the segments it
     /// covers.
-    background: Option<JoinHandle<(Vec<PathBuf>, Result<(), StoreError>)>>,
+    background: Option<JoinHandle<SnapshotOutcome>>,
 }
 
 impl Writer {
