@@ -163,14 +163,23 @@ impl DataFiles {
             .dir
             .join(format!("{JOURNAL_FILE}.{}", self.next_segment));
         fs::rename(&live, &segment).map_err(StoreError::Journal)?;
-        self.closed.push((self.next_segment, segment));
-        self.next_segment += 1;
-        self.journal = OpenOptions::new()
+        let opened = OpenOptions::new()
             .create(true)
             .append(true)
             .read(true)
-            .open(&live)
-            .map_err(StoreError::Journal)?;
+            .open(&live);
+        let journal = match opened {
+            Ok(journal) => journal,
+            Err(error) => {
+                // Appends would go on into the segment a snapshot is about
+                // to cover and delete: put it back as the live journal.
+                let _ = fs::rename(&segment, &live);
+                return Err(StoreError::Journal(error));
+            }
+        };
+        self.journal = journal;
+        self.closed.push((self.next_segment, segment));
+        self.next_segment += 1;
         sync_dir(&self.dir).map_err(StoreError::Journal)?;
         self.journal_len = 0;
         self.journal_records = 0;
