@@ -228,7 +228,7 @@ http {{ access_log off; client_body_temp_path {WORK}/shim-{n}-body;
     port = free_port()
     started.append(start("smg", [os.path.join(VENV, "bin", "smg"), "launch", "--host", "127.0.0.1", "--port", str(port),
                                  "--worker-urls", *workers, "--policy", "cache_aware",
-                                 "--prometheus-port", str(free_port())]))
+                                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]))
     wait_http(port, "/health", "smg")
     time.sleep(2)  # its first health round
     return port, started
