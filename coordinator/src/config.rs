@@ -385,8 +385,9 @@ pub enum BalancerChoice {
     /// The node with the fewest requests in flight from this router.
     LeastBusy,
     /// The node that was sent the longest prefix of the prompt (its prompt
-    /// cache holds it), unless it is busier than the least busy by more
-    /// than 2 requests; a new prompt goes to the least busy.
+    /// cache holds it), if it can take the request now (a free slot, or no
+    /// busier than the least busy), else the next node holding a prefix; a
+    /// new prompt goes to the least busy.
     CacheAware,
 }
 

@@ -378,11 +378,7 @@ async fn open_database(
 ) -> anyhow::Result<(Arc<Registry>, Durability)> {
     let router = store::postgres::RouterIdentity {
         id: roster.this_router(),
-        address: roster
-            .list()
-            .first()
-            .map(|row| row.address.clone())
-            .unwrap_or_default(),
+        address: roster.this_address().to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let (store, workers, loaded, news) = store::postgres::open(

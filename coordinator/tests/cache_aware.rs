@@ -23,13 +23,7 @@ async fn router_and_nodes() -> (TestRouter, Vec<StandIn>, tempfile::TempDir) {
         let node = StandIn::spawn(StandInOptions::ollama(name, &["smollm2:135m"]))
             .await
             .expect("stand-in");
-        let port: u16 = node
-            .url()
-            .rsplit(':')
-            .next()
-            .expect("port")
-            .parse()
-            .expect("port");
+        let port: u16 = node.address.port();
         register(
             &http,
             &router.url(""),

@@ -17,13 +17,7 @@ async fn slow_node(name: &str, chunk_delay: Duration) -> (StandIn, u16) {
         ..StandInOptions::ollama(name, &["smollm2:135m"])
     };
     let node = StandIn::spawn(options).await.expect("stand-in");
-    let port = node
-        .url()
-        .rsplit(':')
-        .next()
-        .expect("port")
-        .parse()
-        .expect("port");
+    let port = node.address.port();
     (node, port)
 }
 
@@ -275,20 +269,13 @@ async fn the_agent_reports_llama_cpp_slots_as_the_nodes_capacity() {
     let state = tempfile::tempdir().expect("state");
     let stop = tokio_util::sync::CancellationToken::new();
     let agent = tokio::spawn(agent::run(
-        agent::AgentConfig {
-            state_dir: Some(state.path().to_owned()),
-            ca_cert: None,
-            token: None,
-            token_file: None,
-            router_url: vec![router.url("")],
-            backend_url: Some(node.url()),
-            heartbeat_interval: Duration::from_millis(100),
-            machine_name: Some("llama-cpp".to_owned()),
-            advertise_ip: Some("127.0.0.1".parse().expect("ip")),
-            drain_timeout: Duration::from_secs(1),
-            max_concurrency: None,
-            log_format: agent::config::LogFormat::Text,
-        },
+        support::agent_config(
+            vec![router.url("")],
+            node.url(),
+            "llama-cpp",
+            Duration::from_millis(100),
+            state.path(),
+        ),
         stop.clone(),
     ));
     let http = client();

@@ -208,6 +208,11 @@ async fn dashboard_shows_agents_and_a_status_change_without_reloading() {
         "0",
         "the queue's length is shown"
     );
+    assert_eq!(
+        script(&browser, "return document.getElementById('queue-wait').textContent;").await,
+        "–",
+        "no request has waited, so no mean wait"
+    );
     // The routers sharing the registry: with the data files, this one.
     let routers = script(
         &browser,

@@ -8,31 +8,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{client, config, eventually, get_json, TestRouter};
+use support::{agent_config, client, config, eventually, get_json, TestRouter};
 use testkit::{StandIn, StandInOptions};
-
-fn agent_for(
-    router: &TestRouter,
-    node: &StandIn,
-    name: &str,
-    heartbeat: Duration,
-    state: &std::path::Path,
-) -> agent::AgentConfig {
-    agent::AgentConfig {
-        state_dir: Some(state.to_owned()),
-        ca_cert: None,
-        token: None,
-        token_file: None,
-        router_url: vec![router.url("")],
-        backend_url: Some(node.url()),
-        heartbeat_interval: heartbeat,
-        machine_name: Some(name.to_owned()),
-        advertise_ip: Some("127.0.0.1".parse().expect("ip")),
-        drain_timeout: Duration::from_secs(1),
-        max_concurrency: None,
-        log_format: agent::config::LogFormat::Text,
-    }
-}
 
 async fn state_of(router: &TestRouter, name: &str) -> Option<String> {
     let (_, agents) = get_json(&client(), router.url("/api/agents")).await;
@@ -61,9 +38,9 @@ async fn a_killed_server_leaves_the_rotation_and_returns_within_an_interval() {
     let stop = tokio_util::sync::CancellationToken::new();
     // A heartbeat a minute: nothing the agent says helps within this test.
     let agent = tokio::spawn(agent::run(
-        agent_for(
-            &router,
-            &node,
+        agent_config(
+            vec![router.url("")],
+            node.url(),
             "mortal",
             Duration::from_secs(60),
             state.path(),
@@ -139,9 +116,9 @@ async fn a_busy_node_whose_probes_wait_behind_a_long_generation_stays_routable()
     let state = tempfile::tempdir().expect("state");
     let stop = tokio_util::sync::CancellationToken::new();
     let agent = tokio::spawn(agent::run(
-        agent_for(
-            &router,
-            &node,
+        agent_config(
+            vec![router.url("")],
+            node.url(),
             "llama-cpp-python",
             Duration::from_millis(500),
             state.path(),

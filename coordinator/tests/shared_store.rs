@@ -40,13 +40,7 @@ async fn a_change_at_one_router_is_seen_and_routed_at_every_other() {
     let node = StandIn::spawn(StandInOptions::ollama("node-1", &["smollm2:135m"]))
         .await
         .expect("stand-in");
-    let port = node
-        .url()
-        .rsplit(':')
-        .next()
-        .expect("port")
-        .parse::<u16>()
-        .expect("port");
+    let port = node.address.port();
     let mut body = registration("shared-1");
     body["ip_address"] = json!("127.0.0.1");
     body["port"] = json!(port);

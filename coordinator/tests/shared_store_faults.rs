@@ -42,13 +42,7 @@ async fn while_the_database_is_away_routers_route_and_freeze_liveness() {
     let node = StandIn::spawn(StandInOptions::ollama("node-db", &["smollm2:135m"]))
         .await
         .expect("stand-in");
-    let port: u16 = node
-        .url()
-        .rsplit(':')
-        .next()
-        .expect("port")
-        .parse()
-        .expect("port");
+    let port: u16 = node.address.port();
     let mut body = registration("db-away");
     body["ip_address"] = json!("127.0.0.1");
     body["port"] = json!(port);
@@ -253,20 +247,13 @@ async fn kill_9_of_one_router_of_three_loses_nothing() {
         .await
         .expect("stand-in");
     let state_dir = tempfile::tempdir().expect("state dir");
-    let agent_config = agent::config::AgentConfig {
-        state_dir: Some(state_dir.path().to_owned()),
-        ca_cert: None,
-        token: None,
-        token_file: None,
-        router_url: vec![a.url(""), b.url(""), c.url("")],
-        backend_url: Some(node.url()),
-        heartbeat_interval: Duration::from_millis(500),
-        machine_name: Some("node-k".to_owned()),
-        advertise_ip: Some("127.0.0.1".parse().expect("ip")),
-        drain_timeout: Duration::from_secs(1),
-        max_concurrency: None,
-        log_format: agent::config::LogFormat::Text,
-    };
+    let agent_config = support::agent_config(
+        vec![a.url(""), b.url(""), c.url("")],
+        node.url(),
+        "node-k",
+        Duration::from_millis(500),
+        state_dir.path(),
+    );
     let stop_agent = tokio_util::sync::CancellationToken::new();
     let agent_task = tokio::spawn(agent::run(agent_config, stop_agent.clone()));
     let agent_id = eventually(

@@ -172,13 +172,7 @@ impl Proxy {
         request: ForwardRequest<'_>,
         mut account: RequestAccount,
     ) -> Result<Response<Body>, (ProxyError, RequestAccount)> {
-        let ForwardRequest {
-            api,
-            path_and_query,
-            headers,
-            body,
-            prompt,
-        } = request;
+        let api = request.api;
         let deadline = tokio::time::Instant::now() + self.queue.timeout;
         // Set once this request has waited and been given its turn.
         let mut had_turn = false;
@@ -188,29 +182,11 @@ impl Proxy {
             let behind_others = !had_turn && self.queue.has_waiters_for(account.model(), api);
             if !behind_others {
                 let mut tried = self
-                    .try_plan(
-                        api,
-                        prompt.as_ref(),
-                        path_and_query,
-                        headers,
-                        &body,
-                        account,
-                        self.options.max_attempts,
-                    )
+                    .try_plan(&request, account, self.options.max_attempts)
                     .await;
                 if let Tried::AllAtCapacity(returned) = tried {
                     // The first few were full: look at every node before waiting.
-                    tried = self
-                        .try_plan(
-                            api,
-                            prompt.as_ref(),
-                            path_and_query,
-                            headers,
-                            &body,
-                            returned,
-                            usize::MAX,
-                        )
-                        .await;
+                    tried = self.try_plan(&request, returned, usize::MAX).await;
                 }
                 match tried {
                     Tried::Done(result) => return result,
@@ -248,22 +224,24 @@ impl Proxy {
 
     /// One pass over a plan of at most `max_attempts` nodes, skipping those
     /// at capacity. Nodes that fail are marked and the next is tried.
-    #[allow(clippy::too_many_arguments)]
     async fn try_plan(
         &self,
-        api: ApiKind,
-        prompt: Option<&crate::balancer::prefix::PromptKey>,
-        path_and_query: &PathAndQuery,
-        headers: &HeaderMap,
-        body: &Bytes,
+        request: &ForwardRequest<'_>,
         mut account: RequestAccount,
         max_attempts: usize,
     ) -> Tried {
+        let ForwardRequest {
+            api,
+            path_and_query,
+            headers,
+            body,
+            prompt,
+        } = request;
         let plan = {
             let table = self.registry.routing_table();
             match self
                 .balancer
-                .plan(&table, api, account.model(), prompt, max_attempts)
+                .plan(&table, *api, account.model(), prompt.as_ref(), max_attempts)
             {
                 Ok(plan) => plan,
                 Err(no_route) => return Tried::Done(Err((ProxyError::NoRoute(no_route), account))),

@@ -496,6 +496,11 @@ impl RouterRoster {
         self.this.id
     }
 
+    /// This router's address, as the others see it.
+    pub fn this_address(&self) -> &str {
+        &self.this.address
+    }
+
     /// Several routers share the registry (a database store).
     pub fn is_shared(&self) -> bool {
         self.shared

@@ -379,3 +379,28 @@ pub fn faketime_library() -> String {
         .to_string_lossy()
         .into_owned()
 }
+
+/// An agent (run in this process, as its binary runs it) for the LLM server
+/// at `backend_url`, advertising 127.0.0.1, with its own state dir.
+pub fn agent_config(
+    router_urls: Vec<String>,
+    backend_url: String,
+    name: &str,
+    heartbeat_interval: Duration,
+    state_dir: &Path,
+) -> agent::AgentConfig {
+    agent::AgentConfig {
+        state_dir: Some(state_dir.to_owned()),
+        ca_cert: None,
+        token: None,
+        token_file: None,
+        router_url: router_urls,
+        backend_url: Some(backend_url),
+        heartbeat_interval,
+        machine_name: Some(name.to_owned()),
+        advertise_ip: Some(std::net::IpAddr::from([127, 0, 0, 1])),
+        drain_timeout: Duration::from_secs(1),
+        max_concurrency: None,
+        log_format: agent::config::LogFormat::Text,
+    }
+}
