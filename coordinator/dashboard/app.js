@@ -1,13 +1,19 @@
 // Refreshes the tables and the rates every two seconds from the router's own
-// API (/api/agents, /api/routers) and metrics (/metrics), without reloading
-// the page.
+// API (/api/agents a page at a time, /api/routers) and metrics (/metrics,
+// which also gives the fleet's counts), without reloading the page.
 // Every value is set as text, never as HTML: agents choose their own names.
 "use strict";
 
 const REFRESH_MS = 2000;
+// Agents per page of the table: the router serves the fleet a page at a
+// time (?limit= and a cursor), so a fleet of any size costs one page here.
+const PAGE_SIZE = 100;
 const COLUMNS = ["Name", "Address", "Status", "State", "Last seen", "Models", "Loaded", "In flight", "CPU", "Memory"];
 const IN_FLIGHT_COLUMN = COLUMNS.indexOf("In flight");
 let previous = null; // {at, requests, heartbeats}
+// Where the shown page starts: the cursors of the pages before it (the
+// first page has none) and the one the next page starts from.
+const pages = { before: [], next: null };
 
 function bytes(n) {
   if (n == null) return "–";
@@ -68,12 +74,27 @@ function renderAgents(agents) {
     if (body.rows[index] !== row) body.insertBefore(row, body.rows[index] || null);
   });
   rows.forEach((row) => row.remove()); // agents removed since the last refresh
-  document.getElementById("empty").hidden = agents.length > 0;
-  const online = agents.filter((a) => a.status === "Online").length;
-  document.getElementById("online").textContent = online;
-  document.getElementById("offline").textContent = agents.length - online;
-  document.getElementById("serving").textContent = agents.filter((a) => a.state === "serving").length;
-  document.getElementById("in-flight").textContent = agents.reduce((n, a) => n + a.in_flight, 0);
+  document.getElementById("empty").hidden = agents.length > 0 || pages.before.length > 0;
+  const first = pages.before.length * PAGE_SIZE;
+  document.getElementById("page").textContent = agents.length
+    ? `agents ${first + 1}–${first + agents.length}` : "";
+  document.getElementById("previous-page").hidden = pages.before.length === 0;
+  document.getElementById("next-page").hidden = pages.next === null;
+}
+
+// The shown page: from the cursor of its start (none for the first page).
+async function fetchPage() {
+  const start = pages.before.length ? pages.before[pages.before.length - 1] : null;
+  const response = await get(`/api/agents?limit=${PAGE_SIZE}` + (start ? `&after=${encodeURIComponent(start)}` : ""));
+  pages.next = response.headers.get("X-Next-Cursor");
+  return response.json();
+}
+
+function turnPage(forward) {
+  if (forward && pages.next) pages.before.push(pages.next);
+  if (!forward) pages.before.pop();
+  clearTimeout(timer);
+  refresh();
 }
 
 // Sums every sample of a metric in Prometheus' text format.
@@ -98,6 +119,14 @@ function renderRates(text) {
     document.getElementById("heartbeat-rate").textContent = rate(now.heartbeats, previous.heartbeats);
   }
   previous = now;
+  // The fleet's counts are the router's, not this page's.
+  const online = text.match(/^llm_router_agents\{status="Online"\} (\d+)/m);
+  const offline = text.match(/^llm_router_agents\{status="Offline"\} (\d+)/m);
+  const serving = text.match(/^llm_router_agents_by_state\{state="serving"\} (\d+)/m);
+  document.getElementById("online").textContent = online ? online[1] : "–";
+  document.getElementById("offline").textContent = offline ? offline[1] : "–";
+  document.getElementById("serving").textContent = serving ? serving[1] : "–";
+  document.getElementById("in-flight").textContent = total(text, "llm_router_node_requests_in_flight");
   // Requests waiting at the router for a node at capacity to free a slot.
   document.getElementById("queued").textContent = total(text, "llm_router_queue_length");
   // The mean wait of the requests that have waited there.
@@ -153,7 +182,7 @@ function renderRouters(list) {
 async function refresh() {
   try {
     const [agents, metrics, routers] = await Promise.all([
-      get("/api/agents").then((r) => r.json()),
+      fetchPage(),
       get("/metrics").then((r) => r.text()),
       get("/api/routers").then((r) => r.json()),
     ]);
@@ -168,7 +197,10 @@ async function refresh() {
     }
     document.getElementById("updated").textContent = `cannot reach the router (${error.message})`;
   }
-  setTimeout(refresh, REFRESH_MS);
+  timer = setTimeout(refresh, REFRESH_MS);
 }
 
+let timer = null;
+document.getElementById("next-page").onclick = () => turnPage(true);
+document.getElementById("previous-page").onclick = () => turnPage(false);
 refresh();

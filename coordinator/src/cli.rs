@@ -55,8 +55,12 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum AgentsAction {
-    /// Every agent, oldest first.
-    List,
+    /// Every agent, oldest first (read from the router a page at a time).
+    List {
+        /// Only the first this many agents.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+    },
     /// One agent, with everything the router knows of it.
     Show { id: String },
     /// Forget an agent (it registers again, with a new id, if it is alive).
@@ -103,8 +107,8 @@ pub async fn run_command(command: Command) -> anyhow::Result<()> {
                 client.ca_cert.as_deref(),
             )?;
             let output = match action {
-                AgentsAction::List => {
-                    let agents: Vec<AgentView> = api.get_json("/api/agents").await?;
+                AgentsAction::List { limit } => {
+                    let agents = api.list_agents(limit.map(|limit| limit as usize)).await?;
                     if client.json {
                         serde_json::to_string_pretty(&agents)?
                     } else {
@@ -133,7 +137,7 @@ pub async fn run_command(command: Command) -> anyhow::Result<()> {
                 client.token.clone(),
                 client.ca_cert.as_deref(),
             )?;
-            let agents: Vec<AgentView> = api.get_json("/api/agents").await?;
+            let agents = api.list_agents(None).await?;
             let routers: Option<common::RouterList> = api.get_json("/api/routers").await.ok();
             let status = Summary::of(&agents);
             if client.json {
@@ -170,6 +174,7 @@ async fn migrate(data_dir: &std::path::Path, database_url: &str) -> anyhow::Resu
     let (store, writer, agents, _report) = crate::store::open(crate::store::StoreOptions {
         data_dir: data_dir.to_path_buf(),
         snapshot_interval: std::time::Duration::from_secs(3600),
+        snapshot_when_quiet: std::time::Duration::ZERO,
     })?;
     let copied = crate::store::postgres::copy_in(&url, &agents).await;
     drop(store);
@@ -255,6 +260,34 @@ impl Api {
         Ok(response.json().await?)
     }
 
+    /// The agents, oldest first, read a page at a time (so that the router
+    /// never builds more than one page): all of them, or the first `limit`.
+    async fn list_agents(&self, limit: Option<usize>) -> anyhow::Result<Vec<AgentView>> {
+        let mut agents: Vec<AgentView> = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let wanted = limit.map_or(CLI_PAGE, |limit| (limit - agents.len()).min(CLI_PAGE));
+            let mut path = format!("/api/agents?limit={wanted}");
+            if let Some(cursor) = &after {
+                path.push_str("&after=");
+                path.push_str(cursor);
+            }
+            let response = self
+                .send(self.http.get(format!("{}{path}", self.base)))
+                .await?;
+            after = response
+                .headers()
+                .get("x-next-cursor")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned);
+            let page: Vec<AgentView> = response.json().await?;
+            agents.extend(page);
+            if after.is_none() || limit.is_some_and(|limit| agents.len() >= limit) {
+                return Ok(agents);
+            }
+        }
+    }
+
     async fn delete(&self, path: &str) -> anyhow::Result<()> {
         self.send(self.http.delete(format!("{}{path}", self.base)))
             .await?;
@@ -283,6 +316,9 @@ impl Api {
 }
 
 /// Agents as a table; times as given (RFC 3339, UTC).
+/// Agents per request of `agents list` and `status`.
+const CLI_PAGE: usize = 1_000;
+
 fn agents_table(agents: &[AgentView]) -> String {
     let header = [
         "ID",

@@ -39,6 +39,13 @@ pub struct Config {
     #[arg(long, env = "LLM_ROUTER_SNAPSHOT_INTERVAL", default_value = "60", value_parser = parse_seconds)]
     pub snapshot_interval: Duration,
 
+    /// Seconds of quiet after registrations, updates or deletions before
+    /// agents.json is rewritten to show them (0: only every snapshot
+    /// interval). Heartbeats do not count; a storm that never goes quiet
+    /// gets the interval's snapshots.
+    #[arg(long, env = "LLM_ROUTER_SNAPSHOT_WHEN_QUIET", default_value = "2", value_parser = common::cli::parse_seconds_or_off)]
+    pub snapshot_when_quiet: Duration,
+
     /// How to pick among the nodes that serve a model.
     #[arg(
         long,

@@ -352,6 +352,7 @@ fn open_files(config: &Config) -> anyhow::Result<(Arc<Registry>, Durability)> {
     let (store, writer, agents, report) = store::open(store::StoreOptions {
         data_dir: data_dir.clone(),
         snapshot_interval: config.snapshot_interval,
+        snapshot_when_quiet: config.snapshot_when_quiet,
     })?;
     tracing::info!(
         data_dir = %data_dir.display(),

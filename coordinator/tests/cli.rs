@@ -169,3 +169,54 @@ async fn remove_takes_the_admin_token_when_the_router_requires_one() {
     assert!(stdout(&output).contains(&format!("removed {id}")));
     assert!(support::list(&client(), &url).await.is_empty());
 }
+
+/// `agents list` and `status` read a fleet larger than the CLI's page of
+/// 1,000 a page at a time and still show every agent; `--limit` stops early.
+#[tokio::test]
+async fn list_and_status_read_a_large_fleet_a_page_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let url = router.url("");
+    let http = client();
+    let mut ids = Vec::new();
+    for n in 0..1_003 {
+        ids.push(register(&http, &url, &registration(&format!("gpu-{n:04}"))).await);
+    }
+    let listed: Vec<Value> = serde_json::from_str(&stdout(
+        &llm_router(&["agents", "list", "--json", "--router-url", &url]).await,
+    ))
+    .expect("json");
+    let listed: Vec<&str> = listed
+        .iter()
+        .map(|a| a["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(listed, ids, "every agent once, oldest first");
+
+    let first: Vec<Value> = serde_json::from_str(&stdout(
+        &llm_router(&[
+            "agents",
+            "list",
+            "--json",
+            "--limit",
+            "3",
+            "--router-url",
+            &url,
+        ])
+        .await,
+    ))
+    .expect("json");
+    let first: Vec<&str> = first
+        .iter()
+        .map(|a| a["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(first, ids[..3]);
+
+    let status: Value = serde_json::from_str(&stdout(
+        &llm_router(&["status", "--json", "--router-url", &url]).await,
+    ))
+    .expect("json");
+    assert_eq!(status["agents"]["total"], 1_003);
+
+    let refused = llm_router(&["agents", "list", "--limit", "0", "--router-url", &url]).await;
+    assert!(!refused.status.success());
+}

@@ -209,7 +209,11 @@ async fn dashboard_shows_agents_and_a_status_change_without_reloading() {
         "the queue's length is shown"
     );
     assert_eq!(
-        script(&browser, "return document.getElementById('queue-wait').textContent;").await,
+        script(
+            &browser,
+            "return document.getElementById('queue-wait').textContent;"
+        )
+        .await,
         "–",
         "no request has waited, so no mean wait"
     );
@@ -405,6 +409,80 @@ async fn api_cli_metrics_and_dashboard_agree_on_each_nodes_state() {
         .await,
         "1"
     );
+    browser.close().await.expect("close the browser");
+    drop(driver);
+}
+
+/// A fleet larger than a page: the table shows one page at a time (the
+/// router's `?limit=` and cursor), Next and Previous move through it, and
+/// the cards count the whole fleet, not the page.
+#[tokio::test]
+async fn dashboard_pages_through_a_fleet_larger_than_a_page() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let http = client();
+    let base = router.url("");
+    let mut ids = Vec::new();
+    for n in 0..230 {
+        ids.push(register(&http, &base, &registration(&format!("gpu-{n:03}"))).await);
+    }
+
+    let driver = ChromeDriver::start().await;
+    let browser = driver.browser().await;
+    browser
+        .goto(&router.url("/dashboard"))
+        .await
+        .expect("open the dashboard");
+    let shown = |browser: &Client| {
+        let browser = browser.clone();
+        async move {
+            script(
+                &browser,
+                "return [...document.querySelectorAll('#agents tbody tr')].map((r) => r.dataset.agentId).join(',') \
+                 + '|' + document.getElementById('page').textContent \
+                 + '|' + document.getElementById('online').textContent \
+                 + '|' + document.getElementById('previous-page').hidden \
+                 + '|' + document.getElementById('next-page').hidden;",
+            )
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+        }
+    };
+    // Oldest registration first: each page is the next 100 of them.
+    let expect_page = |first: usize, last: usize, previous_hidden: bool, next_hidden: bool| {
+        format!(
+            "{}|agents {}–{}|230|{previous_hidden}|{next_hidden}",
+            ids[first - 1..last].join(","),
+            first,
+            last
+        )
+    };
+    for (button, first, last, previous_hidden, next_hidden) in [
+        (None, 1, 100, true, false),
+        (Some("next-page"), 101, 200, false, false),
+        (Some("next-page"), 201, 230, false, true),
+        (Some("previous-page"), 101, 200, false, false),
+        (Some("previous-page"), 1, 100, true, false),
+    ] {
+        if let Some(button) = button {
+            browser
+                .find(Locator::Id(button))
+                .await
+                .expect("the button")
+                .click()
+                .await
+                .expect("click");
+        }
+        let wanted = expect_page(first, last, previous_hidden, next_hidden);
+        eventually(Duration::from_secs(20), "the page of agents", || {
+            let browser = browser.clone();
+            let wanted = wanted.clone();
+            async move { (shown(&browser).await == wanted).then_some(()) }
+        })
+        .await;
+    }
     browser.close().await.expect("close the browser");
     drop(driver);
 }

@@ -178,12 +178,7 @@ async fn sigterm_flushes_and_exits_zero() {
         .expect("heartbeat");
     let last_seen = list(&client, &url).await[0]["last_seen"].clone();
 
-    kill(router.pid(), Signal::SIGTERM).expect("SIGTERM");
-    let status = tokio::time::timeout(Duration::from_secs(20), router.child.wait())
-        .await
-        .expect("exits promptly")
-        .expect("wait");
-    assert!(status.success(), "exit status {status:?}");
+    stop_cleanly(&mut router).await;
 
     // With an hour-long flush interval, only the shutdown flush can have
     // written the heartbeat's last_seen.
@@ -265,6 +260,165 @@ async fn truncated_snapshot_is_moved_aside_and_the_backup_used() {
 #[tokio::test]
 async fn nul_filled_snapshot_without_backup_starts_empty() {
     assert_corrupt_snapshot_policy(&[0u8; 4096], false).await;
+}
+
+/// SIGTERM, and the router exits 0 promptly.
+async fn stop_cleanly(router: &mut RouterProcess) {
+    kill(router.pid(), Signal::SIGTERM).expect("SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), router.child.wait())
+        .await
+        .expect("exits promptly")
+        .expect("wait");
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// What a file's bytes and identity are now: a rewrite (a new snapshot is
+/// a new file renamed into place) changes the inode even if the bytes match.
+fn file_state(path: &std::path::Path) -> Option<(u64, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.ino(), std::fs::read(path).ok()?))
+}
+
+/// agents.json shows a registration soon after registrations go quiet, not
+/// a snapshot interval later; a storm that never goes quiet is not
+/// snapshotted for each change; heartbeats alone never rewrite it.
+#[tokio::test]
+async fn agents_json_shows_registrations_once_they_go_quiet() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client();
+    let router = RouterProcess::spawn(
+        dir.path(),
+        &[
+            "--snapshot-interval",
+            "3600",
+            "--snapshot-when-quiet",
+            "1",
+            "--flush-interval",
+            "0.1",
+        ],
+    )
+    .await;
+    let url = router.url("");
+    let snapshot = dir.path().join("agents.json");
+
+    // A storm: a registration every 100 ms for 3 s never leaves a second
+    // of quiet, so no snapshot is written while it lasts.
+    let mut ids = Vec::new();
+    let storm_began = Instant::now();
+    while storm_began.elapsed() < Duration::from_secs(3) {
+        ids.push(register(&client, &url, &registration(&format!("node-{}", ids.len()))).await);
+        assert!(
+            file_state(&snapshot).is_none(),
+            "a snapshot while registrations went on ({} so far)",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Quiet now: agents.json follows within the second of quiet (and the
+    // time a snapshot takes).
+    let stored = eventually(
+        Duration::from_secs(10),
+        "agents.json shows the storm",
+        || {
+            let snapshot = snapshot.clone();
+            async move {
+                let (_, bytes) = file_state(&snapshot)?;
+                let stored: Vec<Value> = serde_json::from_slice(&bytes).ok()?;
+                Some(stored)
+            }
+        },
+    )
+    .await;
+    let stored: Vec<&str> = stored
+        .iter()
+        .map(|a| a["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(stored, ids, "every registration, in order");
+
+    // Heartbeats for 3 s, flushed every 100 ms: liveness goes to the
+    // journal, and agents.json is left as it is.
+    let written = file_state(&snapshot);
+    let beats_began = Instant::now();
+    while beats_began.elapsed() < Duration::from_secs(3) {
+        for id in &ids {
+            client
+                .post(format!("{url}/api/agents/{id}/heartbeat"))
+                .send()
+                .await
+                .expect("heartbeat");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        std::fs::metadata(dir.path().join("agents.journal"))
+            .expect("journal")
+            .len()
+            > 0,
+        "liveness was journaled"
+    );
+    assert_eq!(
+        file_state(&snapshot),
+        written,
+        "heartbeats rewrote agents.json"
+    );
+}
+
+/// A clean stop with only liveness since the last snapshot leaves the
+/// journal for the next start (replaying it is cheaper than writing the
+/// fleet), and the next start has every agent's last_seen from it.
+#[tokio::test]
+async fn a_clean_stop_after_heartbeats_only_leaves_the_journal_to_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client();
+    let args = [
+        "--snapshot-interval",
+        "3600",
+        "--snapshot-when-quiet",
+        "0.2",
+        "--flush-interval",
+        "0.1",
+    ];
+    let mut router = RouterProcess::spawn(dir.path(), &args).await;
+    let url = router.url("");
+    let id = register(&client, &url, &registration("beating")).await;
+    let snapshot = dir.path().join("agents.json");
+    eventually(
+        Duration::from_secs(10),
+        "the registration in agents.json",
+        || {
+            let snapshot = snapshot.clone();
+            async move { file_state(&snapshot) }
+        },
+    )
+    .await;
+    let written = file_state(&snapshot);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    client
+        .post(format!("{url}/api/agents/{id}/heartbeat"))
+        .send()
+        .await
+        .expect("heartbeat");
+    let last_seen = list(&client, &url).await[0]["last_seen"].clone();
+
+    stop_cleanly(&mut router).await;
+    assert_eq!(file_state(&snapshot), written, "no snapshot at the stop");
+    let journal = std::fs::read_to_string(dir.path().join("agents.journal")).expect("journal");
+    assert!(
+        journal.contains(&*id),
+        "the heartbeat's last_seen is in the journal: {journal}"
+    );
+
+    let restarted = RouterProcess::spawn(dir.path(), &args).await;
+    let agents = list(&client, &restarted.url("")).await;
+    assert_eq!(agents.len(), 1);
+    // The journal keeps liveness to the millisecond.
+    let millisecond = |time: &Value| time.as_str().expect("a time")[..23].to_owned();
+    assert_eq!(
+        millisecond(&agents[0]["last_seen"]),
+        millisecond(&last_seen),
+        "replayed from the journal"
+    );
 }
 
 #[tokio::test]
@@ -371,6 +525,7 @@ async fn round_robin_selection_skips_offline_agents() {
     let (store, writer, loaded, _) = store::open(store::StoreOptions {
         data_dir: dir.path().to_path_buf(),
         snapshot_interval: Duration::from_secs(5),
+        snapshot_when_quiet: Duration::from_secs(2),
     })
     .expect("store");
     let timeout = Duration::from_secs(60);

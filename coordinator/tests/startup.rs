@@ -106,7 +106,9 @@ async fn a_port_another_program_listens_on_is_refused() {
 #[tokio::test]
 async fn a_second_router_on_the_same_data_dir_refuses_to_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let first = RouterProcess::spawn(dir.path(), &[]).await;
+    // No snapshot after registrations go quiet: the journal then holds
+    // what this router wrote, and only the refused router could change it.
+    let first = RouterProcess::spawn(dir.path(), &["--snapshot-when-quiet", "0"]).await;
     let client = client();
     register(&client, &first.url(""), &registration("gpu-1")).await;
     let snapshot_before = std::fs::read(dir.path().join("agents.journal")).expect("journal");

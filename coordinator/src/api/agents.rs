@@ -4,10 +4,12 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::Bytes;
 use common::{Agent, AgentView, DrainResponse, ErrorBody};
 use common::{AgentStatus, HeartbeatReport, RegisterRequest, RegisterResponse, UpdateAgentRequest};
 use serde::Deserialize;
@@ -20,7 +22,9 @@ use super::json::{AgentIdParam, JsonBody, OptionalJsonBody};
 use crate::auth::{Credentials, JoinAccess, TokenDigest};
 use crate::fields::{check_models, check_system_info, check_text};
 use crate::node_address::NodeAddressPolicy;
-use crate::registry::{AgentUpdate, IdentityProof, RegisterOutcome, Registration, Registry};
+use crate::registry::{
+    AgentUpdate, IdentityProof, ListCursor, RegisterOutcome, Registration, Registry,
+};
 
 /// Register a machine, or register a known one again (same id).
 #[utoipa::path(post, path = "/api/agents/register", tag = "registry",
@@ -110,20 +114,38 @@ pub async fn routers(
 #[derive(Debug, Deserialize)]
 pub struct ListQuery {
     status: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
 }
 
-/// Every agent, or those of one status.
+/// The most agents one page may hold: a page is built in memory before it
+/// is sent (its `Link` must precede it), the whole listing never is.
+pub const MAX_PAGE: usize = 10_000;
+
+/// Agents serialised per chunk of a streamed listing.
+const CHUNK_AGENTS: usize = 256;
+
+/// Every agent, or those of one status, oldest registration first; all at
+/// once (streamed), or a page at a time with `limit` and `after`.
 #[utoipa::path(get, path = "/api/agents", tag = "registry",
-    params(("status" = Option<String>, Query, description = "Online or Offline (any case)")),
+    params(
+        ("status" = Option<String>, Query, description = "Online or Offline (any case)"),
+        ("limit" = Option<u32>, Query, description = "At most this many agents (1 to 10000); without it, every agent, streamed"),
+        ("after" = Option<String>, Query, description = "The cursor a previous page's `Link` (or `X-Next-Cursor`) gave: the page starts after it"),
+    ),
     responses(
-        (status = 200, description = "The agents", body = Vec<AgentView>),
-        (status = 400, description = "An unknown status", body = ErrorBody),
+        (status = 200, description = "The agents. When another page follows, `Link` names it (rel=\"next\") and `X-Next-Cursor` holds its cursor; the last page has neither", body = Vec<AgentView>,
+            headers(
+                ("Link" = String, description = "`</api/agents?limit=N&after=CURSOR>; rel=\"next\"` when more agents follow"),
+                ("X-Next-Cursor" = String, description = "The cursor for `after`, when more agents follow"),
+            )),
+        (status = 400, description = "An unknown status, a limit out of range, or a cursor this router did not give", body = ErrorBody),
     ))]
 pub async fn list(
     State(registry): State<Arc<Registry>>,
     _: ListingAllowed,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) =
         query.map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
     let status = match query
@@ -142,7 +164,141 @@ pub async fn list(
             ))
         }
     };
-    Ok(Json(registry.list(status)))
+    let after = match query.after.as_deref() {
+        None => None,
+        Some(text) => Some(ListCursor::decode(text).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_cursor",
+                format!(
+                    "after={text:?} is not a cursor this router gave; start again without `after`"
+                ),
+            )
+        })?),
+    };
+    let limit = match query.limit.as_deref() {
+        None => None,
+        Some(text) => match text.parse::<usize>() {
+            Ok(limit @ 1..=MAX_PAGE) => Some(limit),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("limit must be a whole number from 1 to {MAX_PAGE}, not {text:?}"),
+                ))
+            }
+        },
+    };
+    let json = [(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    )];
+    let Some(limit) = limit else {
+        return Ok((
+            json,
+            Body::new(StreamedListing::new(registry, status, after)),
+        )
+            .into_response());
+    };
+    let page = registry.list_page(status, after, limit);
+    let mut response = (json, Json(page.agents)).into_response();
+    if let Some(next) = page.next {
+        let cursor = next.encode();
+        let mut link = format!("</api/agents?limit={limit}&after={cursor}");
+        if let Some(status) = status {
+            link.push_str(&format!("&status={status:?}"));
+        }
+        link.push_str(">; rel=\"next\"");
+        let headers = response.headers_mut();
+        // Both are plain ASCII: digits, hex and the fixed text above.
+        if let (Ok(link), Ok(cursor)) =
+            (HeaderValue::from_str(&link), HeaderValue::from_str(&cursor))
+        {
+            headers.insert(header::LINK, link);
+            headers.insert(NEXT_CURSOR, cursor);
+        }
+    }
+    Ok(response)
+}
+
+const NEXT_CURSOR: HeaderName = HeaderName::from_static("x-next-cursor");
+
+/// The whole listing as a JSON array, produced a chunk of agents at a time
+/// as the client reads: memory stays one chunk however large the fleet,
+/// and a slow reader holds no lock (each chunk reads its own page).
+struct StreamedListing {
+    registry: Arc<Registry>,
+    status: Option<AgentStatus>,
+    after: Option<ListCursor>,
+    opened: bool,
+    finished: bool,
+}
+
+impl StreamedListing {
+    fn new(
+        registry: Arc<Registry>,
+        status: Option<AgentStatus>,
+        after: Option<ListCursor>,
+    ) -> Self {
+        StreamedListing {
+            registry,
+            status,
+            after,
+            opened: false,
+            finished: false,
+        }
+    }
+
+    fn next_chunk(&mut self) -> Bytes {
+        let page = self
+            .registry
+            .list_page(self.status, self.after, CHUNK_AGENTS);
+        let mut chunk = Vec::with_capacity(page.agents.len() * 512 + 2);
+        if !self.opened {
+            chunk.push(b'[');
+        }
+        for agent in &page.agents {
+            let before = chunk.len();
+            if self.opened {
+                chunk.push(b',');
+            }
+            // An agent view always serialises (no map has non-string keys);
+            // were one not to, it is left out rather than cut the array.
+            if let Err(error) = serde_json::to_writer(&mut chunk, agent) {
+                chunk.truncate(before);
+                tracing::error!(%error, agent_id = %agent.agent.id, "An agent could not be listed.");
+                continue;
+            }
+            self.opened = true;
+        }
+        self.opened = true;
+        match page.next {
+            Some(next) => self.after = Some(next),
+            None => {
+                chunk.push(b']');
+                self.finished = true;
+            }
+        }
+        Bytes::from(chunk)
+    }
+}
+
+impl http_body::Body for StreamedListing {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.finished {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(this.next_chunk()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
 }
 
 /// One agent.

@@ -143,14 +143,13 @@ impl Registry {
         // New here. Whatever id this machine and port had here lost to it
         // (deleted elsewhere, or a registration race this router lost).
         if let Some(previous) = maps.by_identity.get(&identity).copied() {
-            maps.by_id.remove(&previous);
+            maps.take(previous);
             lock(&self.probes).remove(&previous);
         }
         let mut record = AgentRecord::new(facts.clone(), Instant::now(), 1);
         record.stored_number = number;
         maps.by_identity.insert(identity, facts.id);
-        maps.by_id
-            .insert(facts.id, Arc::new(std::sync::Mutex::new(record)));
+        maps.add(Arc::new(std::sync::Mutex::new(record)));
         true
     }
 
@@ -166,8 +165,13 @@ impl Registry {
         }
         record.stored_number = number;
         record.revision += 1;
+        let registered_at = record.agent.registered_at;
         let moved = take_stored_fields(&mut record, facts);
         drop(record);
+        if facts.registered_at != registered_at {
+            self.write_maps()
+                .reorder(facts.id, registered_at, facts.registered_at);
+        }
         if moved {
             lock(&self.probes).remove(&facts.id);
         }
@@ -186,7 +190,7 @@ impl Registry {
             }
             (record.agent.machine_name.to_string(), record.agent.port)
         };
-        maps.by_id.remove(&id);
+        maps.take(id);
         if maps.by_identity.get(&identity) == Some(&id) {
             maps.by_identity.remove(&identity);
         }

@@ -11,6 +11,7 @@
 //! and synchronous.
 
 mod follow;
+mod listing;
 mod sweeper;
 
 use std::collections::HashMap;
@@ -34,6 +35,7 @@ pub use crate::telemetry::{FleetFacts, NodeLoad};
 
 pub use crate::record::{ModelList, NodeFacts, Registration};
 pub use follow::Follower;
+pub use listing::{ListCursor, ListPage};
 pub use sweeper::Sweeper;
 
 use crate::record::{intern, intern_models};
@@ -148,9 +150,14 @@ fn probe_backoff(failures: u32, cap: Duration) -> Duration {
 
 #[derive(Default)]
 struct Maps {
+    /// Changed only through [`Maps::add`] and [`Maps::take`], which keep
+    /// `listing_order` in step.
     by_id: HashMap<Uuid, Arc<Mutex<AgentRecord>>>,
     /// `(machine_name, port)` is a node's identity across restarts.
     by_identity: HashMap<(String, u16), Uuid>,
+    /// Every id in listing order (oldest registration first), so that a
+    /// page of the listing is a range, not a sort of the fleet.
+    listing_order: std::collections::BTreeSet<ListCursor>,
 }
 
 /// Everything the router knows of one agent.
@@ -244,17 +251,21 @@ impl Registry {
         store: Box<dyn RegistryStore>,
     ) -> Self {
         let now = Instant::now();
-        let mut maps = Maps::default();
+        // Sized once: a large fleet loads without rehashing as it grows.
+        let mut maps = Maps {
+            by_id: HashMap::with_capacity(loaded.len()),
+            by_identity: HashMap::with_capacity(loaded.len()),
+            listing_order: std::collections::BTreeSet::new(),
+        };
         for agent in loaded {
             let identity = (agent.machine_name.to_string(), agent.port);
             if let Some(previous) = maps.by_identity.insert(identity, agent.id) {
                 // Cannot come from our own writes; keep the later record.
                 tracing::warn!(agent_id = %previous, "Two stored agents share a name and port; keeping the later one.");
-                maps.by_id.remove(&previous);
+                maps.take(previous);
             }
             let record = AgentRecord::new(agent, now, 0);
-            maps.by_id
-                .insert(record.agent.id, Arc::new(Mutex::new(record)));
+            maps.add(Arc::new(Mutex::new(record)));
         }
         Registry {
             maps: RwLock::new(maps),
@@ -403,7 +414,7 @@ impl Registry {
                 let facts = Arc::new(agent.clone());
                 let committed = self.store.submit(Change::Upsert(Arc::clone(&facts)));
                 let record = AgentRecord::new(agent, now, 1);
-                maps.by_id.insert(id, Arc::new(Mutex::new(record)));
+                maps.add(Arc::new(Mutex::new(record)));
                 maps.by_identity.insert(identity, id);
                 (
                     id,
@@ -586,7 +597,7 @@ impl Registry {
     pub async fn remove(&self, id: Uuid) -> Result<(), RegistryError> {
         let (slot, committed) = {
             let mut maps = self.write_maps();
-            let Some(slot) = maps.by_id.remove(&id) else {
+            let Some(slot) = maps.take(id) else {
                 return Err(RegistryError::NotFound(id));
             };
             let identity = {
@@ -612,27 +623,6 @@ impl Registry {
         let slot = self.slot(id)?;
         let view = lock(&slot).view();
         Ok(view)
-    }
-
-    /// Every agent, oldest registration first, optionally only one status.
-    pub fn list(&self, status: Option<AgentStatus>) -> Vec<AgentView> {
-        let slots: Vec<_> = self.read_maps().by_id.values().cloned().collect();
-        let mut agents: Vec<AgentView> = slots
-            .iter()
-            .filter_map(|slot| {
-                let record = lock(slot);
-                status
-                    .is_none_or(|wanted| record.agent.status == wanted)
-                    .then(|| record.view())
-            })
-            .collect();
-        agents.sort_by(|a, b| {
-            a.agent
-                .registered_at
-                .cmp(&b.agent.registered_at)
-                .then(a.agent.id.cmp(&b.agent.id))
-        });
-        agents
     }
 
     /// The node is leaving: it gets no new requests from now on. Its
@@ -936,7 +926,7 @@ impl Registry {
                     .get(&id)
                     .is_some_and(|slot| lock(slot).revision == revision);
                 if still_ours {
-                    if let Some(slot) = maps.by_id.remove(&id) {
+                    if let Some(slot) = maps.take(id) {
                         let record = lock(&slot);
                         maps.by_identity
                             .remove(&(record.agent.machine_name.to_string(), record.agent.port));
@@ -962,7 +952,7 @@ impl Registry {
                     maps.by_identity.entry(identity)
                 {
                     vacant.insert(id);
-                    maps.by_id.insert(id, slot);
+                    maps.add(slot);
                 }
             }
         }

@@ -121,6 +121,11 @@ impl DataFiles {
         self.journal_len
     }
 
+    /// The size of `agents.json` as it is (0 when there is none yet).
+    pub fn snapshot_bytes(&self) -> u64 {
+        fs::metadata(self.dir.join(SNAPSHOT_FILE)).map_or(0, |metadata| metadata.len())
+    }
+
     /// Appends the changes in one write and one fsync. On failure the journal
     /// is cut back to its previous length, so nothing is half-written.
     pub fn append(&mut self, changes: &[Change]) -> Result<(), StoreError> {

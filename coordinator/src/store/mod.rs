@@ -165,6 +165,9 @@ pub struct StoreOptions {
     pub data_dir: PathBuf,
     /// How often a snapshot is written when something changed.
     pub snapshot_interval: Duration,
+    /// A snapshot follows registrations, updates and deletions once they
+    /// have been quiet this long (zero: only every `snapshot_interval`).
+    pub snapshot_when_quiet: Duration,
 }
 
 /// Loads the data dir (see `files::load` for the corrupt-file policy) and
@@ -180,6 +183,9 @@ pub fn open(
         committed,
         receiver,
         snapshot_interval: options.snapshot_interval,
+        snapshot_when_quiet: options.snapshot_when_quiet,
+        unsnapshotted_change: None,
+        snapshot_cost: Duration::ZERO,
         snapshot_dirty: report.needs_snapshot(),
         background: None,
         // A load that replayed a journal (the last run did not stop cleanly)
@@ -246,9 +252,9 @@ impl StoreWriter {
     }
 }
 
-/// A background snapshot's end: the segments it covered, and whether it is
-/// in place.
-type SnapshotOutcome = (Vec<PathBuf>, Result<(), StoreError>);
+/// A background snapshot's end: the segments it covered, whether it is in
+/// place, and how long it took.
+type SnapshotOutcome = (Vec<PathBuf>, Result<(), StoreError>, Duration);
 
 struct Writer {
     files: files::DataFiles,
@@ -257,6 +263,12 @@ struct Writer {
     committed: Records,
     receiver: mpsc::Receiver<Command>,
     snapshot_interval: Duration,
+    snapshot_when_quiet: Duration,
+    /// The latest registration, update or deletion, while no snapshot
+    /// holds it yet (liveness does not count: it changes every flush).
+    unsnapshotted_change: Option<Instant>,
+    /// The last snapshot: when it started, and how long it took to write.
+    snapshot_cost: Duration,
     snapshot_dirty: bool,
     last_snapshot: Instant,
     /// The snapshot being written beside the writer, and the segments it
@@ -267,9 +279,7 @@ struct Writer {
 impl Writer {
     fn run(&mut self) {
         loop {
-            let wait = self
-                .snapshot_interval
-                .saturating_sub(self.last_snapshot.elapsed());
+            let wait = self.until_next_snapshot();
             let first = match self
                 .receiver
                 .recv_timeout(wait.max(Duration::from_millis(10)))
@@ -288,8 +298,54 @@ impl Writer {
             self.handle_batch(batch);
         }
         // Every handle is gone: the router is shutting down.
-        if let Err(error) = self.snapshot_and_wait() {
+        if let Err(error) = self.settle() {
             tracing::error!(%error, "Final snapshot failed; the journal still holds every change.");
+        }
+    }
+
+    /// How long the writer may sleep before a snapshot falls due.
+    fn until_next_snapshot(&self) -> Duration {
+        let periodic = self
+            .snapshot_interval
+            .saturating_sub(self.last_snapshot.elapsed());
+        match self.quiet_snapshot_at() {
+            Some(at) => periodic.min(at.saturating_duration_since(Instant::now())),
+            None => periodic,
+        }
+    }
+
+    /// When a snapshot of recent registry changes falls due: once they
+    /// have been quiet for `snapshot_when_quiet` (a storm never is, so it
+    /// gets the periodic snapshots only), and no sooner after the last
+    /// snapshot than ten times what that one took, so that a registry
+    /// changing every few seconds does not spend its writer's disk on
+    /// snapshots of a large fleet.
+    fn quiet_snapshot_at(&self) -> Option<Instant> {
+        if self.snapshot_when_quiet.is_zero() {
+            return None;
+        }
+        let quiet = self.unsnapshotted_change? + self.snapshot_when_quiet;
+        let spaced = self.last_snapshot + (self.snapshot_cost * 10).min(self.snapshot_interval);
+        Some(quiet.max(spaced))
+    }
+
+    /// The end of a clean shutdown. Everything is durable in the journal
+    /// already; a snapshot is written when the registry changed since the
+    /// last one (so that agents.json shows it), or when the journal has
+    /// grown as large as the snapshot. A restart waits for this stop's
+    /// snapshot or the next start's replay, and a byte of journal costs
+    /// about what a byte of snapshot does (BENCHMARKS.md, "Restart"): so
+    /// liveness alone, the usual case, is left to replay.
+    fn settle(&mut self) -> Result<(), StoreError> {
+        let _ = self.collect_snapshot(true);
+        let worth_it = self.unsnapshotted_change.is_some()
+            || self.snapshot_dirty
+            || self.files.has_closed_segments()
+            || self.files.journal_bytes() >= self.files.snapshot_bytes();
+        if worth_it {
+            self.snapshot_and_wait()
+        } else {
+            Ok(())
         }
     }
 
@@ -321,6 +377,9 @@ impl Writer {
                         "Journal batch committed."
                     );
                     for change in changes {
+                        if !matches!(change, Change::Seen(_)) {
+                            self.unsnapshotted_change = Some(Instant::now());
+                        }
                         self.committed.apply(change);
                     }
                     for ack in commit_acks {
@@ -340,13 +399,16 @@ impl Writer {
         self.collect_snapshot(false);
         let due = self.pending() && self.last_snapshot.elapsed() >= self.snapshot_interval;
         let journal_full = self.files.journal_bytes() >= JOURNAL_BYTES_BEFORE_SNAPSHOT;
+        let quiet = self
+            .quiet_snapshot_at()
+            .is_some_and(|at| at <= Instant::now());
         if snapshot_acks.is_empty() {
-            if (due || journal_full) && self.background.is_none() {
+            if (due || journal_full || quiet) && self.background.is_none() {
                 self.start_snapshot();
             }
             return;
         }
-        let result = self.snapshot_and_wait().map(|()| 0).map_err(Arc::new);
+        let result = self.settle().map(|()| 0).map_err(Arc::new);
         for ack in snapshot_acks {
             let _ = ack.send(result.clone());
         }
@@ -368,18 +430,21 @@ impl Writer {
             }
         };
         self.snapshot_dirty = false;
+        let unsnapshotted_change = self.unsnapshotted_change.take();
         let view = self.committed.shared();
         let dir = self.files.dir().to_path_buf();
         let started = std::thread::Builder::new()
             .name("store-snapshot".into())
             .spawn(move || {
+                let begun = Instant::now();
                 let result = files::write_snapshot(&dir, view, &covered);
-                (covered, result)
+                (covered, result, begun.elapsed())
             });
         match started {
             Ok(handle) => self.background = Some(handle),
             Err(error) => {
                 self.snapshot_dirty = true;
+                self.unsnapshotted_change = unsnapshotted_change;
                 tracing::error!(%error, "Could not start the snapshot thread; the journal holds every change.");
             }
         }
@@ -393,14 +458,16 @@ impl Writer {
             return None;
         }
         let handle = self.background.take()?;
-        let (covered, result) = handle.join().unwrap_or_else(|_| {
+        let (covered, result, cost) = handle.join().unwrap_or_else(|_| {
             (
                 Vec::new(),
                 Err(StoreError::Snapshot(std::io::Error::other(
                     "the snapshot thread panicked",
                 ))),
+                Duration::ZERO,
             )
         });
+        self.snapshot_cost = cost;
         match &result {
             Ok(()) => self.files.forget_segments(&covered),
             Err(error) => {
