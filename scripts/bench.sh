@@ -22,7 +22,21 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
 
-ours() { { pgrep -x nginx; pgrep -x llm-router; pgrep -x llm-standin; pgrep -f llm-router-agent; pgrep -f llm-router-pg-; true; } | wc -l; }
+# The field's Rust LLM routers, from PyPI, for the side-by-side scenario
+# (`peers`): in a virtualenv outside the repository, made once and reused.
+PEERS_VENV="${PEERS_VENV:-$HOME/.cache/llm-router-bench/peers}"
+if [ ! -x "$PEERS_VENV/bin/smg" ] || [ ! -x "$PEERS_VENV/bin/sglang-router" ] || [ ! -x "$PEERS_VENV/bin/vllm-router" ]; then
+  echo "==> Installing smg, sglang-router and vllm-router from PyPI into $PEERS_VENV"
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  fi
+  python3 -m venv "$PEERS_VENV"
+  "$PEERS_VENV/bin/pip" install -q smg sglang-router vllm-router
+fi
+export PEERS_VENV
+
+ours() { { pgrep -x nginx; pgrep -x llm-router; pgrep -x llm-standin; pgrep -f llm-router-agent; pgrep -f llm-router-pg-; pgrep -f "$PEERS_VENV/bin/"; true; } | wc -l; }
 before=$(ours)
 
 echo "==> Building release binaries"

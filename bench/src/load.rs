@@ -43,6 +43,16 @@ impl LoadResult {
     pub fn p99_us(&self) -> f64 {
         self.latency_us.value_at_quantile(0.99) as f64
     }
+
+    /// Adds another measurement of the same target: rates and percentiles
+    /// then cover both, as one longer run would.
+    pub fn merge(&mut self, other: &LoadResult) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        // Same bounds on both sides: adding cannot fail.
+        let _ = self.latency_us.add(&other.latency_us);
+    }
 }
 
 fn new_histogram() -> Histogram<u64> {

@@ -4,6 +4,7 @@
 //! figure and ratio as the median of several runs. Leaves no process behind.
 
 mod load;
+mod peers;
 mod procs;
 mod scenarios;
 mod shared;
@@ -36,9 +37,14 @@ struct Args {
     /// Threads of the load generator (it shares the machine with the router).
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
-    /// Only these scenarios (comma-separated: registry,storm,proxy,failure,churn,shared); all when empty.
+    /// Only these scenarios (comma-separated: registry,storm,proxy,peers,failure,churn,shared); all when empty.
     #[arg(long, default_value = "")]
     only: String,
+    /// The bin directory of the virtualenv holding smg, sglang-router and
+    /// vllm-router (default: $PEERS_VENV/bin, else
+    /// ~/.cache/llm-router-bench/peers/bin, where scripts/bench.sh puts them).
+    #[arg(long)]
+    peers_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,6 +91,10 @@ fn main() -> anyhow::Result<()> {
             }
             if wants("proxy") {
                 scenarios::proxy(&context, &work_path, &mut figures).await?;
+            }
+            if wants("peers") {
+                let peers_dir = args.peers_dir.clone().unwrap_or_else(peers::default_peers_dir);
+                peers::peers(&context, &peers_dir, &work_path, &mut figures).await?;
             }
             if wants("failure") {
                 scenarios::failure(&context, &work_path, &mut figures).await?;

@@ -117,6 +117,13 @@ impl Binaries {
             .args(["--host", "127.0.0.1", "--port", "0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
+            // BENCH_ROUTER_ARGS: more arguments for every router started, to
+            // compare settings (e.g. "--threads 1") without a rebuild.
+            .args(
+                std::env::var("BENCH_ROUTER_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .env("RUST_LOG", "warn,coordinator=info");
         let mut proc = Proc::spawn("router", command, log_dir)?;
         let address = proc.wait_listening()?;

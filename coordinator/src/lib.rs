@@ -243,7 +243,7 @@ pub async fn run(
         body_read_timeout: config.body_read_timeout,
         body_budget: api::forward::BodyBudget::new(config.max_body_memory),
     });
-    let state = AppState {
+    let state = AppState::new(api::SharedState {
         forwarder,
         origin_policy: Arc::new(api::origin::OriginPolicy {
             allowed_hosts: config
@@ -258,7 +258,7 @@ pub async fn run(
         body_read_timeout: config.body_read_timeout,
         registry: Arc::clone(&registry),
         routers: roster,
-    };
+    });
     let app = app(state);
     let serve_options = serve::ServeOptions {
         header_read_timeout: config.header_read_timeout,
