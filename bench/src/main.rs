@@ -93,7 +93,10 @@ fn main() -> anyhow::Result<()> {
                 scenarios::proxy(&context, &work_path, &mut figures).await?;
             }
             if wants("peers") {
-                let peers_dir = args.peers_dir.clone().unwrap_or_else(peers::default_peers_dir);
+                let peers_dir = args
+                    .peers_dir
+                    .clone()
+                    .unwrap_or_else(peers::default_peers_dir);
                 peers::peers(&context, &peers_dir, &work_path, &mut figures).await?;
             }
             if wants("failure") {

@@ -103,7 +103,11 @@ fn start_peer(
         .arg(format!("http://{worker}"))
         .args(["--policy", "round_robin", "--log-level"])
         // vllm-router took the Python spelling.
-        .arg(if name == "vllm-router" { "warning" } else { "warn" })
+        .arg(if name == "vllm-router" {
+            "warning"
+        } else {
+            "warn"
+        })
         .args(["--prometheus-host", "127.0.0.1", "--prometheus-port"])
         .arg(free_port()?.to_string());
     let proc = Proc::spawn(name, command, work)?;
@@ -142,7 +146,13 @@ pub async fn peers(
     let chat = || -> load::MakeRequest { Arc::new(|_| post_json(CHAT_PATH, CHAT_BODY.to_vec())) };
 
     // One connection, straight to the server: what every router adds to.
-    let direct = load::run(nginx.server, 1, Limit::Duration(one_connection(context)), chat()).await;
+    let direct = load::run(
+        nginx.server,
+        1,
+        Limit::Duration(one_connection(context)),
+        chat(),
+    )
+    .await;
     check_clean("direct", &direct)?;
     figures.insert("peers_direct_p50_us", direct.p50_us());
 
@@ -164,8 +174,10 @@ pub async fn peers(
             };
             wait_routing(name, address).await?;
             let under_load = load::run(address, 64, context.measure_for(), chat()).await;
-            check_clean(name, &under_load).with_context(|| format!("{name} under 64 connections"))?;
-            let alone = load::run(address, 1, Limit::Duration(one_connection(context)), chat()).await;
+            check_clean(name, &under_load)
+                .with_context(|| format!("{name} under 64 connections"))?;
+            let alone =
+                load::run(address, 1, Limit::Duration(one_connection(context)), chat()).await;
             check_clean(name, &alone).with_context(|| format!("{name} at one connection"))?;
             drop(proc);
             for (results, result) in [(&mut loaded, under_load), (&mut single, alone)] {
