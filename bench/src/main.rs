@@ -130,6 +130,15 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
+/// One decimal, two below 10 (a ratio of 0.92 is not 0.9).
+fn shown(value: f64) -> String {
+    if value.abs() < 10.0 {
+        format!("{value:.2}")
+    } else {
+        format!("{value:.1}")
+    }
+}
+
 fn print_report(runs: &[BTreeMap<&'static str, f64>]) {
     let mut names: Vec<&'static str> = runs.iter().flat_map(|r| r.keys().copied()).collect();
     names.sort_unstable();
@@ -149,9 +158,9 @@ fn print_report(runs: &[BTreeMap<&'static str, f64>]) {
         let each: Vec<String> = runs
             .iter()
             .filter_map(|r| r.get(name))
-            .map(|v| format!("{v:.1}"))
+            .map(|v| shown(*v))
             .collect();
-        println!("| {name} | {:.1} | {} |", medians[name], each.join(", "));
+        println!("| {name} | {} | {} |", shown(medians[name]), each.join(", "));
     }
     println!("\n| target | measured | met |");
     println!("|---|---|---|");
@@ -162,7 +171,7 @@ fn print_report(runs: &[BTreeMap<&'static str, f64>]) {
             Some(_) => "NO",
             None => "not run",
         };
-        let shown = value.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} {}", check.unit));
+        let shown = value.map_or_else(|| "-".to_owned(), |v| format!("{} {}", shown(v), check.unit));
         println!("| {} | {shown} | {verdict} |", check.description);
     }
 }
