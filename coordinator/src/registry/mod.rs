@@ -855,8 +855,8 @@ impl Registry {
         crate::record::prune_interned();
     }
 
-    /// Folds everything durable so far into a snapshot and waits for it:
-    /// the last step of a clean shutdown, after liveness was flushed.
+    /// Leaves the store durable and quick to load, and waits for it: the
+    /// last step of a clean shutdown, after liveness was flushed.
     pub async fn snapshot_now(&self) -> Result<(), Arc<StoreError>> {
         self.store.snapshot_now().await.map(|_| ())
     }

@@ -102,8 +102,9 @@ pub trait RegistryStore: Send + Sync {
     /// flushed every few seconds, and a crash loses at most that much.
     fn record_seen(&self, seen: Vec<Seen>);
 
-    /// Makes everything so far durable in its final form now, and says
-    /// when it is: the last step of a clean shutdown.
+    /// The last step of a clean shutdown: makes everything so far durable
+    /// and quick to load, and says when it is. (The files fold the journal
+    /// into a snapshot unless replaying it at the next start is cheaper.)
     fn snapshot_now(&self) -> Acknowledgement;
 }
 
@@ -267,7 +268,7 @@ struct Writer {
     /// The latest registration, update or deletion, while no snapshot
     /// holds it yet (liveness does not count: it changes every flush).
     unsnapshotted_change: Option<Instant>,
-    /// The last snapshot: when it started, and how long it took to write.
+    /// How long the last snapshot took to write.
     snapshot_cost: Duration,
     snapshot_dirty: bool,
     last_snapshot: Instant,
