@@ -160,7 +160,11 @@ fn print_report(runs: &[BTreeMap<&'static str, f64>]) {
             .filter_map(|r| r.get(name))
             .map(|v| shown(*v))
             .collect();
-        println!("| {name} | {} | {} |", shown(medians[name]), each.join(", "));
+        println!(
+            "| {name} | {} | {} |",
+            shown(medians[name]),
+            each.join(", ")
+        );
     }
     println!("\n| target | measured | met |");
     println!("|---|---|---|");
@@ -171,7 +175,10 @@ fn print_report(runs: &[BTreeMap<&'static str, f64>]) {
             Some(_) => "NO",
             None => "not run",
         };
-        let shown = value.map_or_else(|| "-".to_owned(), |v| format!("{} {}", shown(v), check.unit));
+        let shown = value.map_or_else(
+            || "-".to_owned(),
+            |v| format!("{} {}", shown(v), check.unit),
+        );
         println!("| {} | {shown} | {verdict} |", check.description);
     }
 }
