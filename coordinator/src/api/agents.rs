@@ -118,6 +118,61 @@ pub struct ListQuery {
     after: Option<String>,
 }
 
+/// A listing's query, checked.
+struct ListRequest {
+    status: Option<AgentStatus>,
+    after: Option<ListCursor>,
+    /// A page's size; `None` for the whole listing, streamed.
+    limit: Option<usize>,
+}
+
+impl ListQuery {
+    fn validate(self) -> Result<ListRequest, ApiError> {
+        let status = match self
+            .status
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None => None,
+            Some("online") => Some(AgentStatus::Online),
+            Some("offline") => Some(AgentStatus::Offline),
+            Some(other) => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("status must be Online or Offline, not {other:?}"),
+                ))
+            }
+        };
+        let after = match self.after.as_deref() {
+            None => None,
+            Some(text) => Some(ListCursor::decode(text).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_cursor",
+                    format!("after={text:?} is not a cursor this router gave; start again without `after`"),
+                )
+            })?),
+        };
+        let limit = match self.limit.as_deref() {
+            None => None,
+            Some(text) => match text.parse::<usize>() {
+                Ok(limit @ 1..=MAX_PAGE) => Some(limit),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_query",
+                        format!("limit must be a whole number from 1 to {MAX_PAGE}, not {text:?}"),
+                    ))
+                }
+            },
+        };
+        Ok(ListRequest {
+            status,
+            after,
+            limit,
+        })
+    }
+}
+
 /// The most agents one page may hold: a page is built in memory before it
 /// is sent (its `Link` must precede it), the whole listing never is.
 pub const MAX_PAGE: usize = 10_000;
@@ -148,45 +203,11 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let Query(query) =
         query.map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
-    let status = match query
-        .status
-        .as_deref()
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None => None,
-        Some("online") => Some(AgentStatus::Online),
-        Some("offline") => Some(AgentStatus::Offline),
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("status must be Online or Offline, not {other:?}"),
-            ))
-        }
-    };
-    let after = match query.after.as_deref() {
-        None => None,
-        Some(text) => Some(ListCursor::decode(text).ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_cursor",
-                format!(
-                    "after={text:?} is not a cursor this router gave; start again without `after`"
-                ),
-            )
-        })?),
-    };
-    let limit = match query.limit.as_deref() {
-        None => None,
-        Some(text) => match text.parse::<usize>() {
-            Ok(limit @ 1..=MAX_PAGE) => Some(limit),
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!("limit must be a whole number from 1 to {MAX_PAGE}, not {text:?}"),
-                ))
-            }
-        },
-    };
+    let ListRequest {
+        status,
+        after,
+        limit,
+    } = query.validate()?;
     let json = [(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
