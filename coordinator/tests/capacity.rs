@@ -44,6 +44,19 @@ fn chat_body() -> Value {
     json!({"model": "smollm2:135m", "stream": false, "messages": [{"role": "user", "content": "hi"}]})
 }
 
+/// One chat request, not streamed: its status and JSON body (null when
+/// the body is not JSON).
+async fn chat(http: reqwest::Client, url: String) -> (u16, Value) {
+    let response = http
+        .post(url)
+        .json(&chat_body())
+        .send()
+        .await
+        .expect("chat");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
 async fn queue_length(router: &TestRouter) -> f64 {
     let metrics = client()
         .get(router.url("/metrics"))
@@ -74,25 +87,18 @@ async fn a_node_of_capacity_one_never_takes_two_and_every_queued_request_succeed
 
     let http = client();
     let requests = (0..8).map(|n| {
-        let (http, url) = (
-            http.clone(),
-            router.url(if n % 2 == 0 {
-                "/api/chat"
-            } else {
-                "/v1/chat/completions"
-            }),
-        );
-        async move {
-            http.post(url)
-                .json(&chat_body())
-                .send()
-                .await
-                .expect("chat")
-                .status()
-                .as_u16()
-        }
+        let path = if n % 2 == 0 {
+            "/api/chat"
+        } else {
+            "/v1/chat/completions"
+        };
+        chat(http.clone(), router.url(path))
     });
-    let statuses = futures::future::join_all(requests).await;
+    let statuses: Vec<u16> = futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(|(status, _)| status)
+        .collect();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let stats = node.stats.to_json_for_tests();
     assert_eq!(stats["most_generations_at_once"], 1, "{stats}");
@@ -127,18 +133,7 @@ async fn a_full_queue_and_a_long_wait_answer_429_with_retry_after_in_each_apis_s
     register_with_capacity(&router, "busy", port, 1).await;
     let http = client();
 
-    let running = tokio::spawn({
-        let (http, url) = (http.clone(), router.url("/api/chat"));
-        async move {
-            http.post(url)
-                .json(&chat_body())
-                .send()
-                .await
-                .expect("chat")
-                .status()
-                .as_u16()
-        }
-    });
+    let running = tokio::spawn(chat(http.clone(), router.url("/api/chat")));
     eventually(
         Duration::from_secs(5),
         "the first request at the node",
@@ -151,22 +146,7 @@ async fn a_full_queue_and_a_long_wait_answer_429_with_retry_after_in_each_apis_s
         },
     )
     .await;
-    let queued = tokio::spawn({
-        let (http, url) = (http.clone(), router.url("/v1/chat/completions"));
-        async move {
-            let response = http
-                .post(url)
-                .json(&chat_body())
-                .send()
-                .await
-                .expect("chat");
-            let status = response.status().as_u16();
-            (
-                status,
-                response.json::<Value>().await.unwrap_or(Value::Null),
-            )
-        }
-    });
+    let queued = tokio::spawn(chat(http.clone(), router.url("/v1/chat/completions")));
     eventually(Duration::from_secs(5), "one request queued", || async {
         (queue_length(&router).await == 1.0).then_some(())
     })
@@ -203,7 +183,7 @@ async fn a_full_queue_and_a_long_wait_answer_429_with_retry_after_in_each_apis_s
     let (status, body) = queued.await.expect("queued");
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "queue_timeout", "{body}");
-    assert_eq!(running.await.expect("running"), 200);
+    assert_eq!(running.await.expect("running").0, 200);
     assert_eq!(queue_length(&router).await, 0.0);
 }
 
@@ -215,16 +195,7 @@ async fn a_client_that_leaves_while_queued_leaves_the_queue() {
     let (_node, port) = slow_node("held", Duration::from_millis(500)).await;
     register_with_capacity(&router, "held", port, 1).await;
     let http = client();
-    let running = tokio::spawn({
-        let (http, url) = (http.clone(), router.url("/api/chat"));
-        async move {
-            http.post(url)
-                .json(&chat_body())
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-        }
-    });
+    let running = tokio::spawn(chat(http.clone(), router.url("/api/chat")));
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(800))
         .build()
@@ -252,7 +223,7 @@ async fn a_client_that_leaves_while_queued_leaves_the_queue() {
     )
     .await;
     assert!(!running.is_finished(), "the slot is still taken");
-    assert_eq!(running.await.expect("task").expect("running"), 200);
+    assert_eq!(running.await.expect("running").0, 200);
 }
 
 /// The agent reads llama.cpp's slots from `/props` and reports them; the

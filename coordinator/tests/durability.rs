@@ -171,12 +171,7 @@ async fn sigterm_flushes_and_exits_zero() {
     let url = router.url("");
     let id = register(&client, &url, &registration("beating")).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    client
-        .post(format!("{url}/api/agents/{id}/heartbeat"))
-        .send()
-        .await
-        .expect("heartbeat");
-    let last_seen = list(&client, &url).await[0]["last_seen"].clone();
+    let last_seen = heartbeat_and_read_last_seen(&client, &url, &id).await;
 
     stop_cleanly(&mut router).await;
 
@@ -260,6 +255,16 @@ async fn truncated_snapshot_is_moved_aside_and_the_backup_used() {
 #[tokio::test]
 async fn nul_filled_snapshot_without_backup_starts_empty() {
     assert_corrupt_snapshot_policy(&[0u8; 4096], false).await;
+}
+
+/// One heartbeat from the (only) agent, and the `last_seen` it set.
+async fn heartbeat_and_read_last_seen(client: &reqwest::Client, url: &str, id: &str) -> Value {
+    client
+        .post(format!("{url}/api/agents/{id}/heartbeat"))
+        .send()
+        .await
+        .expect("heartbeat");
+    list(client, url).await[0]["last_seen"].clone()
 }
 
 /// SIGTERM, and the router exits 0 promptly.
@@ -394,12 +399,7 @@ async fn a_clean_stop_after_heartbeats_only_leaves_the_journal_to_replay() {
     .await;
     let written = file_state(&snapshot);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    client
-        .post(format!("{url}/api/agents/{id}/heartbeat"))
-        .send()
-        .await
-        .expect("heartbeat");
-    let last_seen = list(&client, &url).await[0]["last_seen"].clone();
+    let last_seen = heartbeat_and_read_last_seen(&client, &url, &id).await;
 
     stop_cleanly(&mut router).await;
     assert_eq!(file_state(&snapshot), written, "no snapshot at the stop");
@@ -573,4 +573,64 @@ async fn round_robin_selection_skips_offline_agents() {
 fn registry_registration(name: &str) -> coordinator::registry::Registration {
     coordinator::registry::Registration::try_from(support::typed_registration(name))
         .expect("a valid registration")
+}
+
+/// The stop rule, at the store: a journal of liveness alone is left for the
+/// next start while it is smaller than agents.json, and folded into a
+/// snapshot once it has outgrown it (replaying it would then cost more).
+#[tokio::test]
+async fn a_stop_folds_a_liveness_journal_only_once_it_outgrows_the_snapshot() {
+    use coordinator::registry::NodeFacts;
+    use coordinator::store::{Change, RegistryStore, Seen};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, writer, _, _) = store::open(store::StoreOptions {
+        data_dir: dir.path().to_path_buf(),
+        snapshot_interval: Duration::from_secs(3600),
+        snapshot_when_quiet: Duration::ZERO,
+    })
+    .expect("store");
+    let journal_len = || {
+        std::fs::metadata(dir.path().join("agents.journal"))
+            .expect("journal")
+            .len()
+    };
+    let facts = NodeFacts::registered(
+        uuid::Uuid::new_v4(),
+        &registry_registration("node"),
+        chrono::Utc::now(),
+    );
+    let id = facts.id;
+    store
+        .submit(Change::Upsert(Arc::new(facts)))
+        .await
+        .expect("committed");
+    // A registry change no snapshot holds: the stop folds it in.
+    store.snapshot_now().await.expect("stop");
+    assert_eq!(journal_len(), 0, "the registration was folded in");
+    let snapshot_len = std::fs::metadata(dir.path().join("agents.json"))
+        .expect("agents.json")
+        .len();
+
+    let seen = |count: usize| {
+        (0..count)
+            .map(|_| Seen(id, chrono::Utc::now(), common::AgentStatus::Online))
+            .collect::<Vec<_>>()
+    };
+    store.record_seen(seen(1));
+    store.snapshot_now().await.expect("stop");
+    let left = journal_len();
+    assert!(
+        left > 0 && left < snapshot_len,
+        "one liveness record ({left} bytes) is left to replay beside a {snapshot_len}-byte snapshot"
+    );
+
+    store.record_seen(seen(100));
+    store.snapshot_now().await.expect("stop");
+    assert_eq!(
+        journal_len(),
+        0,
+        "a journal larger than the snapshot is folded in"
+    );
+    drop(store);
+    writer.join();
 }

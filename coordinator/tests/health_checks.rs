@@ -20,6 +20,45 @@ async fn state_of(router: &TestRouter, name: &str) -> Option<String> {
         .and_then(|a| a["state"].as_str().map(str::to_owned))
 }
 
+/// A real agent for a node, running until `stop`.
+struct RunningAgent {
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    stop: tokio_util::sync::CancellationToken,
+    _state: tempfile::TempDir,
+}
+
+impl RunningAgent {
+    /// Starts one heartbeating every `interval`, and waits until the
+    /// router shows its node serving.
+    async fn serving(
+        router: &TestRouter,
+        node_url: String,
+        name: &str,
+        interval: Duration,
+    ) -> Self {
+        let state = tempfile::tempdir().expect("state");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(agent::run(
+            agent_config(vec![router.url("")], node_url, name, interval, state.path()),
+            stop.clone(),
+        ));
+        eventually(Duration::from_secs(5), "the node serving", || async {
+            (state_of(router, name).await.as_deref() == Some("serving")).then_some(())
+        })
+        .await;
+        RunningAgent {
+            task,
+            stop,
+            _state: state,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
 #[tokio::test]
 async fn a_killed_server_leaves_the_rotation_and_returns_within_an_interval() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -34,23 +73,8 @@ async fn a_killed_server_leaves_the_rotation_and_returns_within_an_interval() {
         listener,
         StandInOptions::ollama("mortal", &["smollm2:135m"]),
     );
-    let state = tempfile::tempdir().expect("state");
-    let stop = tokio_util::sync::CancellationToken::new();
     // A heartbeat a minute: nothing the agent says helps within this test.
-    let agent = tokio::spawn(agent::run(
-        agent_config(
-            vec![router.url("")],
-            node.url(),
-            "mortal",
-            Duration::from_secs(60),
-            state.path(),
-        ),
-        stop.clone(),
-    ));
-    eventually(Duration::from_secs(5), "the node serving", || async {
-        (state_of(&router, "mortal").await.as_deref() == Some("serving")).then_some(())
-    })
-    .await;
+    let agent = RunningAgent::serving(&router, node.url(), "mortal", Duration::from_secs(60)).await;
 
     node.stop();
     let killed = Instant::now();
@@ -94,8 +118,7 @@ async fn a_killed_server_leaves_the_rotation_and_returns_within_an_interval() {
         .await
         .expect("chat");
     assert_eq!(chat.status(), 200);
-    stop.cancel();
-    let _ = agent.await;
+    agent.stop().await;
 }
 
 /// A 15-second generation on a server whose model list waits for it: the
@@ -113,21 +136,12 @@ async fn a_busy_node_whose_probes_wait_behind_a_long_generation_stays_routable()
         ..StandInOptions::openai("llama-cpp-python", &["smollm2"])
     };
     let node = StandIn::spawn(options).await.expect("stand-in");
-    let state = tempfile::tempdir().expect("state");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let agent = tokio::spawn(agent::run(
-        agent_config(
-            vec![router.url("")],
-            node.url(),
-            "llama-cpp-python",
-            Duration::from_millis(500),
-            state.path(),
-        ),
-        stop.clone(),
-    ));
-    eventually(Duration::from_secs(5), "the node serving", || async {
-        (state_of(&router, "llama-cpp-python").await.as_deref() == Some("serving")).then_some(())
-    })
+    let agent = RunningAgent::serving(
+        &router,
+        node.url(),
+        "llama-cpp-python",
+        Duration::from_millis(500),
+    )
     .await;
 
     let generation = tokio::spawn({
@@ -164,6 +178,5 @@ async fn a_busy_node_whose_probes_wait_behind_a_long_generation_stays_routable()
         began.elapsed()
     );
     assert!(looked > 40);
-    stop.cancel();
-    let _ = agent.await;
+    agent.stop().await;
 }
