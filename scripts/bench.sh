@@ -16,6 +16,14 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
 fi
 
+# nginx's stream module: the plain TCP relay of the side-by-side scenario,
+# the ceiling no HTTP proxy can pass on this machine.
+if [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then
+  echo "==> Installing nginx's stream module from Debian's packages"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnginx-mod-stream >/dev/null
+fi
+
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   echo "==> Installing PostgreSQL from Debian's packages (the shared-registry scenario)"
   apt-get update -qq

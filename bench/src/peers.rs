@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use crate::load::{self, post_json, Limit};
-use crate::procs::{free_port, wait_for_port, Nginx, Proc};
+use crate::procs::{free_port, wait_for_port, Nginx, Proc, Relay};
 use crate::scenarios::{call, check_clean, register, Context, Figures};
 
 /// The one request every router here serves the same way.
@@ -27,54 +27,30 @@ const CHAT_PATH: &str = "/v1/chat/completions";
 /// The peers, as their console scripts are named.
 pub const PEERS: [&str; 3] = ["smg", "sglang-router", "vllm-router"];
 
-/// The figure names for each contender, fixed here so that they are
-/// `&'static str` like every other figure.
-struct Names {
-    rps: &'static str,
-    p50: &'static str,
-    p99: &'static str,
-    added: &'static str,
-    ratio: &'static str,
+/// Connections of the loaded turns: the suite's usual 64, and 256, where
+/// each router's queueing shows.
+const CONNECTIONS: [usize; 2] = [64, 256];
+
+/// A figure's name made at run time ("peers_smg_rps"), kept for the life of
+/// the process since figures are keyed by `&'static str`; each name is made
+/// once however many runs ask for it.
+fn figure(name: String) -> &'static str {
+    static NAMES: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut names = NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = names.get(name.as_str()) {
+        return known;
+    }
+    let made: &'static str = Box::leak(name.into_boxed_str());
+    names.insert(made);
+    made
 }
 
-fn names(contender: &str) -> Names {
-    match contender {
-        "router" => Names {
-            rps: "peers_router_rps",
-            p50: "peers_router_p50_us",
-            p99: "peers_router_p99_us",
-            added: "peers_router_added_p50_us",
-            ratio: "",
-        },
-        "nginx" => Names {
-            rps: "peers_nginx_rps",
-            p50: "peers_nginx_p50_us",
-            p99: "peers_nginx_p99_us",
-            added: "peers_nginx_added_p50_us",
-            ratio: "peers_router_vs_nginx",
-        },
-        "smg" => Names {
-            rps: "peers_smg_rps",
-            p50: "peers_smg_p50_us",
-            p99: "peers_smg_p99_us",
-            added: "peers_smg_added_p50_us",
-            ratio: "peers_router_vs_smg",
-        },
-        "sglang-router" => Names {
-            rps: "peers_sglang_router_rps",
-            p50: "peers_sglang_router_p50_us",
-            p99: "peers_sglang_router_p99_us",
-            added: "peers_sglang_router_added_p50_us",
-            ratio: "peers_router_vs_sglang_router",
-        },
-        _ => Names {
-            rps: "peers_vllm_router_rps",
-            p50: "peers_vllm_router_p50_us",
-            p99: "peers_vllm_router_p99_us",
-            added: "peers_vllm_router_added_p50_us",
-            ratio: "peers_router_vs_vllm_router",
-        },
-    }
+/// How a contender's figures are named: `sglang-router` as `sglang_router`.
+fn stem(contender: &str) -> String {
+    contender.replace('-', "_")
 }
 
 /// Starts one peer in front of `worker`; answers once it routes.
@@ -137,7 +113,8 @@ pub async fn peers(
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
     let nginx = Nginx::start(work)?;
-    let (_router, router) = context.binaries.router(
+    let relay = Relay::start(work, nginx.server)?;
+    let (router_proc, router) = context.binaries.router(
         &work.join("peers-data"),
         &["--agent-timeout", "3600", "--health-check-interval", "0"],
         work,
@@ -156,52 +133,101 @@ pub async fn peers(
     check_clean("direct", &direct)?;
     figures.insert("peers_direct_p50_us", direct.p50_us());
 
-    // The router and nginx run a turn before each peer's (so three each,
-    // spread over the scenario as the machine's load drifts), and each peer
-    // is started only for its own turn: their health checks would
-    // otherwise take CPU from the others' turns.
-    let mut loaded: BTreeMap<&str, load::LoadResult> = BTreeMap::new();
+    // The router, nginx and the relay run a turn before each peer's (so
+    // three each, spread over the scenario as the machine's load drifts),
+    // and each peer is started only for its own turn: their health checks
+    // would otherwise take CPU from the others' turns.
+    let mut loaded: BTreeMap<(usize, &str), load::LoadResult> = BTreeMap::new();
     let mut single: BTreeMap<&str, load::LoadResult> = BTreeMap::new();
+    // CPU seconds the contender's processes used at 64 connections, and
+    // the requests they served meanwhile.
+    let mut cpu: BTreeMap<&str, (f64, u64)> = BTreeMap::new();
     for peer in PEERS {
-        for name in ["router", "nginx", peer] {
-            let (proc, address) = match name {
-                "router" => (None, router),
-                "nginx" => (None, nginx.proxy),
+        for name in ["router", "nginx", "relay", peer] {
+            let (proc, address, pid) = match name {
+                "router" => (None, router, router_proc.child.id()),
+                "nginx" => (None, nginx.proxy, nginx.proxy_proc.child.id()),
+                "relay" => (None, relay.address, relay.proc.child.id()),
                 peer => {
                     let (proc, address) = start_peer(peers_dir, peer, nginx.server, work)?;
-                    (Some(proc), address)
+                    let pid = proc.child.id();
+                    (Some(proc), address, pid)
                 }
             };
             wait_routing(name, address).await?;
-            let under_load = load::run(address, 64, context.measure_for(), chat()).await;
-            check_clean(name, &under_load)
-                .with_context(|| format!("{name} under 64 connections"))?;
+            for connections in CONNECTIONS {
+                let cpu_before = crate::procs::cpu_seconds(pid);
+                let result = load::run(address, connections, context.measure_for(), chat()).await;
+                let cpu_used = crate::procs::cpu_seconds(pid) - cpu_before;
+                check_clean(name, &result)
+                    .with_context(|| format!("{name} under {connections} connections"))?;
+                if connections == CONNECTIONS[0] {
+                    let total = cpu.entry(name).or_default();
+                    total.0 += cpu_used;
+                    total.1 += result.requests;
+                }
+                merge(&mut loaded, (connections, name), result);
+            }
             let alone =
                 load::run(address, 1, Limit::Duration(one_connection(context)), chat()).await;
             check_clean(name, &alone).with_context(|| format!("{name} at one connection"))?;
             drop(proc);
-            for (results, result) in [(&mut loaded, under_load), (&mut single, alone)] {
-                match results.get_mut(name) {
-                    Some(total) => total.merge(&result),
-                    None => {
-                        results.insert(name, result);
-                    }
-                }
+            merge(&mut single, name, alone);
+        }
+    }
+    for ((connections, name), result) in &loaded {
+        let stem = stem(name);
+        let router_rate = loaded[&(*connections, "router")].rate();
+        if *connections == CONNECTIONS[0] {
+            figures.insert(figure(format!("peers_{stem}_rps")), result.rate());
+            figures.insert(figure(format!("peers_{stem}_p50_us")), result.p50_us());
+            figures.insert(figure(format!("peers_{stem}_p99_us")), result.p99_us());
+            figures.insert(
+                figure(format!("peers_{stem}_added_p50_us")),
+                single[name].p50_us() - direct.p50_us(),
+            );
+            let (seconds, requests) = cpu[name];
+            figures.insert(
+                figure(format!("peers_{stem}_cpu_us")),
+                seconds * 1e6 / requests.max(1) as f64,
+            );
+            if *name != "router" {
+                figures.insert(
+                    figure(format!("peers_router_vs_{stem}")),
+                    router_rate / result.rate(),
+                );
+            }
+            // The most any proxy could be ahead of this one here.
+            if *name != "relay" {
+                figures.insert(
+                    figure(format!("peers_relay_vs_{stem}")),
+                    loaded[&(*connections, "relay")].rate() / result.rate(),
+                );
+            }
+        } else {
+            figures.insert(
+                figure(format!("peers_{stem}_rps_{connections}")),
+                result.rate(),
+            );
+            if *name != "router" {
+                figures.insert(
+                    figure(format!("peers_router_vs_{stem}_{connections}")),
+                    router_rate / result.rate(),
+                );
             }
         }
     }
-    let router_rate = loaded["router"].rate();
-    for (name, result) in &loaded {
-        let names = names(name);
-        figures.insert(names.rps, result.rate());
-        figures.insert(names.p50, result.p50_us());
-        figures.insert(names.p99, result.p99_us());
-        figures.insert(names.added, single[name].p50_us() - direct.p50_us());
-        if *name != "router" {
-            figures.insert(names.ratio, router_rate / result.rate());
+    Ok(())
+}
+
+/// Adds `result` to the total kept under `key`.
+fn merge<K: Ord>(totals: &mut BTreeMap<K, load::LoadResult>, key: K, result: load::LoadResult) {
+    match totals.get_mut(&key) {
+        Some(total) => total.merge(&result),
+        None => {
+            totals.insert(key, result);
         }
     }
-    Ok(())
 }
 
 fn one_connection(context: &Context) -> Duration {

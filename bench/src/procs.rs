@@ -177,7 +177,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// process, a shortcut the router, a process of its own, cannot take.
 pub struct Nginx {
     _server_proc: Proc,
-    _proxy_proc: Proc,
+    pub proxy_proc: Proc,
     pub server: SocketAddr,
     pub proxy: SocketAddr,
 }
@@ -215,18 +215,108 @@ impl Nginx {
         }
         Ok(Nginx {
             _server_proc: server_proc,
-            _proxy_proc: proxy_proc,
+            proxy_proc,
             server,
             proxy,
         })
     }
 }
 
-fn start_instance(work_dir: &Path, name: &str, blocks: &str) -> anyhow::Result<Proc> {
-    let binary = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+/// nginx's stream module as a plain TCP relay in front of a server: each
+/// client connection gets its own connection to the server, and bytes are
+/// copied both ways without reading any HTTP. No HTTP proxy can do less per
+/// request, so its throughput is the ceiling of what any router can reach
+/// on this machine under the same load: the floor of the proxy's own cost.
+pub struct Relay {
+    pub proc: Proc,
+    pub address: SocketAddr,
+}
+
+/// Where Debian's `libnginx-mod-stream` puts the module.
+const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+impl Relay {
+    pub fn start(work_dir: &Path, server: SocketAddr) -> anyhow::Result<Self> {
+        if !Path::new(STREAM_MODULE).exists() {
+            bail!("nginx's stream module is missing ({STREAM_MODULE}): scripts/bench.sh installs it (apt-get install libnginx-mod-stream)");
+        }
+        let address = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let dir = work_dir.join("nginx-relay");
+        std::fs::create_dir_all(&dir)?;
+        let config = format!(
+            r#"load_module {STREAM_MODULE};
+worker_processes auto;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+stream {{
+    server {{
+        listen {address};
+        proxy_pass {server};
+    }}
+}}
+"#,
+            dir = dir.display()
+        );
+        let config_path = dir.join("nginx.conf");
+        std::fs::write(&config_path, config)?;
+        let mut command = Command::new(nginx_binary()?);
+        command.arg("-c").arg(&config_path).arg("-p").arg(&dir);
+        let proc = Proc::spawn("nginx-relay", command, work_dir)?;
+        wait_for_port(address)?;
+        Ok(Relay { proc, address })
+    }
+}
+
+/// CPU time, user and system, of process `pid` and its children (nginx's
+/// master and its workers; a router and its threads), in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let children: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|child| child.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    std::iter::once(pid)
+        .chain(children)
+        .map(|pid| cpu_ticks(pid) as f64 / ticks_per_second)
+        .sum()
+}
+
+/// utime + stime of one process (its threads included), from /proc.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command's closing parenthesis, from the state
+    // (field 3) on: utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    [11, 12]
+        .iter()
+        .filter_map(|&index| fields.get(index)?.parse::<u64>().ok())
+        .sum()
+}
+
+fn nginx_binary() -> anyhow::Result<&'static str> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .find(|p| Path::new(p).exists())
-        .context("nginx is not installed (scripts/bench.sh installs it)")?;
+        .context("nginx is not installed (scripts/bench.sh installs it)")
+}
+
+fn start_instance(work_dir: &Path, name: &str, blocks: &str) -> anyhow::Result<Proc> {
+    let binary = nginx_binary()?;
     let dir = work_dir.join(name);
     std::fs::create_dir_all(dir.join("tmp"))?;
     let config = format!(
