@@ -4,7 +4,10 @@
 //! fixed-response server, driven by the same load on the OpenAI route they
 //! all serve. Each peer runs in its regular mode (round robin, workers
 //! checked at `GET /health`) with a metrics port of its own, since they all
-//! bind one by default.
+//! bind one by default. nginx's TCP relay runs beside them as the ceiling
+//! (see [`Relay`]): the most any proxy can reach here, and so the most any
+//! router can be ahead of a peer. Each is loaded at 64 and 256 connections,
+//! and its CPU per request is read from `/proc`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -30,6 +33,9 @@ pub const PEERS: [&str; 3] = ["smg", "sglang-router", "vllm-router"];
 /// Connections of the loaded turns: the suite's usual 64, and 256, where
 /// each router's queueing shows.
 const CONNECTIONS: [usize; 2] = [64, 256];
+
+/// Load before the measured turns, for every contender alike.
+const WARM_UP: Duration = Duration::from_secs(3);
 
 /// A figure's name made at run time ("peers_smg_rps"), kept for the life of
 /// the process since figures are keyed by `&'static str`; each name is made
@@ -155,6 +161,12 @@ pub async fn peers(
                 }
             };
             wait_routing(name, address).await?;
+            // Every contender gets the same unmeasured warm-up: a peer just
+            // started answered its first seconds 5 to 25 % slower (smg
+            // 20.7k/s, then 23.2k/s, then 27.5k/s in three 4 s wrk runs).
+            let warm_up =
+                load::run(address, CONNECTIONS[0], Limit::Duration(WARM_UP), chat()).await;
+            check_clean(name, &warm_up).with_context(|| format!("{name} warming up"))?;
             for connections in CONNECTIONS {
                 let cpu_before = crate::procs::cpu_seconds(pid);
                 let result = load::run(address, connections, context.measure_for(), chat()).await;
