@@ -42,7 +42,7 @@ pub use registry::Registry;
 /// loops share the one socket.
 fn spawn_event_loops(
     listener: &TcpListener,
-    app: &axum::Router,
+    app: &api::App,
     proxy: &Arc<proxy::Proxy>,
     options: serve::ServeOptions,
     count: usize,

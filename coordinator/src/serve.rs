@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::api::{App, AppFuture};
 use axum::body::Body;
-use axum::Router;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper_util::rt::TokioIo;
@@ -31,7 +31,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
-use tower_service::Service;
 
 /// Connection settings.
 #[derive(Clone)]
@@ -144,7 +143,7 @@ fn shed(stream: TcpStream, reason: &str) {
 /// open connections to finish what they are doing.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: App,
     options: ServeOptions,
     stop: CancellationToken,
 ) {
@@ -418,7 +417,7 @@ impl AsyncWrite for HeadDeadline {
 /// head until its answer's body is done.
 #[derive(Clone)]
 struct TrackingService {
-    app: Router,
+    app: App,
     clock: Arc<ConnectionClock>,
 }
 
@@ -430,7 +429,7 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Tracking
     fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
         self.clock.request_started();
         TrackedAnswer {
-            answer: self.app.clone().call(request.map(Body::new)),
+            answer: self.app.call(request.map(Body::new)),
             clock: Some(Arc::clone(&self.clock)),
         }
     }
@@ -439,7 +438,7 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Tracking
 /// The app's answer, its body wrapped as a `TrackedBody` once it comes. A
 /// named future rather than a boxed one: no allocation per request.
 struct TrackedAnswer {
-    answer: axum::routing::future::RouteFuture<Infallible>,
+    answer: AppFuture,
     clock: Option<Arc<ConnectionClock>>,
 }
 
@@ -448,7 +447,7 @@ impl Future for TrackedAnswer {
 
     fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let Poll::Ready(Ok(response)) = Pin::new(&mut this.answer).poll(context) else {
+        let Poll::Ready(response) = Pin::new(&mut this.answer).poll(context) else {
             return Poll::Pending;
         };
         let clock = this.clock.take();

@@ -490,6 +490,16 @@ async fn a_web_page_cannot_register_a_node() {
             .is_some_and(|message| message.contains("--allowed-hosts")),
         "Ollama's shape: {answer}"
     );
+    // Every path: the router's own, an OpenAI one, and one that is no route.
+    for path in ["/health", "/v1/models", "/no-such-route"] {
+        let rebound = client
+            .get(format!("{base}{path}"))
+            .header("host", format!("rebound.example:{}", router.address.port()))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(rebound.status(), StatusCode::MISDIRECTED_REQUEST, "{path}");
+    }
     router.terminate().await;
 }
 

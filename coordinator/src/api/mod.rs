@@ -112,11 +112,11 @@ impl FromRef<AppState> for Arc<forward::Forwarder> {
 /// `routes!`, which takes its path and method from the handler's
 /// `#[utoipa::path]`: the OpenAPI document served at `/openapi.json` is made
 /// from the same declarations as the routing, so the two cannot drift.
-pub fn app(state: AppState) -> Router {
+pub fn app(state: AppState) -> App {
     let origin_policy = Arc::clone(&state.origin_policy);
     let (router, openapi) = documented_routes(&state).split_for_parts();
     let openapi_json: Arc<str> = openapi_with_itself(openapi).into();
-    router
+    let routes = router
         .route(
             "/openapi.json",
             get(move || async move {
@@ -128,8 +128,71 @@ pub fn app(state: AppState) -> Router {
         )
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .with_state(state)
-        .layer(middleware::from_fn_with_state(origin_policy, origin::guard))
+        .with_state(state);
+    App {
+        routes,
+        origin_policy,
+    }
+}
+
+/// The routes behind the origin guard ([`origin`]), which every request
+/// passes first, whatever its path. The guard is a plain check before
+/// routing rather than a middleware layer: axum wraps each route in a
+/// layer, and `from_fn`'s boxed future and service clone per request were
+/// 1.1 µs of the proxy's 21.6 µs of CPU per request (5 %).
+#[derive(Clone)]
+pub struct App {
+    routes: Router,
+    origin_policy: Arc<origin::OriginPolicy>,
+}
+
+impl App {
+    /// Answers `request`: refused by the guard at once, or routed.
+    pub fn call(&self, request: Request) -> AppFuture {
+        if let Err(error) = origin::check(
+            &self.origin_policy,
+            request.method(),
+            request.uri().path(),
+            request.headers(),
+        ) {
+            return AppFuture::Refused(Some(error::in_shape_of(request.uri(), error)));
+        }
+        use tower_service::Service;
+        AppFuture::Routed(self.routes.clone().call(request))
+    }
+}
+
+/// The answer of [`App::call`]: a named future rather than a boxed one, so
+/// that a request allocates none for it.
+pub enum AppFuture {
+    Routed(axum::routing::future::RouteFuture<std::convert::Infallible>),
+    Refused(Option<Response>),
+}
+
+impl std::future::Future for AppFuture {
+    type Output = Response;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Response> {
+        match self.get_mut() {
+            AppFuture::Routed(routed) => match std::pin::Pin::new(routed).poll(context) {
+                std::task::Poll::Ready(Ok(response)) => std::task::Poll::Ready(response),
+                std::task::Poll::Ready(Err(never)) => match never {},
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            },
+            // Taken on the one poll that answers; a poll after that (a
+            // caller's mistake) gets a 500 rather than a panic.
+            AppFuture::Refused(answer) => {
+                std::task::Poll::Ready(answer.take().unwrap_or_else(|| {
+                    axum::response::IntoResponse::into_response(
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    )
+                }))
+            }
+        }
+    }
 }
 
 fn documented_routes(state: &AppState) -> OpenApiRouter<AppState> {

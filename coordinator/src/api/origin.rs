@@ -14,14 +14,9 @@
 //!   refused on every route, which defeats rebinding (the rebound name is
 //!   not in the list).
 
-use std::sync::Arc;
-
-use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
-use axum::middleware::Next;
-use axum::response::Response;
 
-use super::error::{in_shape_of, ApiError};
+use super::error::ApiError;
 
 /// What the guard checks, fixed at start.
 #[derive(Debug, Clone, Default)]
@@ -30,24 +25,8 @@ pub struct OriginPolicy {
     pub allowed_hosts: Vec<String>,
 }
 
-/// The middleware over every route.
-pub async fn guard(
-    State(policy): State<Arc<OriginPolicy>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if let Err(error) = check(
-        &policy,
-        request.method(),
-        request.uri().path(),
-        request.headers(),
-    ) {
-        return in_shape_of(request.uri(), error);
-    }
-    next.run(request).await
-}
-
-fn check(
+/// Whether a request may reach the routes; the error says why not.
+pub fn check(
     policy: &OriginPolicy,
     method: &Method,
     path: &str,
