@@ -216,9 +216,7 @@ fn documented_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(openai::chat_completions))
         .routes(routes!(openai::completions))
         .routes(routes!(openai::embeddings))
-        .routes(routes!(openai::models))
-        // The proxy reads bodies itself, up to its own limit.
-        .layer(DefaultBodyLimit::disable());
+        .routes(routes!(openai::models));
     if state.credentials.clients_authenticated() {
         llm_routes = llm_routes.route_layer(middleware::from_fn_with_state(
             Arc::clone(&state.credentials),
