@@ -55,6 +55,21 @@ impl LoadResult {
     }
 }
 
+/// Adds `result` to the total kept under `key` (turns of the same target
+/// spread over a scenario), or starts that total.
+pub fn add_turn<K: Ord>(
+    totals: &mut std::collections::BTreeMap<K, LoadResult>,
+    key: K,
+    result: LoadResult,
+) {
+    match totals.get_mut(&key) {
+        Some(total) => total.merge(&result),
+        None => {
+            totals.insert(key, result);
+        }
+    }
+}
+
 fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3)
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))

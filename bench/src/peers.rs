@@ -129,13 +129,7 @@ pub async fn peers(
     let chat = || -> load::MakeRequest { Arc::new(|_| post_json(CHAT_PATH, CHAT_BODY.to_vec())) };
 
     // One connection, straight to the server: what every router adds to.
-    let direct = load::run(
-        nginx.server,
-        1,
-        Limit::Duration(one_connection(context)),
-        chat(),
-    )
-    .await;
+    let direct = load::run(nginx.server, 1, context.one_connection(), chat()).await;
     check_clean("direct", &direct)?;
     figures.insert("peers_direct_p50_us", direct.p50_us());
 
@@ -178,13 +172,12 @@ pub async fn peers(
                     total.0 += cpu_used;
                     total.1 += result.requests;
                 }
-                merge(&mut loaded, (connections, name), result);
+                load::add_turn(&mut loaded, (connections, name), result);
             }
-            let alone =
-                load::run(address, 1, Limit::Duration(one_connection(context)), chat()).await;
+            let alone = load::run(address, 1, context.one_connection(), chat()).await;
             check_clean(name, &alone).with_context(|| format!("{name} at one connection"))?;
             drop(proc);
-            merge(&mut single, name, alone);
+            load::add_turn(&mut single, name, alone);
         }
     }
     for ((connections, name), result) in &loaded {
@@ -230,20 +223,6 @@ pub async fn peers(
         }
     }
     Ok(())
-}
-
-/// Adds `result` to the total kept under `key`.
-fn merge<K: Ord>(totals: &mut BTreeMap<K, load::LoadResult>, key: K, result: load::LoadResult) {
-    match totals.get_mut(&key) {
-        Some(total) => total.merge(&result),
-        None => {
-            totals.insert(key, result);
-        }
-    }
-}
-
-fn one_connection(context: &Context) -> Duration {
-    Duration::from_secs_f64(context.seconds.min(3.0))
 }
 
 /// Where the peers are unless `--peers-dir` says: the virtualenv

@@ -30,6 +30,11 @@ impl Context {
     pub(crate) fn measure_for(&self) -> Limit {
         Limit::Duration(Duration::from_secs_f64(self.seconds))
     }
+
+    /// How long a one-connection latency measurement lasts: at most 3 s.
+    pub(crate) fn one_connection(&self) -> Limit {
+        Limit::Duration(Duration::from_secs_f64(self.seconds.min(3.0)))
+    }
 }
 
 pub(crate) type Figures = BTreeMap<&'static str, f64>;
@@ -517,12 +522,7 @@ pub async fn proxy(context: &Context, work: &Path, figures: &mut Figures) -> any
     ] {
         let result = load::run(target, 64, context.measure_for(), generate()).await;
         check_clean(name, &result)?;
-        match totals.get_mut(name) {
-            Some(total) => total.merge(&result),
-            None => {
-                totals.insert(name, result);
-            }
-        }
+        load::add_turn(&mut totals, name, result);
     }
     for (name, total) in &totals {
         rates.insert(name, total.rate());
@@ -541,13 +541,7 @@ pub async fn proxy(context: &Context, work: &Path, figures: &mut Figures) -> any
         ("nginx", nginx.proxy),
         ("router", address),
     ] {
-        let result = load::run(
-            target,
-            1,
-            Limit::Duration(Duration::from_secs_f64(context.seconds.min(3.0))),
-            generate(),
-        )
-        .await;
+        let result = load::run(target, 1, context.one_connection(), generate()).await;
         check_clean(name, &result)?;
         p50.insert(name, result.p50_us());
     }

@@ -476,14 +476,16 @@ async fn a_web_page_cannot_register_a_node() {
         .expect("register");
     assert_eq!(response.status(), StatusCode::CREATED);
 
-    let rebound = client
-        .get(format!("{base}/api/tags"))
-        .header("host", format!("rebound.example:{}", router.address.port()))
-        .send()
-        .await
-        .expect("tags");
-    assert_eq!(rebound.status(), StatusCode::MISDIRECTED_REQUEST);
-    let answer: Value = rebound.json().await.expect("json");
+    // A GET naming a host that is not in --allowed-hosts (a rebound name).
+    let rebound = |path: &str| {
+        client
+            .get(format!("{base}{path}"))
+            .header("host", format!("rebound.example:{}", router.address.port()))
+            .send()
+    };
+    let rebound_tags = rebound("/api/tags").await.expect("tags");
+    assert_eq!(rebound_tags.status(), StatusCode::MISDIRECTED_REQUEST);
+    let answer: Value = rebound_tags.json().await.expect("json");
     assert!(
         answer["error"]
             .as_str()
@@ -492,13 +494,8 @@ async fn a_web_page_cannot_register_a_node() {
     );
     // Every path: the router's own, an OpenAI one, and one that is no route.
     for path in ["/health", "/v1/models", "/no-such-route"] {
-        let rebound = client
-            .get(format!("{base}{path}"))
-            .header("host", format!("rebound.example:{}", router.address.port()))
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(rebound.status(), StatusCode::MISDIRECTED_REQUEST, "{path}");
+        let response = rebound(path).await.expect("request");
+        assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST, "{path}");
     }
     router.terminate().await;
 }

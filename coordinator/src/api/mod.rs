@@ -177,11 +177,9 @@ impl std::future::Future for AppFuture {
         context: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Response> {
         match self.get_mut() {
-            AppFuture::Routed(routed) => match std::pin::Pin::new(routed).poll(context) {
-                std::task::Poll::Ready(Ok(response)) => std::task::Poll::Ready(response),
-                std::task::Poll::Ready(Err(never)) => match never {},
-                std::task::Poll::Pending => std::task::Poll::Pending,
-            },
+            AppFuture::Routed(routed) => std::pin::Pin::new(routed)
+                .poll(context)
+                .map(|Ok(response)| response),
             // Taken on the one poll that answers; a poll after that (a
             // caller's mistake) gets a 500 rather than a panic.
             AppFuture::Refused(answer) => {
