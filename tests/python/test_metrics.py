@@ -86,8 +86,10 @@ def test_metrics_describe_the_fleet_and_the_traffic(fleet):
     in_flight = {labels["node"]: value for labels, value in samples(families, "llm_router_node_requests_in_flight")}
     assert in_flight == {"node-a": 0.0, "node-b": 0.0}
 
-    assert total(families, "llm_router_store_writes", "_total", result="ok") >= 2
-    assert total(families, "llm_router_store_write_duration_seconds", "_count") >= 2
+    # Two registrations are two changes, but group commit may write both in
+    # one batch (the agents start together): at least one write, two upserts.
+    assert total(families, "llm_router_store_writes", "_total", result="ok") >= 1
+    assert total(families, "llm_router_store_write_duration_seconds", "_count") >= 1
     assert total(families, "llm_router_store_changes", "_total", kind="upsert") >= 2
 
     # A node's server dies: the next requests fail over, and the metric says so.
