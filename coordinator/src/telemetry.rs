@@ -160,7 +160,7 @@ pub fn route_histograms(index: usize) -> &'static RouteHistograms {
 #[derive(Debug, Default)]
 pub struct NodeTraffic {
     /// Answers this node gave, by route, status and model.
-    requests: std::sync::Mutex<std::collections::HashMap<(usize, u16, String), u64>>,
+    requests: std::sync::Mutex<foldhash::HashMap<(usize, u16, String), u64>>,
     /// Attempts that failed on this node, by route.
     failovers: [std::sync::atomic::AtomicU64; LLM_ROUTES.len()],
 }

@@ -5,7 +5,7 @@
 
 pub mod prefix;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -88,7 +88,7 @@ pub enum NoRoute {
 pub struct RoutingTable {
     /// Shared, so that a request's plan costs one count per node.
     candidates: Vec<Arc<Candidate>>,
-    models: HashMap<String, ModelGroups>,
+    models: foldhash::HashMap<String, ModelGroups>,
     /// Models held by Online nodes that cannot take requests now.
     unavailable_models: HashSet<String>,
     any_count: usize,
@@ -143,7 +143,7 @@ impl ModelGroups {
 
 impl RoutingTable {
     pub fn build(candidates: Vec<Candidate>, unavailable_models: Vec<String>) -> Self {
-        let mut models: HashMap<String, ModelGroups> = HashMap::new();
+        let mut models: foldhash::HashMap<String, ModelGroups> = foldhash::HashMap::default();
         let mut ollama = Vec::new();
         for (index, candidate) in candidates.iter().enumerate() {
             let index = index as u32;

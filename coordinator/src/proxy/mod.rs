@@ -247,7 +247,10 @@ impl Proxy {
                 Err(no_route) => return Tried::Done(Err((ProxyError::NoRoute(no_route), account))),
             }
         };
-        let mut last_server_error = None;
+        // Boxed: it is rare, and a KB inline would be carried by every request.
+        let mut last_server_error: Option<
+            Box<(axum::http::response::Parts, UpstreamBody, Arc<Candidate>)>,
+        > = None;
         let mut attempts = 0;
         for candidate in &plan {
             if attempts >= self.options.max_attempts {
@@ -270,7 +273,7 @@ impl Proxy {
                 }
                 Attempt::ServerError(parts, body) => {
                     self.registry.mark_unreachable(candidate.id);
-                    last_server_error = Some((parts, body, Arc::clone(candidate)));
+                    last_server_error = Some(Box::new((parts, body, Arc::clone(candidate))));
                 }
                 Attempt::Failed => self.registry.mark_unreachable(candidate.id),
             }
@@ -280,7 +283,7 @@ impl Proxy {
             return Tried::AllAtCapacity(account);
         }
         // Every node failed; a node's own 5xx says more than ours would.
-        Tried::Done(match last_server_error {
+        Tried::Done(match last_server_error.map(|boxed| *boxed) {
             Some((parts, body, candidate)) => {
                 account.answered_by(&candidate.traffic, parts.status.as_u16());
                 Ok(Response::from_parts(
@@ -302,17 +305,19 @@ impl Proxy {
     ) -> Attempt {
         let build =
             || upstream_request(candidate, path_and_query, headers, body.clone(), &self.via);
-        let sent = tokio::time::timeout(
-            self.options.idle_timeout,
-            self.upstream.send(
-                upstream::NodeEndpoint {
-                    address: candidate.address,
-                    tls: candidate.tls,
-                },
-                build,
-            ),
-        )
-        .await;
+        // Boxed: the exchange's state is 3.4 KB, and inline it would be part
+        // of every future from here up to the handler's, each of which is
+        // moved whole when it is awaited (and the handler's when axum boxes
+        // it). With the pooled connection boxed too, the router's copying
+        // fell from 7,600 to 3,300 instructions per request (callgrind).
+        let exchange = Box::pin(self.upstream.send(
+            upstream::NodeEndpoint {
+                address: candidate.address,
+                tls: candidate.tls,
+            },
+            build,
+        ));
+        let sent = tokio::time::timeout(self.options.idle_timeout, exchange).await;
         let (response, connection) = match sent {
             Ok(Ok(answer)) => answer,
             Ok(Err(error)) => {
@@ -325,10 +330,16 @@ impl Proxy {
             }
         };
         let (mut parts, incoming) = response.into_parts();
-        if parts.headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-            for name in &HOP_BY_HOP {
-                parts.headers.remove(name);
-            }
+        // Usually `Connection` alone is there: remove the names present
+        // rather than looking all eight up.
+        let hop_by_hop: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|name| HOP_BY_HOP.contains(name))
+            .cloned()
+            .collect();
+        for name in &hop_by_hop {
+            parts.headers.remove(name);
         }
         let body = UpstreamBody::new(incoming, connection, self.options.idle_timeout, in_flight);
         if parts.status.is_server_error() {
