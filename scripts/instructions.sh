@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# User-space instructions the router spends per proxied request, counted by
+# valgrind's callgrind: exact to about 0.5 % from run to run, where CPU time
+# on this shared two-core machine moves 5 % and throughput 10 %. It is the
+# A/B measure for a change of a few percent in the router's own work (see
+# BENCHMARKS.md); it does not count the kernel's part, which is the same
+# for every proxy (four socket calls per request).
+#
+#   bash scripts/instructions.sh                      # target/release/llm-router
+#   bash scripts/instructions.sh OLD_BINARY NEW_BINARY
+#
+# Each binary serves on loopback in front of nginx answering a fixed JSON
+# body; one keep-alive connection sends 300 requests to warm up, the
+# counters are zeroed, then REQUESTS (3,000) chat requests and as many
+# `GET /health` are counted. Needs valgrind and nginx (installed from
+# Debian's packages when missing) and python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REQUESTS="${REQUESTS:-3000}"
+
+for package in valgrind nginx; do
+  if ! command -v "$package" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$package" ]; then
+    echo "==> Installing $package from Debian's packages"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null
+  fi
+done
+
+if [ "$#" -eq 0 ]; then
+  cargo build --release -q -p coordinator --bin llm-router
+  set -- target/release/llm-router
+fi
+
+work="$(mktemp -d)"
+nginx_pid=""
+router_pid=""
+cleanup() {
+  [ -n "$router_pid" ] && kill "$router_pid" 2>/dev/null || true
+  [ -n "$nginx_pid" ] && kill "$nginx_pid" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+server_port="$(free_port)"
+mkdir -p "$work/nginx"
+cat > "$work/nginx/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $work/nginx/body;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$server_port;
+        location / {
+            default_type application/json;
+            return 200 '{"model":"bench","created_at":"2026-01-01T00:00:00Z","response":"Hello from nginx","done":true}';
+        }
+    }
+}
+CONF
+nginx -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
+nginx_pid=$!
+
+# The client: registration, warm-up and the counted requests, on one
+# keep-alive connection each; exits non-zero on any answer but 200.
+cat > "$work/client.py" <<'PY'
+import http.client, json, sys, time
+port, command = int(sys.argv[1]), sys.argv[2]
+deadline = time.time() + 60
+while True:
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("GET", "/health")
+        connection.getresponse().read()
+        break
+    except OSError:
+        if time.time() > deadline:
+            sys.exit("the router did not answer /health within 60 s")
+        time.sleep(0.2)
+if command == "register":
+    node = {"machine_name": "nginx", "ip_address": "127.0.0.1", "port": int(sys.argv[3]),
+            "runtime_version": "0.5.7", "models": ["bench"],
+            "system_info": {"os": "Linux", "arch": "x86_64", "cpu_cores": 2, "total_memory": 1 << 30}}
+    connection.request("POST", "/api/agents/register", json.dumps(node), {"Content-Type": "application/json"})
+    answer = connection.getresponse()
+    answer.read()
+    sys.exit(0 if answer.status in (200, 201) else f"registration answered {answer.status}")
+count, path = int(sys.argv[3]), sys.argv[4]
+body = b'{"model":"bench","messages":[{"role":"user","content":"Why is the sky blue?"}]}'
+for _ in range(count):
+    if path == "/health":
+        connection.request("GET", path)
+    else:
+        connection.request("POST", path, body, {"Content-Type": "application/json"})
+    answer = connection.getresponse()
+    answer.read()
+    if answer.status != 200:
+        sys.exit(f"{path} answered {answer.status}")
+PY
+
+# Instructions per request of `binary` on `path`.
+count() {
+  local binary="$1" path="$2"
+  local port
+  port="$(free_port)"
+  rm -rf "$work/data" "$work"/callgrind.out*
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
+    "$binary" --host 127.0.0.1 --port "$port" --data-dir "$work/data" --agent-timeout 3600 \
+    > "$work/router.log" 2>&1 &
+  router_pid=$!
+  python3 "$work/client.py" "$port" register "$server_port"
+  python3 "$work/client.py" "$port" requests 300 "$path"
+  callgrind_control -z "$router_pid" > /dev/null 2>&1
+  python3 "$work/client.py" "$port" requests "$REQUESTS" "$path"
+  callgrind_control -d "$router_pid" > /dev/null 2>&1
+  kill "$router_pid"
+  wait "$router_pid" 2>/dev/null || true
+  router_pid=""
+  local total
+  total="$(callgrind_annotate "$work/callgrind.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')"
+  echo $((total / REQUESTS))
+}
+
+printf '%-40s %14s %14s\n' "binary" "chat Ir/req" "/health Ir/req"
+for binary in "$@"; do
+  printf '%-40s %14s %14s\n' "$binary" "$(count "$binary" /v1/chat/completions)" "$(count "$binary" /health)"
+done
