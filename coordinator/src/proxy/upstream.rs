@@ -201,6 +201,8 @@ impl UpstreamPool {
         address: NodeEndpoint,
         build: impl Fn() -> Request<Full<Bytes>>,
     ) -> Result<(Response<Incoming>, PooledConnection), UpstreamError> {
+        // The rare steps (opening a connection, TLS included, and the retry)
+        // are boxed, so that their state is not part of every request's.
         let connection = match self.checkout(address) {
             Some(connection) => connection,
             None => Box::pin(self.connect(address)).await?,
