@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # User-space instructions the router spends per proxied request, counted by
-# valgrind's callgrind: exact to about 0.5 % from run to run, where CPU time
-# on this shared two-core machine moves 5 % and throughput 10 %. It is the
+# valgrind's callgrind. The count repeats to about 1 % (0.3 % for /health),
+# where CPU time on this shared two-core machine moves 5 % and throughput
+# 10 %. It is the
 # A/B measure for a change of a few percent in the router's own work (see
 # BENCHMARKS.md); it does not count the kernel's part, which is the same
 # for every proxy (four socket calls per request).
