@@ -90,19 +90,19 @@ pub fn unsupported_media_type() -> ApiError {
     )
 }
 
-/// `application/json`, or a `+json` type, with any parameters.
+/// `application/json`, or a `+json` type, with any parameters. Compared in
+/// place, without a lowercased copy: every heartbeat asks twice.
 pub fn is_json(content_type: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"application/";
+    const SUFFIX: &[u8] = b"+json";
     let Ok(text) = std::str::from_utf8(content_type) else {
         return false;
     };
-    let essence = text
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = text.split(';').next().unwrap_or_default().trim().as_bytes();
+    essence.eq_ignore_ascii_case(b"application/json")
+        || (essence.len() >= PREFIX.len() + SUFFIX.len()
+            && essence[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+            && essence[essence.len() - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX))
 }
 
 /// `Origin` is `scheme://host[:port]`; same-origin when its authority is the
@@ -192,6 +192,13 @@ mod tests {
         assert!(is_json(b"application/merge-patch+json"));
         assert!(!is_json(b"text/plain"));
         assert!(!is_json(b"application/x-www-form-urlencoded"));
+        assert!(is_json(b"  APPLICATION/VND.API+JSON ;q=1"));
+        assert!(is_json(b"application/+json"));
+        assert!(!is_json(b"application/jsonx"));
+        assert!(!is_json(b"application+json"));
+        assert!(!is_json(b"text/+json"));
+        assert!(!is_json(b""));
+        assert!(!is_json(b"application/\xff+json"));
         assert_eq!(host_name("router.lan:8080"), "router.lan");
         assert_eq!(host_name("[::1]:8080"), "[::1]");
         assert_eq!(host_name("localhost"), "localhost");
