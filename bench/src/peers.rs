@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use crate::load::{self, post_json, Limit};
-use crate::procs::{free_port, wait_for_port, Nginx, Proc, Relay};
+use crate::procs::{cpu_time, free_port, wait_for_port, CpuTime, Nginx, Proc, Relay};
 use crate::scenarios::{call, check_clean, register, Context, Figures};
 
 /// The one request every router here serves the same way.
@@ -139,9 +139,9 @@ pub async fn peers(
     // would otherwise take CPU from the others' turns.
     let mut loaded: BTreeMap<(usize, &str), load::LoadResult> = BTreeMap::new();
     let mut single: BTreeMap<&str, load::LoadResult> = BTreeMap::new();
-    // CPU seconds the contender's processes used at 64 connections, and
-    // the requests they served meanwhile.
-    let mut cpu: BTreeMap<&str, (f64, u64)> = BTreeMap::new();
+    // CPU time the contender's processes used at 64 connections, and the
+    // requests they served meanwhile.
+    let mut cpu: BTreeMap<&str, (CpuTime, u64)> = BTreeMap::new();
     for peer in PEERS {
         for name in ["router", "nginx", "relay", peer] {
             let (proc, address, pid) = match name {
@@ -162,9 +162,9 @@ pub async fn peers(
                 load::run(address, CONNECTIONS[0], Limit::Duration(WARM_UP), chat()).await;
             check_clean(name, &warm_up).with_context(|| format!("{name} warming up"))?;
             for connections in CONNECTIONS {
-                let cpu_before = crate::procs::cpu_seconds(pid);
+                let cpu_before = cpu_time(pid);
                 let result = load::run(address, connections, context.measure_for(), chat()).await;
-                let cpu_used = crate::procs::cpu_seconds(pid) - cpu_before;
+                let cpu_used = cpu_time(pid) - cpu_before;
                 check_clean(name, &result)
                     .with_context(|| format!("{name} under {connections} connections"))?;
                 if connections == CONNECTIONS[0] {
@@ -191,10 +191,21 @@ pub async fn peers(
                 figure(format!("peers_{stem}_added_p50_us")),
                 single[name].p50_us() - direct.p50_us(),
             );
-            let (seconds, requests) = cpu[name];
+            // Split, because the kernel's share (the socket calls) is the
+            // same for every proxy: what differs is the user-space share.
+            let (used, requests) = cpu[name];
+            let per_request_us = |seconds: f64| seconds * 1e6 / requests.max(1) as f64;
             figures.insert(
                 figure(format!("peers_{stem}_cpu_us")),
-                seconds * 1e6 / requests.max(1) as f64,
+                per_request_us(used.user + used.kernel),
+            );
+            figures.insert(
+                figure(format!("peers_{stem}_cpu_user_us")),
+                per_request_us(used.user),
+            );
+            figures.insert(
+                figure(format!("peers_{stem}_cpu_kernel_us")),
+                per_request_us(used.kernel),
             );
             if *name != "router" {
                 figures.insert(

@@ -269,9 +269,34 @@ stream {{
     }
 }
 
-/// CPU time, user and system, of process `pid` and its children (nginx's
-/// master and its workers; a router and its threads), in seconds.
-pub fn cpu_seconds(pid: u32) -> f64 {
+/// CPU time in seconds, in user space and in the kernel.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTime {
+    pub user: f64,
+    pub kernel: f64,
+}
+
+impl std::ops::Sub for CpuTime {
+    type Output = CpuTime;
+
+    fn sub(self, earlier: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user - earlier.user,
+            kernel: self.kernel - earlier.kernel,
+        }
+    }
+}
+
+impl std::ops::AddAssign for CpuTime {
+    fn add_assign(&mut self, more: CpuTime) {
+        self.user += more.user;
+        self.kernel += more.kernel;
+    }
+}
+
+/// CPU time of process `pid` and its children (nginx's master and its
+/// workers; a router and its threads).
+pub fn cpu_time(pid: u32) -> CpuTime {
     let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -287,14 +312,19 @@ pub fn cpu_seconds(pid: u32) -> f64 {
                 .collect::<Vec<u32>>()
         })
         .collect();
-    std::iter::once(pid)
-        .chain(children)
-        .map(|pid| cpu_ticks(pid) as f64 / ticks_per_second)
-        .sum()
+    let mut total = CpuTime::default();
+    for pid in std::iter::once(pid).chain(children) {
+        let (user, kernel) = cpu_ticks(pid);
+        total += CpuTime {
+            user: user as f64 / ticks_per_second,
+            kernel: kernel as f64 / ticks_per_second,
+        };
+    }
+    total
 }
 
-/// utime + stime of one process (its threads included), from /proc.
-fn cpu_ticks(pid: u32) -> u64 {
+/// utime and stime of one process (its threads included), from /proc.
+fn cpu_ticks(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The fields after the command's closing parenthesis, from the state
     // (field 3) on: utime and stime are fields 14 and 15.
@@ -302,10 +332,13 @@ fn cpu_ticks(pid: u32) -> u64 {
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    [11, 12]
-        .iter()
-        .filter_map(|&index| fields.get(index)?.parse::<u64>().ok())
-        .sum()
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|field| field.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11), ticks(12))
 }
 
 fn nginx_binary() -> anyhow::Result<&'static str> {

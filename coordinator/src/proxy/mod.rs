@@ -89,9 +89,11 @@ pub struct Proxy {
     via: HeaderValue,
 }
 
+const HOP_BY_HOP_COUNT: usize = 8;
+
 /// Hop-by-hop headers, which belong to one connection and are not passed on
 /// (RFC 9110, section 7.6.1), beside those the `Connection` header names.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -332,13 +334,17 @@ impl Proxy {
         let (mut parts, incoming) = response.into_parts();
         // Usually `Connection` alone is there: remove the names present
         // rather than looking all eight up.
-        let hop_by_hop: Vec<HeaderName> = parts
-            .headers
-            .keys()
-            .filter(|name| HOP_BY_HOP.contains(name))
-            .cloned()
-            .collect();
-        for name in &hop_by_hop {
+        let mut present = [false; HOP_BY_HOP_COUNT];
+        for name in parts.headers.keys() {
+            if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+                present[index] = true;
+            }
+        }
+        for (name, _) in HOP_BY_HOP
+            .iter()
+            .zip(present)
+            .filter(|(_, present)| *present)
+        {
             parts.headers.remove(name);
         }
         let body = UpstreamBody::new(incoming, connection, self.options.idle_timeout, in_flight);
