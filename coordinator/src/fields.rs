@@ -115,14 +115,14 @@ pub fn check_host_name(name: &str) -> Result<(), FieldError> {
     }
 }
 
-pub fn check_models(field: &str, models: &[String]) -> Result<(), FieldError> {
+pub fn check_models<Name: AsRef<str>>(field: &str, models: &[Name]) -> Result<(), FieldError> {
     if models.len() > MAX_MODELS {
         return Err(FieldError::new(
             field,
             &format!("at most {MAX_MODELS} models"),
         ));
     }
-    for model in models {
+    for model in models.iter().map(AsRef::as_ref) {
         if model.trim().is_empty()
             || model.len() > MAX_MODEL_NAME_BYTES
             || model.chars().any(char::is_control)

@@ -7,7 +7,7 @@
 //! The bottom of the router's layers: the store keeps these records, the
 //! registry holds them in memory; this module uses neither.
 
-use std::collections::HashSet;
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -100,6 +100,67 @@ pub struct Report {
     pub max_concurrency: Option<u32>,
 }
 
+/// A heartbeat's report as its body has it: [`HeartbeatReport`]'s fields,
+/// with the model names borrowed from the body instead of copied into
+/// strings. Every agent sends its lists with every heartbeat and they
+/// rarely change, so they are compared in place and copied only when they
+/// do (when [`Report::merge`] interns them). A test holds the two types'
+/// fields in step.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ReportUpdate<'a> {
+    #[serde(default, borrow)]
+    pub models: Option<Vec<ModelName<'a>>>,
+    #[serde(default, borrow)]
+    pub loaded_models: Option<Vec<ModelName<'a>>>,
+    #[serde(default)]
+    pub requests_in_flight: Option<u32>,
+    #[serde(default)]
+    pub llm_server_up: Option<bool>,
+    #[serde(default)]
+    pub cpu_usage_percent: Option<f32>,
+    #[serde(default)]
+    pub memory_used: Option<u64>,
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+}
+
+/// A model name read from a body: borrowed, unless the JSON text escaped
+/// a character and the name had to be unescaped into a copy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelName<'a>(pub Cow<'a, str>);
+
+impl AsRef<str> for ModelName<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for ModelName<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ModelName<'de>;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a model name (a string)")
+            }
+
+            fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
+                Ok(ModelName(Cow::Borrowed(text)))
+            }
+
+            fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(ModelName(Cow::Owned(text.to_owned())))
+            }
+
+            fn visit_string<E>(self, text: String) -> Result<Self::Value, E> {
+                Ok(ModelName(Cow::Owned(text)))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
 impl NodeFacts {
     /// A node registering for the first time.
     pub fn registered(id: Uuid, registration: &Registration, now: DateTime<Utc>) -> Self {
@@ -116,7 +177,7 @@ impl NodeFacts {
             arch: intern(""),
             cpu_cores: 0,
             total_memory: 0,
-            models: intern_models(&[]),
+            models: intern_models::<&str>(&[]),
             backend: registration.backend,
             tls: registration.tls,
             max_concurrency: registration.max_concurrency,
@@ -201,7 +262,7 @@ impl Report {
 
     /// Folds a heartbeat's report in; absent fields keep their last value.
     /// Returns whether anything routing looks at changed.
-    pub fn merge(&mut self, report: HeartbeatReport) -> bool {
+    pub fn merge(&mut self, report: ReportUpdate<'_>) -> bool {
         let mut routing_changed = merge_models(&mut self.models, report.models);
         routing_changed |= merge_models(&mut self.loaded_models, report.loaded_models);
         if report.llm_server_up.is_some() && report.llm_server_up != self.llm_server_up {
@@ -226,12 +287,12 @@ impl Report {
 }
 
 /// Takes a reported list when there is one and it differs; says whether it did.
-fn merge_models(current: &mut Option<ModelList>, reported: Option<Vec<String>>) -> bool {
+fn merge_models(current: &mut Option<ModelList>, reported: Option<Vec<ModelName<'_>>>) -> bool {
     let Some(reported) = reported else {
         return false;
     };
     let same = current.as_ref().is_some_and(|list| {
-        list.len() == reported.len() && list.iter().zip(&reported).all(|(a, b)| **a == **b)
+        list.len() == reported.len() && list.iter().zip(&reported).all(|(a, b)| **a == *b.0)
     });
     if !same {
         *current = Some(intern_models(&reported));
@@ -246,9 +307,12 @@ pub fn to_strings(list: &[Arc<str>]) -> Vec<String> {
 /// Interned values. Held here for as long as some agent uses them; `prune`
 /// lets go of the rest.
 #[derive(Default)]
+/// Hashed with foldhash (seeded per process), as the balancer's model map
+/// is: each registration, and each heartbeat whose lists changed, hashes
+/// every name it interns, and SipHash showed in a heartbeat's profile.
 struct Interner {
-    strings: Mutex<HashSet<Arc<str>>>,
-    lists: Mutex<HashSet<ModelList>>,
+    strings: Mutex<foldhash::HashSet<Arc<str>>>,
+    lists: Mutex<foldhash::HashSet<ModelList>>,
 }
 
 fn interner() -> &'static Interner {
@@ -269,8 +333,8 @@ pub fn intern(text: &str) -> Arc<str> {
     value
 }
 
-pub fn intern_models(models: &[String]) -> ModelList {
-    let list: ModelList = models.iter().map(|m| intern(m)).collect();
+pub fn intern_models<Name: AsRef<str>>(models: &[Name]) -> ModelList {
+    let list: ModelList = models.iter().map(|m| intern(m.as_ref())).collect();
     let mut lists = interner()
         .lists
         .lock()
@@ -309,6 +373,67 @@ mod tests {
         assert!(Arc::ptr_eq(&intern("Linux"), &intern("Linux")));
     }
 
+    /// The wire form of an update, field for field: written without `..`,
+    /// so a field added to `HeartbeatReport` and not to `ReportUpdate`
+    /// does not compile.
+    fn wire(update: &ReportUpdate<'_>) -> HeartbeatReport {
+        let names =
+            |list: &Vec<ModelName<'_>>| list.iter().map(|name| name.0.to_string()).collect();
+        HeartbeatReport {
+            models: update.models.as_ref().map(names),
+            loaded_models: update.loaded_models.as_ref().map(names),
+            requests_in_flight: update.requests_in_flight,
+            llm_server_up: update.llm_server_up,
+            cpu_usage_percent: update.cpu_usage_percent,
+            memory_used: update.memory_used,
+            max_concurrency: update.max_concurrency,
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_body_reads_as_the_wire_report_does() {
+        let report = HeartbeatReport {
+            models: Some(vec!["llama3.1:8b".into(), "qwen2.5:7b".into()]),
+            loaded_models: Some(vec!["llama3.1:8b".into()]),
+            requests_in_flight: Some(3),
+            llm_server_up: Some(false),
+            cpu_usage_percent: Some(37.5),
+            memory_used: Some(1 << 36),
+            max_concurrency: Some(8),
+        };
+        let body = serde_json::to_vec(&report).expect("serializes");
+        let update: ReportUpdate = serde_json::from_slice(&body).expect("parses");
+        assert_eq!(wire(&update), report);
+        let models = update.models.as_deref().unwrap_or_default();
+        assert!(
+            models.iter().all(|name| matches!(name.0, Cow::Borrowed(_))),
+            "plain names are not copied: {models:?}"
+        );
+
+        // Escapes are read (into a copy), unknown fields ignored, an
+        // empty object changes nothing: as `HeartbeatReport` reads them.
+        for text in [
+            r#"{"models":["ll\u0061ma3","a\"b"],"future_field":1}"#,
+            "{}",
+            r#"{"loaded_models":[]}"#,
+        ] {
+            let update: ReportUpdate = serde_json::from_str(text).expect(text);
+            let report: HeartbeatReport = serde_json::from_str(text).expect(text);
+            assert_eq!(wire(&update), report, "{text}");
+        }
+        let update: ReportUpdate =
+            serde_json::from_str(r#"{"models":["ll\u0061ma3"]}"#).expect("parses");
+        assert_eq!(
+            update.models,
+            Some(vec![ModelName(Cow::Owned("llama3".into()))])
+        );
+
+        let error = serde_json::from_str::<ReportUpdate>(r#"{"models":[7]}"#)
+            .expect_err("a number is not a model name");
+        assert!(error.to_string().contains("a model name"), "{error}");
+        assert!(serde_json::from_str::<ReportUpdate>(r#"{"models":"llama3"}"#).is_err());
+    }
+
     #[test]
     fn the_api_form_shows_every_field_and_the_report() {
         let registration = Registration {
@@ -339,7 +464,10 @@ mod tests {
             memory_used: Some(7),
             max_concurrency: Some(2),
         };
-        facts.report.merge(report.clone());
+        let body = serde_json::to_vec(&report).expect("serializes");
+        facts
+            .report
+            .merge(serde_json::from_slice(&body).expect("parses"));
         assert_eq!(facts.capacity(), 2, "the report's capacity wins");
         let agent = facts.to_wire();
         assert_eq!(

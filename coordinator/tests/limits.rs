@@ -346,3 +346,98 @@ async fn silent_connections_cannot_take_every_descriptor() {
     let log = router.terminate().await;
     assert!(log.contains("file_descriptors=4096"), "{log}");
 }
+
+/// A body sent chunked, piece by piece, with a pause before each piece,
+/// so that the router reads it as several frames.
+fn in_pieces(pieces: Vec<Vec<u8>>) -> reqwest::Body {
+    use futures::StreamExt as _;
+    reqwest::Body::wrap_stream(futures::stream::iter(pieces).then(|piece| async move {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        Ok::<_, std::io::Error>(piece)
+    }))
+}
+
+fn split_in_three(bytes: &[u8]) -> Vec<Vec<u8>> {
+    bytes
+        .chunks(bytes.len().div_ceil(3))
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// Registry bodies are read by the router's own reader (no axum body
+/// limit layer): one that arrives in pieces is read whole, and one sent
+/// without a length that grows past 32 KiB is refused with a JSON 413
+/// once it does, and changes nothing.
+#[tokio::test]
+async fn registry_bodies_in_pieces_are_read_whole_and_limited() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = TestRouter::start(config(dir.path())).await;
+    let (client, base) = (client(), router.url(""));
+    let post = |path: &str, body: reqwest::Body| {
+        client
+            .post(router.url(path))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+    };
+
+    let registration_body = serde_json::to_vec(&registration("gpu-pieces")).expect("json");
+    let response = post(
+        "/api/agents/register",
+        in_pieces(split_in_three(&registration_body)),
+    )
+    .await
+    .expect("register");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let id = response.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+
+    let report = br#"{"models":["smollm2:135m","qwen2.5:0.5b"],"cpu_usage_percent":12.5}"#;
+    let response = post(
+        &format!("/api/agents/{id}/heartbeat"),
+        in_pieces(split_in_three(report)),
+    )
+    .await
+    .expect("heartbeat");
+    assert_eq!(response.status(), StatusCode::OK);
+    let (status, agent) =
+        support::get_json(&client, router.url(&format!("/api/agents/{id}"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        agent["report"]["models"],
+        serde_json::json!(["smollm2:135m", "qwen2.5:0.5b"])
+    );
+    assert_eq!(agent["report"]["cpu_usage_percent"], 12.5);
+
+    // 30 KiB, then 10 more: the second piece takes it past the limit.
+    let mut large = registration("gpu-large");
+    large["runtime_version"] = "v".repeat(40 * 1024).into();
+    let large = serde_json::to_vec(&large).expect("json");
+    let response = post(
+        "/api/agents/register",
+        in_pieces(vec![
+            large[..30 * 1024].to_vec(),
+            large[30 * 1024..].to_vec(),
+        ]),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let answer: Value = response.json().await.expect("json");
+    assert_eq!(answer["error"]["code"], "payload_too_large");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("32768 bytes")),
+        "{answer}"
+    );
+    let names: Vec<Value> = support::list(&client, &base)
+        .await
+        .iter()
+        .map(|agent| agent["machine_name"].clone())
+        .collect();
+    assert_eq!(names, vec![Value::from("gpu-pieces")]);
+    router.stop().await.expect("clean stop");
+}

@@ -22,6 +22,7 @@ use super::json::{AgentIdParam, JsonBody, OptionalJsonBody};
 use crate::auth::{Credentials, JoinAccess, TokenDigest};
 use crate::fields::{check_models, check_system_info, check_text};
 use crate::node_address::NodeAddressPolicy;
+use crate::record::ReportUpdate;
 use crate::registry::{
     AgentUpdate, IdentityProof, ListCursor, RegisterOutcome, Registration, Registry,
 };
@@ -354,8 +355,9 @@ pub async fn show(
 pub async fn heartbeat(
     State(registry): State<Arc<Registry>>,
     AuthorizedAgent(id, _): AuthorizedAgent<SelfOnly>,
-    OptionalJsonBody(report): OptionalJsonBody<HeartbeatReport>,
+    body: OptionalJsonBody,
 ) -> Result<impl IntoResponse, ApiError> {
+    let report: Option<ReportUpdate<'_>> = body.parse()?;
     if let Some(report) = &report {
         validate_report(report)?;
     }
@@ -448,7 +450,7 @@ fn validate_update(
     })
 }
 
-fn validate_report(report: &HeartbeatReport) -> Result<(), ApiError> {
+fn validate_report(report: &ReportUpdate<'_>) -> Result<(), ApiError> {
     if let Some(models) = &report.models {
         check_models("models", models)?;
     }

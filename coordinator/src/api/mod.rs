@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::node_address::NodeAddressPolicy;
 
-use axum::extract::{DefaultBodyLimit, FromRef, Request, State};
+use axum::extract::{FromRef, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
@@ -32,7 +32,8 @@ use crate::registry::Registry;
 
 pub use json::BodyReadTimeout;
 
-/// Registry bodies are small; anything larger is a mistake or an attack.
+/// Registry bodies are small; anything larger is a mistake or an attack
+/// (enforced where they are read: [`json`]).
 pub const REGISTRY_BODY_LIMIT: usize = 32 * 1024;
 
 /// What handlers share, behind one `Arc`: axum clones the state for every
@@ -200,8 +201,7 @@ fn documented_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(agents::show, agents::update, agents::remove))
         .routes(routes!(agents::heartbeat))
         .routes(routes!(agents::drain))
-        .routes(routes!(agents::routers))
-        .layer(DefaultBodyLimit::max(REGISTRY_BODY_LIMIT));
+        .routes(routes!(agents::routers));
     let mut llm_routes = OpenApiRouter::new()
         .routes(routes!(ollama::chat))
         .routes(routes!(ollama::generate))

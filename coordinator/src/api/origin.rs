@@ -14,7 +14,7 @@
 //!   refused on every route, which defeats rebinding (the rebound name is
 //!   not in the list).
 
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
 
 use super::error::ApiError;
 
@@ -24,6 +24,10 @@ pub struct OriginPolicy {
     /// Host names (or addresses) clients may use for the router; empty: any.
     pub allowed_hosts: Vec<String>,
 }
+
+/// Made once: looked up by a `&str`, the name would be parsed and checked
+/// on every registry change (every heartbeat).
+static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// Whether a request may reach the routes; the error says why not.
 pub fn check(
@@ -58,7 +62,7 @@ pub fn check(
         return Ok(());
     }
     let cross_site = headers
-        .get("sec-fetch-site")
+        .get(&SEC_FETCH_SITE)
         .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"cross-site"));
     let foreign_origin = headers
         .get(header::ORIGIN)
@@ -95,6 +99,10 @@ pub fn unsupported_media_type() -> ApiError {
 pub fn is_json(content_type: &[u8]) -> bool {
     const PREFIX: &[u8] = b"application/";
     const SUFFIX: &[u8] = b"+json";
+    // What nearly every client sends, agents included.
+    if content_type == b"application/json" {
+        return true;
+    }
     let Ok(text) = std::str::from_utf8(content_type) else {
         return false;
     };

@@ -22,10 +22,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use chrono::Utc;
-use common::{
-    Agent, AgentStatus, AgentView, BackendKind, DrainResponse, HeartbeatReport, NodeState,
-    SystemInfo,
-};
+use common::{Agent, AgentStatus, AgentView, BackendKind, DrainResponse, NodeState, SystemInfo};
 use uuid::Uuid;
 
 use crate::auth::{Secret, TokenDigest};
@@ -38,7 +35,7 @@ pub use follow::Follower;
 pub use listing::{ListCursor, ListPage};
 pub use sweeper::Sweeper;
 
-use crate::record::{intern, intern_models};
+use crate::record::{intern, intern_models, ReportUpdate};
 
 /// What a registration proved about the identity it names.
 #[derive(Debug, Clone, Copy)]
@@ -151,8 +148,10 @@ fn probe_backoff(failures: u32, cap: Duration) -> Duration {
 #[derive(Default)]
 struct Maps {
     /// Changed only through [`Maps::add`] and [`Maps::take`], which keep
-    /// `listing_order` in step.
-    by_id: HashMap<Uuid, Arc<Mutex<AgentRecord>>>,
+    /// `listing_order` in step. Hashed with foldhash: every heartbeat looks
+    /// here, and the keys are random ids the router made, not names a
+    /// client chose (`by_identity` keeps SipHash for those).
+    by_id: foldhash::HashMap<Uuid, Arc<Mutex<AgentRecord>>>,
     /// `(machine_name, port)` is a node's identity across restarts.
     by_identity: HashMap<(String, u16), Uuid>,
     /// Every id in listing order (oldest registration first), so that a
@@ -253,7 +252,7 @@ impl Registry {
         let now = Instant::now();
         // Sized once: a large fleet loads without rehashing as it grows.
         let mut maps = Maps {
-            by_id: HashMap::with_capacity(loaded.len()),
+            by_id: foldhash::HashMap::with_capacity_and_hasher(loaded.len(), Default::default()),
             by_identity: HashMap::with_capacity(loaded.len()),
             listing_order: std::collections::BTreeSet::new(),
         };
@@ -468,7 +467,7 @@ impl Registry {
     pub fn heartbeat(
         &self,
         id: Uuid,
-        report: Option<HeartbeatReport>,
+        report: Option<ReportUpdate<'_>>,
     ) -> Result<(), RegistryError> {
         let slot = self.slot(id)?;
         let mut record = lock(&slot);
