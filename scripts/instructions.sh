@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# User-space instructions the router spends per proxied request, counted by
-# valgrind's callgrind. The count repeats to about 1 % (0.3 % for /health),
-# where CPU time on this shared two-core machine moves 5 % and throughput
-# 10 %. It is the
-# A/B measure for a change of a few percent in the router's own work (see
+# User-space instructions the router spends per proxied request, per
+# `GET /health` and per heartbeat, counted by valgrind's callgrind. The
+# count repeats to about 1 % (0.3 % for /health), where CPU time on this
+# shared two-core machine moves 5 % and throughput 10 %. It is the A/B
+# measure for a change of a few percent in the router's own work (see
 # BENCHMARKS.md); it does not count the kernel's part, which is the same
 # for every proxy (four socket calls per request).
 #
@@ -13,8 +13,11 @@
 # Each binary serves on loopback in front of nginx answering a fixed JSON
 # body; one keep-alive connection sends 300 requests to warm up, the
 # counters are zeroed, then REQUESTS (3,000) chat requests and as many
-# `GET /health` are counted. Needs valgrind and nginx (installed from
-# Debian's packages when missing) and python3.
+# `GET /health` are counted. For heartbeats, 1,000 agents are registered
+# (on loopback ports where nothing listens, health checks off, as in the
+# suite's fleet), each heartbeats once to warm up, then REQUESTS
+# heartbeats with the suite's report body go round them. Needs valgrind
+# and nginx (installed from Debian's packages when missing) and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS="${REQUESTS:-3000}"
@@ -85,6 +88,17 @@ while True:
         if time.time() > deadline:
             sys.exit("the router did not answer /health within 60 s")
         time.sleep(0.2)
+if command == "fleet":
+    ids = []
+    for n in range(1000):
+        node = {"machine_name": f"node-{n}", "ip_address": "127.0.0.1", "port": 20000 + n,
+                "runtime_version": "0.5.7", "models": ["llama3.1:8b"],
+                "system_info": {"os": "Linux", "arch": "x86_64", "cpu_cores": 2, "total_memory": 1 << 30}}
+        connection.request("POST", "/api/agents/register", json.dumps(node), {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        ids.append(json.loads(answer.read())["id"])
+    json.dump(ids, open(sys.argv[3], "w"))
+    sys.exit(0)
 if command == "register":
     node = {"machine_name": "nginx", "ip_address": "127.0.0.1", "port": int(sys.argv[3]),
             "runtime_version": "0.5.7", "models": ["bench"],
@@ -95,9 +109,16 @@ if command == "register":
     sys.exit(0 if answer.status in (200, 201) else f"registration answered {answer.status}")
 count, path = int(sys.argv[3]), sys.argv[4]
 body = b'{"model":"bench","messages":[{"role":"user","content":"Why is the sky blue?"}]}'
-for _ in range(count):
+if path == "heartbeat":
+    ids = json.load(open(sys.argv[5]))
+    # The suite's heartbeat body (bench/src/scenarios.rs, HEARTBEAT_BODY).
+    body = b'{"models":["llama3.1:8b","qwen2.5:7b"],"loaded_models":["llama3.1:8b"],"requests_in_flight":1,"llm_server_up":true,"cpu_usage_percent":37.5,"memory_used":68719476736}'
+for n in range(count):
     if path == "/health":
         connection.request("GET", path)
+    elif path == "heartbeat":
+        agent = ids[(n * 7919) % len(ids)]
+        connection.request("POST", f"/api/agents/{agent}/heartbeat", body, {"Content-Type": "application/json"})
     else:
         connection.request("POST", path, body, {"Content-Type": "application/json"})
     answer = connection.getresponse()
@@ -106,20 +127,26 @@ for _ in range(count):
         sys.exit(f"{path} answered {answer.status}")
 PY
 
-# Instructions per request of `binary` on `path`.
+# Instructions per request of `binary` on `path` (or per heartbeat).
 count() {
   local binary="$1" path="$2"
-  local port
+  local port warm_up=300 checks=()
   port="$(free_port)"
   rm -rf "$work/data" "$work"/callgrind.out*
+  [ "$path" = heartbeat ] && checks=(--health-check-interval 0)
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
     "$binary" --host 127.0.0.1 --port "$port" --data-dir "$work/data" --agent-timeout 3600 \
-    > "$work/router.log" 2>&1 &
+    "${checks[@]}" > "$work/router.log" 2>&1 &
   router_pid=$!
-  python3 "$work/client.py" "$port" register "$server_port"
-  python3 "$work/client.py" "$port" requests 300 "$path"
+  if [ "$path" = heartbeat ]; then
+    python3 "$work/client.py" "$port" fleet "$work/ids.json"
+    warm_up=1000
+  else
+    python3 "$work/client.py" "$port" register "$server_port"
+  fi
+  python3 "$work/client.py" "$port" requests "$warm_up" "$path" "$work/ids.json"
   callgrind_control -z "$router_pid" > /dev/null 2>&1
-  python3 "$work/client.py" "$port" requests "$REQUESTS" "$path"
+  python3 "$work/client.py" "$port" requests "$REQUESTS" "$path" "$work/ids.json"
   callgrind_control -d "$router_pid" > /dev/null 2>&1
   kill "$router_pid"
   wait "$router_pid" 2>/dev/null || true
@@ -129,7 +156,8 @@ count() {
   echo $((total / REQUESTS))
 }
 
-printf '%-40s %14s %14s\n' "binary" "chat Ir/req" "/health Ir/req"
+printf '%-40s %14s %14s %14s\n' "binary" "chat Ir/req" "/health Ir/req" "heartbeat Ir"
 for binary in "$@"; do
-  printf '%-40s %14s %14s\n' "$binary" "$(count "$binary" /v1/chat/completions)" "$(count "$binary" /health)"
+  printf '%-40s %14s %14s %14s\n' "$binary" "$(count "$binary" /v1/chat/completions)" \
+    "$(count "$binary" /health)" "$(count "$binary" heartbeat)"
 done
