@@ -305,11 +305,11 @@ pub fn to_strings(list: &[Arc<str>]) -> Vec<String> {
 }
 
 /// Interned values. Held here for as long as some agent uses them; `prune`
-/// lets go of the rest.
+/// lets go of the rest. Hashed with foldhash (seeded per process), as the
+/// balancer's model map is: each registration, and each heartbeat whose
+/// lists changed, hashes every name it interns, and SipHash showed in a
+/// heartbeat's profile.
 #[derive(Default)]
-/// Hashed with foldhash (seeded per process), as the balancer's model map
-/// is: each registration, and each heartbeat whose lists changed, hashes
-/// every name it interns, and SipHash showed in a heartbeat's profile.
 struct Interner {
     strings: Mutex<foldhash::HashSet<Arc<str>>>,
     lists: Mutex<foldhash::HashSet<ModelList>>,

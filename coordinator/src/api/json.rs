@@ -115,7 +115,7 @@ async fn read_at_most(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
     use http_body::Body as _;
     use http_body_util::BodyExt as _;
     if body.size_hint().lower() > limit as u64 {
-        return Err(payload_too_large());
+        return Err(payload_too_large(limit));
     }
     let mut whole = Bytes::new();
     let mut joined: Option<BytesMut> = None;
@@ -131,7 +131,7 @@ async fn read_at_most(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
         };
         let length = joined.as_ref().map_or(whole.len(), BytesMut::len) + data.len();
         if length > limit {
-            return Err(payload_too_large());
+            return Err(payload_too_large(limit));
         }
         match &mut joined {
             Some(joined) => joined.extend_from_slice(&data),
@@ -147,13 +147,11 @@ async fn read_at_most(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
     Ok(joined.map_or(whole, BytesMut::freeze))
 }
 
-fn payload_too_large() -> ApiError {
+fn payload_too_large(limit: usize) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "payload_too_large",
-        format!(
-            "the request body is larger than the registry accepts ({REGISTRY_BODY_LIMIT} bytes)"
-        ),
+        format!("the request body is larger than the registry accepts ({limit} bytes)"),
     )
 }
 
