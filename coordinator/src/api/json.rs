@@ -44,19 +44,15 @@ where
 {
     type Rejection = ApiError;
 
+    /// As [`OptionalJsonBody`] reads it, with an absent body refused.
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let declared_json = declares_json(&request);
-        let bytes = read_body(request, state).await?;
-        if is_blank(&bytes) {
-            return Err(ApiError::bad_request(
+        match OptionalJsonBody::from_request(request, state).await?.0 {
+            Some(bytes) => parse(&bytes).map(JsonBody),
+            None => Err(ApiError::bad_request(
                 "empty_body",
                 "the request needs a JSON body",
-            ));
+            )),
         }
-        if !declared_json {
-            return Err(super::origin::unsupported_media_type());
-        }
-        parse(&bytes).map(JsonBody)
     }
 }
 

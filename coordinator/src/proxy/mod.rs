@@ -89,6 +89,8 @@ pub struct Proxy {
     via: HeaderValue,
 }
 
+/// Named, because `HOP_BY_HOP.len()` is not a constant: `HeaderName` has a
+/// destructor, which a constant expression cannot run.
 const HOP_BY_HOP_COUNT: usize = 8;
 
 /// Hop-by-hop headers, which belong to one connection and are not passed on
