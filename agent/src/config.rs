@@ -6,6 +6,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::CertificateDer;
 
 use crate::address::{parse_server_address, ServerAddress};
 
@@ -124,18 +126,20 @@ impl AgentConfig {
     }
 
     /// The certificates of `--ca-cert`, if given.
-    pub fn ca_certificates(&self) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    pub fn ca_certificates(&self) -> anyhow::Result<Vec<CertificateDer<'static>>> {
         let Some(path) = &self.ca_cert else {
             return Ok(Vec::new());
         };
         let pem = std::fs::read(path)
             .map_err(|error| anyhow::anyhow!("--ca-cert {}: {error}", path.display()))?;
-        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|error| {
-            anyhow::anyhow!(
-                "--ca-cert {}: not PEM certificates: {error}",
-                path.display()
-            )
-        })?;
+        let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|error| {
+                anyhow::anyhow!(
+                    "--ca-cert {}: not PEM certificates: {error}",
+                    path.display()
+                )
+            })?;
         if certificates.is_empty() {
             anyhow::bail!(
                 "--ca-cert {}: the file holds no PEM certificate",

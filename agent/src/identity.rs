@@ -33,6 +33,7 @@ struct StoredIdentity {
 }
 
 /// The agent's secret file for one router and one identity.
+#[derive(Clone)]
 pub struct IdentityFile {
     path: PathBuf,
     router_url: String,
@@ -99,33 +100,42 @@ impl IdentityFile {
 
     /// Keeps a new secret: written to a temporary file of mode 0600,
     /// flushed to disk, then renamed over the old one, so that a crash
-    /// leaves the old secret or the new one, never half of either.
-    pub fn save(&self, agent_id: Uuid, agent_secret: &str) -> anyhow::Result<()> {
+    /// leaves the old secret or the new one, never half of either. The
+    /// writes and their two fsyncs run on tokio's blocking pool: an fsync
+    /// can take tens of milliseconds on a busy disk, and the event loop
+    /// that waited for it would stall the agent's heartbeats (and, with
+    /// many agents in one process, every other agent's).
+    pub async fn save(&self, agent_id: Uuid, agent_secret: &str) -> anyhow::Result<()> {
+        let file = self.clone();
+        let agent_secret = agent_secret.to_owned();
+        tokio::task::spawn_blocking(move || file.save_blocking(agent_id, agent_secret))
+            .await
+            .context("the task writing the agent's secret stopped")?
+            .with_context(|| format!("cannot write the agent's secret to {}", self.path.display()))
+    }
+
+    fn save_blocking(&self, agent_id: Uuid, agent_secret: String) -> std::io::Result<()> {
         let stored = StoredIdentity {
             router_url: self.router_url.clone(),
             machine_name: self.machine_name.clone(),
             port: self.port,
             agent_id,
-            agent_secret: agent_secret.to_owned(),
+            agent_secret,
         };
         let temporary = self.path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&temporary)?;
-            file.write_all(serde_json::to_string_pretty(&stored)?.as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, &self.path)?;
-            if let Some(dir) = self.path.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            Ok(())
-        };
-        write()
-            .with_context(|| format!("cannot write the agent's secret to {}", self.path.display()))
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.write_all(serde_json::to_string_pretty(&stored)?.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 }
 
@@ -171,15 +181,15 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
 
-    #[test]
-    fn a_saved_secret_is_read_back_and_only_its_owner_can_read_it() {
+    #[tokio::test]
+    async fn a_saved_secret_is_read_back_and_only_its_owner_can_read_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state_dir = dir.path().join("state");
         let file = IdentityFile::open(&state_dir, "http://127.0.0.1:8080", "gpu/01 ", 11434)
             .expect("open");
         assert_eq!(file.load(), None);
         let id = Uuid::new_v4();
-        file.save(id, "llmr_agent_abc").expect("save");
+        file.save(id, "llmr_agent_abc").await.expect("save");
         assert_eq!(file.load().as_deref(), Some("llmr_agent_abc"));
         let mode = |path: &Path| {
             std::fs::metadata(path)
@@ -194,12 +204,12 @@ mod tests {
             file.path().file_name().and_then(|name| name.to_str()),
             Some("identity-gpu_01_-11434-127.0.0.1_8080.json")
         );
-        file.save(id, "llmr_agent_def").expect("save again");
+        file.save(id, "llmr_agent_def").await.expect("save again");
         assert_eq!(file.load().as_deref(), Some("llmr_agent_def"));
     }
 
-    #[test]
-    fn another_router_or_port_has_a_file_of_its_own() {
+    #[tokio::test]
+    async fn another_router_or_port_has_a_file_of_its_own() {
         let dir = tempfile::tempdir().expect("tempdir");
         let one =
             IdentityFile::open(dir.path(), "http://127.0.0.1:8080", "n", 11434).expect("open");
@@ -207,7 +217,7 @@ mod tests {
             IdentityFile::open(dir.path(), "http://127.0.0.1:8080", "n", 8000).expect("open");
         let other_router =
             IdentityFile::open(dir.path(), "http://127.0.0.1:9090", "n", 11434).expect("open");
-        one.save(Uuid::new_v4(), "s1").expect("save");
+        one.save(Uuid::new_v4(), "s1").await.expect("save");
         assert_eq!(other_port.load(), None);
         assert_eq!(other_router.load(), None);
     }

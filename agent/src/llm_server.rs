@@ -77,7 +77,7 @@ impl LlmServer {
     /// HTTPS whose certificate a private CA signed.
     pub fn new(
         base_url: String,
-        ca_certificates: Vec<reqwest::Certificate>,
+        ca_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
     ) -> anyhow::Result<Self> {
         let http = crate::http::client(
             Duration::from_secs(5),

@@ -49,7 +49,7 @@ impl RouterClient {
     pub fn new(
         base_urls: Vec<String>,
         join_token: Option<String>,
-        ca_certificates: Vec<reqwest::Certificate>,
+        ca_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
     ) -> anyhow::Result<Self> {
         let http = crate::http::client(
             Duration::from_secs(10),

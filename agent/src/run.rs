@@ -141,7 +141,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                         // answer means the router kept the one we sent (or
                         // has none configured).
                         if let Some(new_secret) = registration.secret {
-                            if let Err(error) = identity.save(id, &new_secret) {
+                            if let Err(error) = identity.save(id, &new_secret).await {
                                 tracing::error!("{error:#}; after a restart this agent will not be able to register as {machine_name} again until an operator removes it (llm-router agents remove {id}).");
                             }
                             secret = Some(new_secret);

@@ -184,6 +184,34 @@ async fn the_router_the_cli_and_an_agent_speak_tls() {
         .expect("json");
     assert_eq!(after["draining"], true, "the drain went over TLS too");
 
+    // The agent checks the router's certificate: without --ca-cert it
+    // trusts only the system's roots, and refuses this one.
+    let untrusting = agent::router_client::RouterClient::new(
+        vec![base.clone()],
+        Some("tls-join-token".to_owned()),
+        Vec::new(),
+    )
+    .expect("client");
+    let request: common::RegisterRequest =
+        serde_json::from_value(registration("untrusting-node")).expect("request");
+    let refused = untrusting
+        .register(&request)
+        .await
+        .err()
+        .expect("a certificate no trusted CA signed is refused");
+    let mut reasons = refused.to_string();
+    let mut source = std::error::Error::source(&refused);
+    while let Some(cause) = source {
+        reasons.push_str(": ");
+        reasons.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    assert!(
+        matches!(refused, agent::router_client::RouterError::Unreachable(_))
+            && reasons.contains("UnknownIssuer"),
+        "{reasons}"
+    );
+
     let log = router.terminate().await;
     assert!(log.contains("listening on https://"), "{log}");
     assert!(!log.contains("tls-join-token"));
