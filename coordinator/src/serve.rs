@@ -232,6 +232,8 @@ struct ConnectionClock {
     /// is woken when the answer ends, to set one. Without this, hyper's read
     /// stays parked on the socket and an idle connection is never timed out.
     parked_read: std::sync::Mutex<Option<std::task::Waker>>,
+    /// The current request has a body not yet read to its end.
+    request_body_unread: AtomicBool,
 }
 
 impl ConnectionClock {
@@ -241,6 +243,7 @@ impl ConnectionClock {
             busy: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             parked_read: std::sync::Mutex::new(None),
+            request_body_unread: AtomicBool::new(false),
         }
     }
 
@@ -428,11 +431,60 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Tracking
     type Future = TrackedAnswer;
 
     fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        use http_body::Body as _;
         self.clock.request_started();
+        let has_body = !request.body().is_end_stream();
+        self.clock
+            .request_body_unread
+            .store(has_body, Ordering::Relaxed);
+        let request = if has_body {
+            let clock = Arc::clone(&self.clock);
+            request.map(|inner| Body::new(RequestBody { inner, clock }))
+        } else {
+            request.map(Body::new)
+        };
         TrackedAnswer {
-            answer: self.app.call(request.map(Body::new)),
+            answer: self.app.call(request),
             clock: Some(Arc::clone(&self.clock)),
         }
+    }
+}
+
+/// A request's body that tells its connection when it has been read to its
+/// end. An answer given before that (a refusal, a body over the limit, one
+/// that stalled) says `Connection: close`: hyper closes a connection whose
+/// request body was left unread, but it notices only after it has written
+/// the answer's head without saying so, and a client that pools connections
+/// would send its next request into the closing one.
+struct RequestBody {
+    inner: hyper::body::Incoming,
+    clock: Arc<ConnectionClock>,
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.inner).poll_frame(context);
+        if matches!(frame, Poll::Ready(None)) || this.inner.is_end_stream() {
+            this.clock
+                .request_body_unread
+                .store(false, Ordering::Relaxed);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -452,6 +504,16 @@ impl Future for TrackedAnswer {
             return Poll::Pending;
         };
         let clock = this.clock.take();
+        let mut response = response;
+        if clock
+            .as_ref()
+            .is_some_and(|clock| clock.request_body_unread.load(Ordering::Relaxed))
+        {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         Poll::Ready(Ok(response.map(|inner| TrackedBody { inner, clock })))
     }
 }

@@ -442,3 +442,120 @@ async fn registry_bodies_in_pieces_are_read_whole_and_limited() {
     assert_eq!(names, vec![Value::from("gpu-pieces")]);
     router.stop().await.expect("clean stop");
 }
+
+/// Sends one request on `stream` and reads its answer: the head, lower-cased,
+/// and the body (by its `content-length`).
+async fn exchange(stream: &mut TcpStream, request: &[u8]) -> (String, String) {
+    stream.write_all(request).await.expect("send");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(read > 0, "the router closed before answering");
+        received.extend_from_slice(&buffer[..read]);
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("content-length");
+    while received.len() < head_end + length {
+        let read = stream.read(&mut buffer).await.expect("read body");
+        assert!(read > 0, "the body was cut");
+        received.extend_from_slice(&buffer[..read]);
+    }
+    let body = String::from_utf8_lossy(&received[head_end..head_end + length]).into_owned();
+    (head, body)
+}
+
+fn post(path: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{headers}content-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+/// Whether the router closes `stream` (a read sees its end, or a reset).
+async fn closes(stream: &mut TcpStream) -> bool {
+    let mut buffer = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// An answer given before the request's body was read to its end (a body
+/// over the limit, a refusal ahead of the body) says `Connection: close`,
+/// and the connection closes: hyper will not read a body the router left,
+/// and a client that pools connections must not send its next request into
+/// it. An answer to a body read whole keeps the connection open.
+#[tokio::test]
+async fn answers_to_bodies_left_unread_close_their_connection_and_say_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut router = RouterProcess::spawn(dir.path(), &[]).await;
+    let registration_body = serde_json::to_vec(&registration("keep-alive")).expect("json");
+
+    // Read whole: the same connection serves the next request.
+    let mut stream = TcpStream::connect(router.address).await.expect("connect");
+    let (head, body) = exchange(
+        &mut stream,
+        &post("/api/agents/register", "", &registration_body),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 201"), "{head}{body}");
+    assert!(!head.contains("connection: close"), "{head}");
+    let id = serde_json::from_str::<Value>(&body).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (head, _) = exchange(
+        &mut stream,
+        &post(&format!("/api/agents/{id}/heartbeat"), "", b"{}"),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+
+    // Over the registry's 32 KiB: refused unread, and said so.
+    let mut large = registration("hoarder");
+    large["models"] = serde_json::json!((0..200).map(|n| format!("{n:0>200}")).collect::<Vec<_>>());
+    let large = serde_json::to_vec(&large).expect("json");
+    assert!(large.len() > 32 * 1024);
+    let mut stream = TcpStream::connect(router.address).await.expect("connect");
+    let (head, body) = exchange(&mut stream, &post("/api/agents/register", "", &large)).await;
+    assert!(head.starts_with("http/1.1 413"), "{head}{body}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(
+        closes(&mut stream).await,
+        "the connection closes after the 413"
+    );
+
+    // Refused before the body is read (a cross-site write).
+    let mut stream = TcpStream::connect(router.address).await.expect("connect");
+    let (head, body) = exchange(
+        &mut stream,
+        &post(
+            "/api/agents/register",
+            "sec-fetch-site: cross-site\r\n",
+            &registration_body,
+        ),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 403"), "{head}{body}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(
+        closes(&mut stream).await,
+        "the connection closes after the 403"
+    );
+    router.terminate().await;
+}
