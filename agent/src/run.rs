@@ -38,12 +38,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     // secret file is named after all of them, in any order.
     let mut identity_key = router_urls.clone();
     identity_key.sort();
-    let router = RouterClient::new(router_urls, join_token, config.ca_certificates()?)?;
+    // Read once: both clients trust the same `--ca-cert`.
+    let ca_certificates = config.ca_certificates()?;
+    let router = RouterClient::new(router_urls, join_token, ca_certificates.clone())?;
     let (server, server_source, server_warning) = config.backend_address()?;
     if let Some(warning) = server_warning {
         tracing::warn!("{warning}");
     }
-    let llm_server = LlmServer::new(server.url.clone(), config.ca_certificates()?)?;
+    let llm_server = LlmServer::new(server.url.clone(), ca_certificates)?;
     let machine_name = config.machine_name.clone().unwrap_or_else(host_name);
     let identity = IdentityFile::open(
         &config.state_dir(),

@@ -500,11 +500,10 @@ impl Future for TrackedAnswer {
 
     fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let Poll::Ready(response) = Pin::new(&mut this.answer).poll(context) else {
+        let Poll::Ready(mut response) = Pin::new(&mut this.answer).poll(context) else {
             return Poll::Pending;
         };
         let clock = this.clock.take();
-        let mut response = response;
         if clock
             .as_ref()
             .is_some_and(|clock| clock.request_body_unread.load(Ordering::Relaxed))

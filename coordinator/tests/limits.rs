@@ -196,35 +196,37 @@ async fn answers_slower_than_the_header_timeout_are_not_cut() {
     router.stop().await.expect("clean stop");
 }
 
-/// Sends one request on a raw connection and reads its whole answer,
-/// leaving the connection open (HTTP/1.1 keep-alive).
-async fn one_request(stream: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    stream
-        .write_all(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
-        .await
-        .expect("write");
-    let mut answer = Vec::new();
-    let mut buffer = [0u8; 1024];
-    loop {
-        let read = stream.read(&mut buffer).await.expect("read");
-        assert!(read > 0, "closed before answering");
-        answer.extend_from_slice(&buffer[..read]);
-        let text = String::from_utf8_lossy(&answer).to_string();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length: usize = text[..end]
-                .lines()
-                .find_map(|line| {
-                    line.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            if answer.len() >= end + 4 + length {
-                return text;
-            }
+/// Sends one request on a raw connection and reads its whole answer (the
+/// head, lower-cased, and the body by its `content-length`), leaving the
+/// connection open (HTTP/1.1 keep-alive).
+async fn exchange(stream: &mut TcpStream, request: &[u8]) -> (String, String) {
+    stream.write_all(request).await.expect("send");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
         }
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(read > 0, "the router closed before answering");
+        received.extend_from_slice(&buffer[..read]);
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("content-length");
+    while received.len() < head_end + length {
+        let read = stream.read(&mut buffer).await.expect("read body");
+        assert!(read > 0, "the body was cut");
+        received.extend_from_slice(&buffer[..read]);
     }
+    let body = String::from_utf8_lossy(&received[head_end..head_end + length]).into_owned();
+    (head, body)
 }
 
 /// Whether the router closes the connection within `limit`.
@@ -253,10 +255,15 @@ async fn connections_idle_after_an_answer_close_at_the_header_read_timeout() {
                 .expect("connect"),
         );
     }
-    let answers = futures::future::join_all(connections.iter_mut().map(one_request)).await;
+    let answers = futures::future::join_all(
+        connections
+            .iter_mut()
+            .map(|stream| exchange(stream, b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")),
+    )
+    .await;
     assert!(answers
         .iter()
-        .all(|answer| answer.starts_with("HTTP/1.1 200")));
+        .all(|(head, _)| head.starts_with("http/1.1 200")));
     let closed = futures::future::join_all(
         connections
             .iter_mut()
@@ -443,38 +450,6 @@ async fn registry_bodies_in_pieces_are_read_whole_and_limited() {
     router.stop().await.expect("clean stop");
 }
 
-/// Sends one request on `stream` and reads its answer: the head, lower-cased,
-/// and the body (by its `content-length`).
-async fn exchange(stream: &mut TcpStream, request: &[u8]) -> (String, String) {
-    stream.write_all(request).await.expect("send");
-    let mut received = Vec::new();
-    let mut buffer = [0u8; 4096];
-    let head_end = loop {
-        if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
-            .await
-            .expect("an answer in time")
-            .expect("read");
-        assert!(read > 0, "the router closed before answering");
-        received.extend_from_slice(&buffer[..read]);
-    };
-    let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|line| line.strip_prefix("content-length: "))
-        .and_then(|value| value.trim().parse().ok())
-        .expect("content-length");
-    while received.len() < head_end + length {
-        let read = stream.read(&mut buffer).await.expect("read body");
-        assert!(read > 0, "the body was cut");
-        received.extend_from_slice(&buffer[..read]);
-    }
-    let body = String::from_utf8_lossy(&received[head_end..head_end + length]).into_owned();
-    (head, body)
-}
-
 fn post(path: &str, headers: &str, body: &[u8]) -> Vec<u8> {
     let mut request = format!(
         "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{headers}content-length: {}\r\n\r\n",
@@ -483,15 +458,6 @@ fn post(path: &str, headers: &str, body: &[u8]) -> Vec<u8> {
     .into_bytes();
     request.extend_from_slice(body);
     request
-}
-
-/// Whether the router closes `stream` (a read sees its end, or a reset).
-async fn closes(stream: &mut TcpStream) -> bool {
-    let mut buffer = [0u8; 64];
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await,
-        Ok(Ok(0) | Err(_))
-    )
 }
 
 /// An answer given before the request's body was read to its end (a body
@@ -536,7 +502,7 @@ async fn answers_to_bodies_left_unread_close_their_connection_and_say_so() {
     assert!(head.starts_with("http/1.1 413"), "{head}{body}");
     assert!(head.contains("connection: close"), "{head}");
     assert!(
-        closes(&mut stream).await,
+        closed_within(&mut stream, Duration::from_secs(5)).await,
         "the connection closes after the 413"
     );
 
@@ -554,7 +520,7 @@ async fn answers_to_bodies_left_unread_close_their_connection_and_say_so() {
     assert!(head.starts_with("http/1.1 403"), "{head}{body}");
     assert!(head.contains("connection: close"), "{head}");
     assert!(
-        closes(&mut stream).await,
+        closed_within(&mut stream, Duration::from_secs(5)).await,
         "the connection closes after the 403"
     );
     router.terminate().await;
