@@ -57,7 +57,9 @@ async fn chat(http: reqwest::Client, url: String) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn queue_length(router: &TestRouter) -> f64 {
+/// The value of the first `/metrics` line that starts with `series`
+/// followed by a space or a label set; NaN when there is none.
+async fn metric(router: &TestRouter, series: &str) -> f64 {
     let metrics = client()
         .get(router.url("/metrics"))
         .send()
@@ -68,9 +70,15 @@ async fn queue_length(router: &TestRouter) -> f64 {
         .expect("text");
     metrics
         .lines()
-        .find_map(|line| line.strip_prefix("llm_router_queue_length "))
+        .filter_map(|line| line.strip_prefix(series))
+        .find(|rest| rest.starts_with([' ', '{']))
+        .and_then(|rest| rest.rsplit(' ').next())
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or(f64::NAN)
+}
+
+async fn queue_length(router: &TestRouter) -> f64 {
+    metric(router, "llm_router_queue_length").await
 }
 
 #[tokio::test]
@@ -192,15 +200,24 @@ async fn a_full_queue_and_a_long_wait_answer_429_with_retry_after_in_each_apis_s
 async fn a_client_that_leaves_while_queued_leaves_the_queue() {
     let dir = tempfile::tempdir().expect("tempdir");
     let router = TestRouter::start(config(dir.path())).await;
-    let (_node, port) = slow_node("held", Duration::from_millis(500)).await;
+    // Four chunks a second apart: the slot stays taken for about 4 s.
+    let (_node, port) = slow_node("held", Duration::from_secs(1)).await;
     register_with_capacity(&router, "held", port, 1).await;
     let http = client();
     let running = tokio::spawn(chat(http.clone(), router.url("/api/chat")));
+    // Waited for, not slept for: the impatient request must be the one queued.
+    eventually(
+        Duration::from_secs(5),
+        "the first request holds the node's one slot",
+        || async {
+            (metric(&router, "llm_router_node_requests_in_flight").await == 1.0).then_some(())
+        },
+    )
+    .await;
     let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(800))
+        .timeout(Duration::from_secs(1))
         .build()
         .expect("client");
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let giving_up = tokio::spawn({
         let url = router.url("/api/chat");
         async move { impatient.post(url).json(&chat_body()).send().await }
@@ -215,9 +232,9 @@ async fn a_client_that_leaves_while_queued_leaves_the_queue() {
         giving_up.await.expect("task").is_err(),
         "the impatient client timed out"
     );
-    // Long before the running request ends (about 2 s in) and frees the slot.
+    // Long before the running request ends (about 4 s in) and frees the slot.
     eventually(
-        Duration::from_millis(400),
+        Duration::from_secs(1),
         "the queue is empty again",
         || async { (queue_length(&router).await == 0.0).then_some(()) },
     )
