@@ -298,7 +298,7 @@ pub async fn run(
     let final_snapshot = registry.snapshot_now().await;
     durability.stop_following();
     // The writer ends once the last store handle (the registry's) is gone.
-    drop(registry);
+    registry.release_at_shutdown();
     tokio::task::spawn_blocking(move || durability.join()).await?;
     final_snapshot.map_err(|error| anyhow::anyhow!("final snapshot: {error}"))?;
     Ok(())

