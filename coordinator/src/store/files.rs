@@ -388,74 +388,12 @@ fn load_snapshot(dir: &Path, report: &mut LoadReport) -> std::io::Result<Records
 /// caller's (a data dir it cannot read).
 fn read_agents(path: &Path) -> std::io::Result<Option<Result<Vec<NodeFacts>, serde_json::Error>>> {
     match fs::read(path) {
-        Ok(mut bytes) => Ok(Some(parse_agents(&mut bytes, SPLIT_FROM_BYTES))),
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice::<FactsArray>(&bytes).map(|array| array.0),
+        )),
         Err(error) if error.kind() == ErrorKind::NotFound => Ok(None),
         Err(error) => Err(error),
     }
-}
-
-/// Below this size (about 2,000 agents) a snapshot is parsed on one thread:
-/// a second one would cost more than it saves.
-const SPLIT_FROM_BYTES: usize = 1 << 20;
-
-/// Parses a snapshot. Parsing is most of a large registry's start-up (about
-/// 150 ms of 300 for 100,000 agents), and start-up has the machine to
-/// itself, so a snapshot as this router writes it is parsed in two halves
-/// at once, cut between two agents near its middle. Any other file, or a
-/// half that does not parse, is parsed whole, which also makes the error
-/// the whole file's.
-fn parse_agents(bytes: &mut [u8], split_from: usize) -> Result<Vec<NodeFacts>, serde_json::Error> {
-    let parse = |bytes: &[u8]| serde_json::from_slice::<FactsArray>(bytes).map(|array| array.0);
-    let Some(comma) = comma_between_agents_near_middle(bytes, split_from) else {
-        return parse(bytes);
-    };
-    // `},` + `\n  {` becomes `}]` + `\n[ {`: two arrays, each a valid
-    // document when the cut is between two agents of the top-level array.
-    bytes[comma] = b']';
-    bytes[comma + 2] = b'[';
-    let (earlier, later) = bytes.split_at(comma + 1);
-    let halves = std::thread::scope(|scope| {
-        let later = std::thread::Builder::new()
-            .name("snapshot-parse".into())
-            .spawn_scoped(scope, || parse(later))
-            .ok()?;
-        let earlier = parse(earlier);
-        Some((earlier, later.join().ok()?))
-    });
-    if let Some((Ok(mut agents), Ok(rest))) = halves {
-        agents.extend(rest);
-        return Ok(agents);
-    }
-    bytes[comma] = b',';
-    bytes[comma + 2] = b' ';
-    parse(bytes)
-}
-
-/// Where the pretty-printed array [`write_snapshot`] writes has a comma
-/// between two agents, the first at or after the middle (or the last
-/// before it): each agent's object closes
-/// on a line of its own indented two spaces, and the next opens on the
-/// next line. A JSON string cannot hold a raw line break, so the pattern
-/// is never inside one; a file laid out otherwise may not have it, or have
-/// it deeper down, and then a half does not parse and the whole is parsed.
-fn comma_between_agents_near_middle(bytes: &[u8], split_from: usize) -> Option<usize> {
-    const BETWEEN_AGENTS: &[u8] = b"\n  },\n  {";
-    if bytes.len() < split_from.max(BETWEEN_AGENTS.len()) {
-        return None;
-    }
-    let middle = bytes.len() / 2;
-    let is_cut = |window: &[u8]| window == BETWEEN_AGENTS;
-    let found = match bytes[middle..]
-        .windows(BETWEEN_AGENTS.len())
-        .position(is_cut)
-    {
-        Some(after) => middle + after,
-        // Any cut starting before the middle, including one across it.
-        None => bytes[..middle + BETWEEN_AGENTS.len() - 1]
-            .windows(BETWEEN_AGENTS.len())
-            .rposition(is_cut)?,
-    };
-    Some(found + 4)
 }
 
 fn replay_journal(bytes: &[u8], agents: &mut Records, report: &mut LoadReport) {
@@ -565,111 +503,5 @@ mod tests {
             .filter(|name| name.starts_with("agents.journal."))
             .collect();
         assert!(left.is_empty(), "segments left: {left:?}");
-    }
-
-    /// The snapshot as [`write_snapshot`] writes it, for `agents` machines.
-    fn snapshot_bytes(agents: usize) -> (Vec<u8>, Vec<uuid::Uuid>) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let facts: Vec<NodeFacts> = (0..agents).map(|n| facts(&format!("gpu-{n}"))).collect();
-        let mut ids: Vec<uuid::Uuid> = facts.iter().map(|agent| agent.id).collect();
-        write_snapshot(dir.path(), Records::from_loaded(facts).shared(), &[]).expect("snapshot");
-        let bytes = fs::read(dir.path().join(SNAPSHOT_FILE)).expect("read");
-        // The file lists agents by registration time, then id.
-        let loaded = parse_agents(&mut bytes.clone(), usize::MAX).expect("parse whole");
-        ids.sort_by_key(|id| loaded.iter().position(|agent| agent.id == *id));
-        (bytes, ids)
-    }
-
-    fn as_json(agents: &[NodeFacts]) -> Vec<serde_json::Value> {
-        agents
-            .iter()
-            .map(|agent| serde_json::to_value(StoredAgent::from(agent)).expect("json"))
-            .collect()
-    }
-
-    fn ids(agents: &[NodeFacts]) -> Vec<uuid::Uuid> {
-        agents.iter().map(|agent| agent.id).collect()
-    }
-
-    /// A snapshot as the router writes it is cut between two agents, and
-    /// its halves give what one parse of the whole gives, in order.
-    #[test]
-    fn a_snapshot_parsed_in_halves_gives_every_agent_in_order() {
-        for agents in [2, 3, 7, 50] {
-            let (bytes, expected) = snapshot_bytes(agents);
-            let comma = comma_between_agents_near_middle(&bytes, 0).expect("a cut");
-            assert_eq!(&bytes[comma - 3..comma + 5], b"  },\n  {");
-            // Each half is an array of agents by itself: no fall-back here.
-            let mut cut = bytes.clone();
-            (cut[comma], cut[comma + 2]) = (b']', b'[');
-            let (earlier, later) = cut.split_at(comma + 1);
-            let halves = [earlier, later].map(|half| {
-                serde_json::from_slice::<FactsArray>(half)
-                    .expect("a half parses")
-                    .0
-                    .len()
-            });
-            assert!(halves[0] >= 1 && halves[1] >= 1 && halves[0] + halves[1] == agents);
-            let loaded = parse_agents(&mut bytes.clone(), 0).expect("parse in halves");
-            assert_eq!(ids(&loaded), expected, "{agents} agents");
-            let whole = parse_agents(&mut bytes.clone(), usize::MAX).expect("parse whole");
-            assert_eq!(
-                as_json(&loaded),
-                as_json(&whole),
-                "every field, {agents} agents"
-            );
-        }
-        // One agent has no place to cut; a small file is not cut.
-        let (one, _) = snapshot_bytes(1);
-        assert_eq!(comma_between_agents_near_middle(&one, 0), None);
-        let (small, _) = snapshot_bytes(50);
-        assert_eq!(
-            comma_between_agents_near_middle(&small, SPLIT_FROM_BYTES),
-            None
-        );
-    }
-
-    /// A file laid out otherwise (compact, or with the pattern inside an
-    /// agent) is parsed whole: the same agents, or the same error, and the
-    /// bytes as they were.
-    #[test]
-    fn a_snapshot_that_cannot_be_cut_is_parsed_whole() {
-        let (bytes, expected) = snapshot_bytes(4);
-        let agents: Vec<serde_json::Value> = serde_json::from_slice(&bytes).expect("json");
-        let compact = serde_json::to_vec(&agents).expect("compact");
-        assert_eq!(comma_between_agents_near_middle(&compact, 0), None);
-        assert_eq!(
-            ids(&parse_agents(&mut compact.clone(), 0).expect("compact")),
-            expected
-        );
-
-        // The cut's pattern inside the last agent, in a field loading skips.
-        let mut nested = b"[".to_vec();
-        for (n, agent) in agents.iter().enumerate() {
-            let mut text = serde_json::to_string(agent).expect("agent");
-            if n + 1 == agents.len() {
-                text.pop();
-                text.push_str(",\"notes\":[\n  {\n  },\n  {\n  }\n]}");
-            }
-            nested.extend_from_slice(text.as_bytes());
-            nested.push(if n + 1 == agents.len() { b']' } else { b',' });
-        }
-        let comma = comma_between_agents_near_middle(&nested, 0).expect("a cut in the wrong place");
-        assert!(comma > nested.len() / 2);
-        let mut parsed = nested.clone();
-        assert_eq!(
-            ids(&parse_agents(&mut parsed, 0).expect("nested")),
-            expected
-        );
-        assert_eq!(parsed, nested, "the bytes are put back");
-
-        // A fault in the second half: the whole file's error, bytes put back.
-        let mut broken = bytes.clone();
-        broken.truncate(broken.len() - 20);
-        let whole_error = parse_agents(&mut broken.clone(), usize::MAX).expect_err("broken");
-        let mut parsed = broken.clone();
-        let error = parse_agents(&mut parsed, 0).expect_err("broken in halves");
-        assert_eq!(error.to_string(), whole_error.to_string());
-        assert_eq!(parsed, broken);
     }
 }
