@@ -113,20 +113,8 @@ async fn a_node_of_capacity_one_never_takes_two_and_every_queued_request_succeed
     assert_eq!(stats["generations_completed"], 8, "{stats}");
     assert_eq!(queue_length(&router).await, 0.0);
     // The waits are in /metrics (and, as their mean, on the dashboard).
-    let metrics = client()
-        .get(router.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let waited: f64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("llm_router_queue_wait_seconds_count "))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0);
-    assert!(waited >= 1.0, "{metrics}");
+    let waited = metric(&router, "llm_router_queue_wait_seconds_count").await;
+    assert!(waited >= 1.0, "queue waits counted: {waited}");
 }
 
 #[tokio::test]
