@@ -257,6 +257,94 @@ async fn nul_filled_snapshot_without_backup_starts_empty() {
     assert_corrupt_snapshot_policy(&[0u8; 4096], false).await;
 }
 
+#[tokio::test]
+async fn snapshot_that_is_not_utf8_is_moved_aside_and_the_backup_used() {
+    // Whole-file UTF-8 checking must not turn a bad byte into a panic or a
+    // silent skip: the file is corrupt like any other.
+    assert_corrupt_snapshot_policy(b"[\n  {\n    \"id\": \"\xff\"\n  }\n]\n", true).await;
+}
+
+/// The loader borrows strings from the file and tries chrono's RFC 3339
+/// parser before its general one: a hand-edited file with escaped strings,
+/// dates in other forms chrono reads, and two agents under one name and
+/// port still loads as written, the later of the two kept.
+#[tokio::test]
+async fn a_hand_edited_snapshot_loads_as_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client();
+    let router = TestRouter::start(config(dir.path())).await;
+    let mut ids = Vec::new();
+    for name in ["first", "second", "third"] {
+        ids.push(register(&client, &router.base(), &registration(name)).await);
+    }
+    router.stop().await.expect("clean stop");
+
+    let snapshot = dir.path().join("agents.json");
+    let mut stored: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(&snapshot).expect("agents.json")).expect("parses");
+    let by_id = |stored: &mut Vec<Value>, id: &str| -> usize {
+        stored
+            .iter()
+            .position(|agent| agent["id"] == id)
+            .expect("stored")
+    };
+    let (first, second, third) = (
+        by_id(&mut stored, &ids[0]),
+        by_id(&mut stored, &ids[1]),
+        by_id(&mut stored, &ids[2]),
+    );
+    let escaped_name = "gpu \"quoted\" \\ tab\there caf\u{e9}";
+    stored[first]["machine_name"] = Value::from(escaped_name);
+    stored[first]["models"] = serde_json::json!(["model \"one\"", "caf\u{e9}:7b"]);
+    // The same name and port later in the file: that record wins.
+    stored[third]["machine_name"] = Value::from(escaped_name);
+    stored[third]["models"] = serde_json::json!(["model \"three\""]);
+    // RFC 3339 with a space for the `T`, and a form only chrono's general
+    // parser reads (a space before an offset without its colon).
+    stored[second]["registered_at"] = Value::from("2026-01-02 03:04:05.5 +0200");
+    stored[second]["last_seen"] = Value::from("2026-01-02 03:04:06+02:00");
+    let text = serde_json::to_string_pretty(&stored)
+        .expect("json")
+        // serde_json writes non-ASCII as it is; a hand edit may escape it.
+        .replace('\u{e9}', "\\u00e9");
+    assert!(text.contains("\\\"quoted\\\"") && text.contains("\\u00e9"));
+    std::fs::write(&snapshot, text).expect("edit");
+
+    let mut router = RouterProcess::spawn(dir.path(), &[]).await;
+    let agents = list(&client, &router.url("")).await;
+    let listed: Vec<&str> = agents
+        .iter()
+        .map(|agent| agent["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        listed,
+        [ids[1].as_str(), ids[2].as_str()],
+        "the earlier of two under one name and port is dropped; the order \
+         is by registration, and the edited date moved `second` first"
+    );
+    let second_agent = &agents[0];
+    let registered_at: chrono::DateTime<chrono::Utc> = second_agent["registered_at"]
+        .as_str()
+        .expect("date")
+        .parse()
+        .expect("an RFC 3339 date");
+    assert_eq!(
+        registered_at,
+        chrono::DateTime::parse_from_rfc3339("2026-01-02T01:04:05.5Z").expect("date")
+    );
+    let third_agent = &agents[1];
+    assert_eq!(third_agent["machine_name"], escaped_name);
+    assert_eq!(
+        third_agent["models"],
+        serde_json::json!(["model \"three\""])
+    );
+    let log = router.terminate().await;
+    assert!(
+        log.contains("Two stored agents share a name and port") && log.contains(&ids[0]),
+        "the drop is logged with the id dropped: {log}"
+    );
+}
+
 /// One heartbeat from the (only) agent, and the `last_seen` it set.
 async fn heartbeat_and_read_last_seen(client: &reqwest::Client, url: &str, id: &str) -> Value {
     client

@@ -3,14 +3,17 @@
 //! read under the map's read lock. A full listing is these pages one after
 //! another, so that neither a page nor the whole ever copies the fleet.
 
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use common::{AgentStatus, AgentView};
 use uuid::Uuid;
 
 use super::{lock, AgentRecord, Maps, Registry};
+use crate::record::NodeFacts;
 
 /// An agent's place in the listing. As a cursor it names where a page
 /// ended: the next page starts after it, whether that agent is still here
@@ -63,6 +66,36 @@ pub struct ListPage {
 }
 
 impl Maps {
+    /// The maps of a registry loaded from the store. The listing order is
+    /// built once at the end, sorted and then filled in bulk, where
+    /// inserting 100,000 cursors one at a time took a tenth of start-up.
+    pub(super) fn loaded(agents: Vec<NodeFacts>, now: Instant) -> Maps {
+        let mut maps = Maps {
+            by_id: foldhash::HashMap::with_capacity_and_hasher(agents.len(), Default::default()),
+            by_identity: HashMap::with_capacity(agents.len()),
+            listing_order: BTreeSet::new(),
+        };
+        let mut places = Vec::with_capacity(agents.len());
+        for agent in agents {
+            let identity = (agent.machine_name.to_string(), agent.port);
+            if let Some(previous) = maps.by_identity.insert(identity, agent.id) {
+                // Cannot come from our own writes; keep the later record.
+                tracing::warn!(agent_id = %previous, "Two stored agents share a name and port; keeping the later one.");
+                maps.by_id.remove(&previous);
+            }
+            let record = AgentRecord::new(agent, now, 0);
+            places.push(ListCursor::of(&record));
+            // The store holds one record per id, so none is replaced here.
+            maps.by_id
+                .insert(record.agent.id, Arc::new(Mutex::new(record)));
+        }
+        // The file lists agents in this order already, which the sort finds
+        // in one pass; the places of agents dropped above are left out.
+        places.retain(|place| maps.by_id.contains_key(&place.id));
+        maps.listing_order = places.into_iter().collect();
+        maps
+    }
+
     /// Adds an agent (its slot must not be locked by the caller).
     pub(super) fn add(&mut self, slot: Arc<Mutex<AgentRecord>>) {
         let place = ListCursor::of(&lock(&slot));

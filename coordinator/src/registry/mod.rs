@@ -249,23 +249,7 @@ impl Registry {
         max_agents: usize,
         store: Box<dyn RegistryStore>,
     ) -> Self {
-        let now = Instant::now();
-        // Sized once: a large fleet loads without rehashing as it grows.
-        let mut maps = Maps {
-            by_id: foldhash::HashMap::with_capacity_and_hasher(loaded.len(), Default::default()),
-            by_identity: HashMap::with_capacity(loaded.len()),
-            listing_order: std::collections::BTreeSet::new(),
-        };
-        for agent in loaded {
-            let identity = (agent.machine_name.to_string(), agent.port);
-            if let Some(previous) = maps.by_identity.insert(identity, agent.id) {
-                // Cannot come from our own writes; keep the later record.
-                tracing::warn!(agent_id = %previous, "Two stored agents share a name and port; keeping the later one.");
-                maps.take(previous);
-            }
-            let record = AgentRecord::new(agent, now, 0);
-            maps.add(Arc::new(Mutex::new(record)));
-        }
+        let maps = Maps::loaded(loaded, Instant::now());
         Registry {
             maps: RwLock::new(maps),
             agent_timeout,

@@ -6,37 +6,47 @@
 //! journal at start and keeps the writer's copy as changes are committed,
 //! so the two can never disagree on what a change means.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use common::{AgentStatus, BackendKind, SystemInfo};
+use common::{AgentStatus, BackendKind};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
 use crate::auth::TokenDigest;
-use crate::record::{intern, intern_models, to_strings, NodeFacts, Report};
+use crate::record::{intern, intern_models, NodeFacts, Report};
 
 /// An agent as the data files hold it. The API's `common::Agent` is another
 /// type: it carries the live report and never the secret's hash.
+///
+/// Its strings borrow: from the record when it is written (a snapshot of
+/// 100,000 agents copies no string to write them), and from the file's bytes
+/// when it is read, unless a string holds an escape. Loading a large fleet
+/// then allocates only what the registry keeps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredAgent {
+pub struct StoredAgent<'a> {
     pub id: Uuid,
-    pub machine_name: String,
+    #[serde(borrow)]
+    pub machine_name: Cow<'a, str>,
     /// A stored address that does not parse (a hand-edited file) loads as
     /// `0.0.0.0`, which the registry never routes to, rather than making
     /// the whole file unreadable.
     #[serde(deserialize_with = "lenient_ip")]
     pub ip_address: IpAddr,
     pub port: u16,
-    pub runtime_version: String,
+    #[serde(borrow)]
+    pub runtime_version: Cow<'a, str>,
     pub status: AgentStatus,
+    #[serde(deserialize_with = "rfc3339")]
     pub registered_at: DateTime<Utc>,
+    #[serde(deserialize_with = "rfc3339")]
     pub last_seen: DateTime<Utc>,
-    pub system_info: SystemInfo,
-    #[serde(default)]
-    pub models: Vec<String>,
+    #[serde(borrow)]
+    pub system_info: StoredSystemInfo<'a>,
+    #[serde(default, borrow, deserialize_with = "borrowed_strings")]
+    pub models: Vec<Cow<'a, str>>,
     #[serde(default)]
     pub backend: BackendKind,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -44,42 +54,120 @@ pub struct StoredAgent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
     /// SHA-256 of the agent's secret, in hex.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_hash: Option<String>,
+    #[serde(
+        default,
+        borrow,
+        deserialize_with = "borrowed_optional_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub secret_hash: Option<Cow<'a, str>>,
+}
+
+/// `common::SystemInfo`'s fields, with borrowed strings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredSystemInfo<'a> {
+    #[serde(borrow)]
+    pub os: Cow<'a, str>,
+    #[serde(borrow)]
+    pub arch: Cow<'a, str>,
+    pub cpu_cores: u32,
+    /// Bytes.
+    pub total_memory: u64,
+}
+
+/// A string that borrows from the input when it can. Serde's own `Cow`
+/// borrows only as a field marked `borrow`, never inside a `Vec` or an
+/// `Option`.
+struct BorrowedString<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for BorrowedString<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                text: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(Cow::Borrowed(text))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(text.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(text))
+            }
+        }
+        deserializer.deserialize_str(Visitor).map(BorrowedString)
+    }
+}
+
+fn borrowed_strings<'de: 'a, 'a, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<Cow<'a, str>>, D::Error> {
+    let strings = Vec::<BorrowedString<'a>>::deserialize(deserializer)?;
+    Ok(strings.into_iter().map(|string| string.0).collect())
+}
+
+fn borrowed_optional_string<'de: 'a, 'a, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Cow<'a, str>>, D::Error> {
+    let string = Option::<BorrowedString<'a>>::deserialize(deserializer)?;
+    Ok(string.map(|string| string.0))
 }
 
 fn lenient_ip<'de, D: Deserializer<'de>>(deserializer: D) -> Result<IpAddr, D::Error> {
-    let text = String::deserialize(deserializer)?;
+    let text = BorrowedString::deserialize(deserializer)?.0;
     Ok(text.trim().parse().unwrap_or(IpAddr::from([0, 0, 0, 0])))
 }
 
-impl From<&NodeFacts> for StoredAgent {
-    fn from(facts: &NodeFacts) -> Self {
+/// The dates as the router writes them (RFC 3339) through chrono's
+/// dedicated parser, several times faster than the general one its serde
+/// support uses, which still reads any other form it accepts.
+fn rfc3339<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
+    let text = BorrowedString::deserialize(deserializer)?.0;
+    DateTime::parse_from_rfc3339(&text)
+        .or_else(|_| text.parse::<DateTime<chrono::FixedOffset>>())
+        .map(|date| date.with_timezone(&Utc))
+        .map_err(serde::de::Error::custom)
+}
+
+impl<'a> From<&'a NodeFacts> for StoredAgent<'a> {
+    fn from(facts: &'a NodeFacts) -> Self {
         StoredAgent {
             id: facts.id,
-            machine_name: facts.machine_name.to_string(),
+            machine_name: Cow::Borrowed(&facts.machine_name),
             ip_address: facts.ip_address,
             port: facts.port,
-            runtime_version: facts.runtime_version.to_string(),
+            runtime_version: Cow::Borrowed(&facts.runtime_version),
             status: facts.status,
             registered_at: facts.registered_at,
             last_seen: facts.last_seen,
-            system_info: SystemInfo {
-                os: facts.os.to_string(),
-                arch: facts.arch.to_string(),
+            system_info: StoredSystemInfo {
+                os: Cow::Borrowed(&facts.os),
+                arch: Cow::Borrowed(&facts.arch),
                 cpu_cores: facts.cpu_cores,
                 total_memory: facts.total_memory,
             },
-            models: to_strings(&facts.models),
+            models: facts
+                .models
+                .iter()
+                .map(|model| Cow::Borrowed(&**model))
+                .collect(),
             backend: facts.backend,
             tls: facts.tls,
             max_concurrency: facts.max_concurrency,
-            secret_hash: facts.secret_digest.map(TokenDigest::to_hex),
+            secret_hash: facts
+                .secret_digest
+                .map(|digest| Cow::Owned(digest.to_hex())),
         }
     }
 }
 
-impl StoredAgent {
+impl StoredAgent<'_> {
     /// The registry's compact form. The report is not stored: the next
     /// heartbeat brings it back. (A method of the stored form rather than a
     /// `From` impl on `NodeFacts`, so that records know nothing of storage.)
@@ -87,7 +175,7 @@ impl StoredAgent {
         let agent = self;
         NodeFacts {
             id: agent.id,
-            machine_name: agent.machine_name.into_boxed_str(),
+            machine_name: agent.machine_name.into_owned().into_boxed_str(),
             ip_address: agent.ip_address,
             port: agent.port,
             runtime_version: intern(&agent.runtime_version),
@@ -146,17 +234,24 @@ pub struct Seen(
 #[derive(Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 enum LineOut<'a> {
-    Upsert { agent: Box<StoredAgent> },
+    Upsert { agent: Box<StoredAgent<'a>> },
     Delete { id: &'a Uuid },
     Seen { agents: &'a [Seen] },
 }
 
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
-enum LineIn {
-    Upsert { agent: Box<StoredAgent> },
-    Delete { id: Uuid },
-    Seen { agents: Vec<Seen> },
+enum LineIn<'a> {
+    Upsert {
+        #[serde(borrow)]
+        agent: Box<StoredAgent<'a>>,
+    },
+    Delete {
+        id: Uuid,
+    },
+    Seen {
+        agents: Vec<Seen>,
+    },
 }
 
 impl Serialize for Change {
@@ -174,7 +269,7 @@ impl Serialize for Change {
 
 impl<'de> Deserialize<'de> for Change {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(match LineIn::deserialize(deserializer)? {
+        Ok(match LineIn::<'de>::deserialize(deserializer)? {
             LineIn::Upsert { agent } => Change::Upsert(Arc::new(agent.into_facts())),
             LineIn::Delete { id } => Change::Delete(id),
             LineIn::Seen { agents } => Change::Seen(agents),
@@ -184,15 +279,21 @@ impl<'de> Deserialize<'de> for Change {
 
 /// Agents by id, in the order they were first seen (so that a listing of a
 /// loaded registry is stable): what replay builds and the writer keeps.
+///
+/// Hashed with foldhash, as the registry's own map: the keys are ids the
+/// router made, and every flush of heartbeats looks up each agent seen.
 #[derive(Debug, Default)]
 pub struct Records {
     order: Vec<Uuid>,
-    by_id: HashMap<Uuid, Arc<NodeFacts>>,
+    by_id: foldhash::HashMap<Uuid, Arc<NodeFacts>>,
 }
 
 impl Records {
-    pub fn from_loaded(agents: impl IntoIterator<Item = NodeFacts>) -> Self {
-        let mut records = Records::default();
+    pub fn from_loaded(agents: Vec<NodeFacts>) -> Self {
+        let mut records = Records {
+            order: Vec::with_capacity(agents.len()),
+            by_id: foldhash::HashMap::with_capacity_and_hasher(agents.len(), Default::default()),
+        };
         for agent in agents {
             records.apply(Change::Upsert(Arc::new(agent)));
         }
@@ -254,7 +355,7 @@ impl Records {
 mod tests {
     use super::*;
 
-    fn stored(name: &str) -> StoredAgent {
+    fn stored(name: &str) -> StoredAgent<'_> {
         StoredAgent {
             id: Uuid::new_v4(),
             machine_name: name.into(),
@@ -264,7 +365,7 @@ mod tests {
             status: AgentStatus::Online,
             registered_at: Utc::now(),
             last_seen: Utc::now(),
-            system_info: SystemInfo {
+            system_info: StoredSystemInfo {
                 os: "Linux".into(),
                 arch: "x86_64".into(),
                 cpu_cores: 8,
@@ -274,7 +375,7 @@ mod tests {
             backend: BackendKind::Ollama,
             tls: true,
             max_concurrency: Some(3),
-            secret_hash: Some(TokenDigest::of(b"a secret").to_hex()),
+            secret_hash: Some(TokenDigest::of(b"a secret").to_hex().into()),
         }
     }
 
@@ -295,14 +396,14 @@ mod tests {
     fn a_hand_edited_address_that_does_not_parse_loads_unroutable() {
         let mut json = serde_json::to_value(stored("gpu-2")).expect("json");
         json["ip_address"] = serde_json::json!("not an address");
-        let agent: StoredAgent = serde_json::from_value(json).expect("still loads");
+        let agent = StoredAgent::deserialize(&json).expect("still loads");
         assert!(agent.ip_address.is_unspecified());
     }
 
     #[test]
     fn replay_and_commit_share_one_meaning_of_each_change() {
         let (first, second) = (stored("a"), stored("b"));
-        let mut records = Records::from_loaded([first.clone().into_facts()]);
+        let mut records = Records::from_loaded(vec![first.clone().into_facts()]);
         records.apply(Change::Upsert(Arc::new(second.clone().into_facts())));
         let later = Utc::now() + chrono::Duration::seconds(5);
         records.apply(Change::Seen(vec![

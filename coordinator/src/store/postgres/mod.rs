@@ -33,6 +33,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -225,7 +226,7 @@ fn facts_from_row(
     online: bool,
     last_seen: DateTime<Utc>,
 ) -> Option<NodeFacts> {
-    match serde_json::from_value::<StoredAgent>(record) {
+    match StoredAgent::deserialize(&record) {
         Ok(mut stored) => {
             stored.status = if online {
                 common::AgentStatus::Online
