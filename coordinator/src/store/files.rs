@@ -13,6 +13,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::record::NodeFacts;
 
@@ -310,27 +311,28 @@ impl serde::Serialize for StoredAgents<'_> {
     }
 }
 
-/// The snapshot's array read into compact records one agent at a time, so
-/// that a large fleet never exists in memory as a list of wire records too.
-struct FactsArray(Vec<NodeFacts>);
+/// The snapshot's array read straight into the records, one agent at a
+/// time, so that a large fleet never exists in memory as a list of wire
+/// records, nor as a list of compact ones waiting to be indexed.
+struct LoadedRecords(Records);
 
-impl<'de> serde::Deserialize<'de> for FactsArray {
+impl<'de> serde::Deserialize<'de> for LoadedRecords {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Visitor;
         impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = FactsArray;
+            type Value = LoadedRecords;
             fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
                 formatter.write_str("an array of agents")
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut seq: A,
-            ) -> Result<FactsArray, A::Error> {
-                let mut facts = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            ) -> Result<LoadedRecords, A::Error> {
+                let mut records = Records::default();
                 while let Some(agent) = seq.next_element::<StoredAgent>()? {
-                    facts.push(agent.into_facts());
+                    records.apply(Change::Upsert(Arc::new(agent.into_facts())));
                 }
-                Ok(FactsArray(facts))
+                Ok(LoadedRecords(records))
             }
         }
         deserializer.deserialize_seq(Visitor)
@@ -349,7 +351,7 @@ fn load_snapshot(dir: &Path, report: &mut LoadReport) -> std::io::Result<Records
     match read_agents(&snapshot)? {
         Some(Ok(agents)) => {
             report.loaded_from = Some(snapshot);
-            return Ok(Records::from_loaded(agents));
+            return Ok(agents);
         }
         Some(Err(parse_error)) => {
             let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
@@ -369,7 +371,7 @@ fn load_snapshot(dir: &Path, report: &mut LoadReport) -> std::io::Result<Records
         Some(Ok(agents)) => {
             tracing::warn!(file = %backup.display(), agents = agents.len(), "Loaded the registry from the backup file.");
             report.loaded_from = Some(backup);
-            Ok(Records::from_loaded(agents))
+            Ok(agents)
         }
         Some(Err(parse_error)) => {
             tracing::error!(file = %backup.display(), error = %parse_error, "The backup file does not parse either; starting from the journal alone.");
@@ -386,15 +388,15 @@ fn load_snapshot(dir: &Path, report: &mut LoadReport) -> std::io::Result<Records
 
 /// `None` when the file does not exist; an I/O error other than that is the
 /// caller's (a data dir it cannot read).
-fn read_agents(path: &Path) -> std::io::Result<Option<Result<Vec<NodeFacts>, serde_json::Error>>> {
+fn read_agents(path: &Path) -> std::io::Result<Option<Result<Records, serde_json::Error>>> {
     match fs::read(path) {
         // The whole file checked as UTF-8 at once lets the parser skip that
         // check string by string, a seventh of a large fleet's load; a file
         // that is not UTF-8 is parsed as bytes, for the error's position.
         Ok(bytes) => Ok(Some(
             match std::str::from_utf8(&bytes) {
-                Ok(text) => serde_json::from_str::<FactsArray>(text),
-                Err(_) => serde_json::from_slice::<FactsArray>(&bytes),
+                Ok(text) => serde_json::from_str::<LoadedRecords>(text),
+                Err(_) => serde_json::from_slice::<LoadedRecords>(&bytes),
             }
             .map(|array| array.0),
         )),
@@ -427,7 +429,6 @@ fn replay_journal(bytes: &[u8], agents: &mut Records, report: &mut LoadReport) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
     use crate::record::Registration;

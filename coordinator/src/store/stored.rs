@@ -343,6 +343,15 @@ impl Records {
     }
 
     /// The records in first-seen order.
+    /// How many agents are kept.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &NodeFacts> {
         self.order
             .iter()
