@@ -274,7 +274,6 @@ impl Config {
             idle_timeout: self.idle_timeout,
             max_attempts: usize::from(self.max_attempts),
             node_keepalive: self.node_keepalive,
-            node_ca_certificates: Vec::new(),
             max_idle_node_connections: self.max_idle_node_connections,
             queue_size: self.queue_size,
             queue_timeout: self.queue_timeout,

@@ -29,34 +29,31 @@ const IDLE_TICK: Duration = Duration::from_millis(250);
 /// Consecutive failed health checks that take a node out of rotation.
 pub const FAILURES_TO_LEAVE: u32 = 2;
 
-/// The client probes go out on. `node_ca`: trusted for nodes that speak
-/// HTTPS, as the proxy trusts them.
+/// The client probes go out on. `node_tls`: how nodes that speak HTTPS are
+/// checked, as the proxy checks them.
 fn probe_client(
     timeout: Duration,
-    node_ca: &[rustls::pki_types::CertificateDer<'static>],
+    node_tls: &rustls::ClientConfig,
 ) -> Result<reqwest::Client, reqwest::Error> {
-    let mut http = reqwest::Client::builder()
+    reqwest::Client::builder()
         .connect_timeout(timeout)
         .timeout(timeout)
         // A probe is a one-off: keep no connection to a node that failed.
         .pool_max_idle_per_host(0)
-        .no_proxy();
-    for certificate in node_ca {
-        if let Ok(certificate) = reqwest::Certificate::from_der(certificate) {
-            http = http.add_root_certificate(certificate);
-        }
-    }
-    http.build()
+        .no_proxy()
+        // The proxy's trust, not another read of the system's store.
+        .use_preconfigured_tls(node_tls.clone())
+        .build()
 }
 
 /// Runs the prober until `stop` is cancelled; the caller awaits it.
 pub async fn run_prober(
     registry: Arc<Registry>,
     timeout: Duration,
-    node_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    node_tls: Arc<rustls::ClientConfig>,
     stop: CancellationToken,
 ) {
-    let http = match probe_client(timeout, &node_ca) {
+    let http = match probe_client(timeout, &node_tls) {
         Ok(http) => http,
         Err(error) => {
             return tracing::error!(%error, "Could not start the node prober; unreachable nodes stay out of rotation.");
@@ -113,12 +110,12 @@ enum Health {
 pub async fn run_health_checks(
     registry: Arc<Registry>,
     interval: Duration,
-    node_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    node_tls: Arc<rustls::ClientConfig>,
     stop: CancellationToken,
 ) {
     // A check may take most of the interval, at most 5 s.
     let timeout = (interval * 3 / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
-    let http = match probe_client(timeout, &node_ca) {
+    let http = match probe_client(timeout, &node_tls) {
         Ok(http) => http,
         Err(error) => {
             return tracing::error!(%error, "Could not start the health checks; nodes leave the rotation only on failed requests.");

@@ -192,29 +192,30 @@ pub async fn run(
         env!("CARGO_PKG_VERSION").to_owned(),
         database.is_some(),
     ));
-    let (registry, durability) = match database {
-        None => open_files(&config)?,
-        Some(url) => open_database(&config, url, Arc::clone(&roster)).await?,
-    };
-
     let node_ca_certificates = match &config.node_ca_cert {
         Some(path) => tls::read_certificates(path, "--node-ca-cert")?,
         None => Vec::new(),
     };
+    let node_tls = tls::NodeClientConfigLoading::start(node_ca_certificates);
+    let (registry, durability) = match database {
+        None => open_files(&config)?,
+        Some(url) => open_database(&config, url, Arc::clone(&roster)).await?,
+    };
+    let node_tls = node_tls.wait();
     let sweeper =
         registry::Sweeper::start(Arc::clone(&registry), durability.flush_interval(&config))?;
     let stop_prober = CancellationToken::new();
     let prober = tokio::spawn(health::run_prober(
         Arc::clone(&registry),
         config.connect_timeout,
-        node_ca_certificates.clone(),
+        Arc::clone(&node_tls),
         stop_prober.clone(),
     ));
     let health_checks = (!config.health_check_interval.is_zero()).then(|| {
         tokio::spawn(health::run_health_checks(
             Arc::clone(&registry),
             config.health_check_interval,
-            node_ca_certificates.clone(),
+            Arc::clone(&node_tls),
             stop_prober.clone(),
         ))
     });
@@ -229,9 +230,11 @@ pub async fn run(
     warn_if_open_to_the_network(address.ip(), &credentials);
     // Last: tests and scripts take this line to mean the router is ready.
     tracing::info!(%address, "llm-router listening on {scheme}://{address}");
-    let mut proxy_options = config.proxy_options();
-    proxy_options.node_ca_certificates = node_ca_certificates;
-    let proxy = Arc::new(proxy::Proxy::new(Arc::clone(&registry), proxy_options));
+    let proxy = Arc::new(proxy::Proxy::new(
+        Arc::clone(&registry),
+        config.proxy_options(),
+        node_tls,
+    ));
     let node_addresses = Arc::new(node_address::NodeAddressPolicy::for_this_machine(
         address,
         config.node_networks.clone().unwrap_or_default().0,

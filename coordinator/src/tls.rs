@@ -65,8 +65,9 @@ pub fn read_certificates(path: &Path, flag: &str) -> anyhow::Result<Vec<Certific
 
 /// How the router checks the certificates of nodes that speak HTTPS: the
 /// system's trust store plus `extra` (`--node-ca-cert`). A node's
-/// certificate must name the address it registered.
-pub fn node_connector(extra: &[CertificateDer<'static>]) -> tokio_rustls::TlsConnector {
+/// certificate must name the address it registered. The proxy and the
+/// probers share one: the system's store is read once.
+pub fn node_client_config(extra: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
@@ -75,5 +76,31 @@ pub fn node_connector(extra: &[CertificateDer<'static>]) -> tokio_rustls::TlsCon
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    Arc::new(config)
+}
+
+/// [`node_client_config`] made on a thread of its own, started before the
+/// registry loads: reading and parsing the system's trust store (some
+/// 15 ms) then overlaps the load instead of adding to start-up.
+pub struct NodeClientConfigLoading {
+    thread: Option<std::thread::JoinHandle<Arc<rustls::ClientConfig>>>,
+    extra: Vec<CertificateDer<'static>>,
+}
+
+impl NodeClientConfigLoading {
+    pub fn start(extra: Vec<CertificateDer<'static>>) -> Self {
+        let for_thread = extra.clone();
+        let thread = std::thread::Builder::new()
+            .name("trust-store".into())
+            .spawn(move || node_client_config(&for_thread))
+            .ok();
+        NodeClientConfigLoading { thread, extra }
+    }
+
+    /// The config; made here if the thread could not be started or failed.
+    pub fn wait(self) -> Arc<rustls::ClientConfig> {
+        self.thread
+            .and_then(|thread| thread.join().ok())
+            .unwrap_or_else(|| node_client_config(&self.extra))
+    }
 }

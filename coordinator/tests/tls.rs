@@ -355,4 +355,38 @@ async fn nodes_that_speak_https_are_reached_over_tls() {
     );
     let log = untrusting.terminate().await;
     assert!(log.contains("TLS with the node"), "{log}");
+
+    // The router's own health checks go out with the proxy's trust (one
+    // read of the system's store, plus --node-ca-cert). With no agent, every
+    // request the node answers from here on is a check.
+    let mut checking = RouterProcess::spawn(
+        &dir.path().join("data-3"),
+        &["--node-ca-cert", &ca_arg, "--health-check-interval", "0.1"],
+    )
+    .await;
+    let base = checking.url("");
+    let id = support::register(&client, &base, &body).await;
+    let requests = || {
+        standin.stats.to_json_for_tests()["requests"]
+            .as_u64()
+            .expect("a count")
+    };
+    let before = requests();
+    eventually(
+        Duration::from_secs(10),
+        "three health checks answered over TLS",
+        || async { (requests() >= before + 3).then_some(()) },
+    )
+    .await;
+    let (status, agent) = support::get_json(&client, format!("{base}/api/agents/{id}")).await;
+    assert_eq!(status, 200, "{agent}");
+    assert_eq!(
+        agent["state"], "serving",
+        "checks that pass keep it in: {agent}"
+    );
+    let log = checking.terminate().await;
+    assert!(
+        !log.contains("Could not start the health checks") && !log.contains("Health checks failed"),
+        "{log}"
+    );
 }

@@ -41,9 +41,6 @@ pub struct ProxyOptions {
     pub node_keepalive: Duration,
     /// Unused node connections kept, at most, over the whole process.
     pub max_idle_node_connections: usize,
-    /// CA certificates trusted for nodes that speak HTTPS, besides the
-    /// system's (`--node-ca-cert`).
-    pub node_ca_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// Requests that may wait for a node at capacity (`--queue-size`).
     pub queue_size: usize,
     /// How long one may wait (`--queue-timeout`).
@@ -107,7 +104,13 @@ const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
 ];
 
 impl Proxy {
-    pub fn new(registry: Arc<Registry>, options: ProxyOptions) -> Self {
+    /// `node_tls`: how nodes that speak HTTPS are checked
+    /// ([`crate::tls::node_client_config`]).
+    pub fn new(
+        registry: Arc<Registry>,
+        options: ProxyOptions,
+        node_tls: Arc<rustls::ClientConfig>,
+    ) -> Self {
         let via_name = format!("llm-router-{:016x}", rand::random::<u64>());
         let via = HeaderValue::try_from(format!("1.1 {via_name}"))
             .unwrap_or_else(|_| HeaderValue::from_static("1.1 llm-router"));
@@ -124,7 +127,7 @@ impl Proxy {
                 options.connect_timeout,
                 options.node_keepalive,
                 options.max_idle_node_connections,
-                crate::tls::node_connector(&options.node_ca_certificates),
+                tokio_rustls::TlsConnector::from(node_tls),
             ),
             options,
         }
