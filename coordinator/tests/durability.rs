@@ -509,8 +509,7 @@ async fn a_clean_stop_after_heartbeats_only_leaves_the_journal_to_replay() {
     );
 }
 
-#[tokio::test]
-async fn torn_journal_tail_is_skipped_and_acknowledged_records_kept() {
+async fn assert_torn_journal_tail_is_skipped(torn_tail: &[u8]) {
     let dir = tempfile::tempdir().expect("tempdir");
     let client = client();
     let mut router = RouterProcess::spawn(dir.path(), &["--flush-interval", "3600"]).await;
@@ -524,13 +523,28 @@ async fn torn_journal_tail_is_skipped_and_acknowledged_records_kept() {
         !bytes.is_empty(),
         "the registration was journaled before its 2xx"
     );
-    bytes.extend_from_slice(b"{\"op\":\"upsert\",\"agent\":{\"id\":\"trunc");
+    bytes.extend_from_slice(torn_tail);
     std::fs::write(&journal, bytes).expect("tear");
 
     let router = TestRouter::start(config(dir.path())).await;
     let agents = list(&client, &router.base()).await;
     assert_eq!(agents.len(), 1);
     assert_eq!(agents[0]["id"], id.as_str());
+}
+
+#[tokio::test]
+async fn torn_journal_tail_is_skipped_and_acknowledged_records_kept() {
+    assert_torn_journal_tail_is_skipped(b"{\"op\":\"upsert\",\"agent\":{\"id\":\"trunc").await;
+}
+
+/// Torn inside a character of a name: the journal is then not UTF-8 as a
+/// whole, and the lines before the tear are still replayed.
+#[tokio::test]
+async fn journal_torn_inside_a_character_keeps_the_lines_before_it() {
+    let tail = "{\"op\":\"upsert\",\"agent\":{\"machine_name\":\"caf\u{e9}";
+    let torn = &tail.as_bytes()[..tail.len() - 1];
+    assert!(std::str::from_utf8(torn).is_err(), "cut inside the \u{e9}");
+    assert_torn_journal_tail_is_skipped(torn).await;
 }
 
 #[tokio::test]

@@ -406,11 +406,25 @@ fn read_agents(path: &Path) -> std::io::Result<Option<Result<Records, serde_json
 }
 
 fn replay_journal(bytes: &[u8], agents: &mut Records, report: &mut LoadReport) {
-    for line in bytes.split(|b| *b == b'\n') {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match serde_json::from_slice::<Change>(line) {
+    let blank = |line: &[u8]| line.iter().all(u8::is_ascii_whitespace);
+    // As the snapshot: checked as UTF-8 once when it all is (a torn tail may
+    // not be), so that the parser need not check string by string.
+    let changes: Box<dyn Iterator<Item = serde_json::Result<Change>>> =
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Box::new(
+                text.split('\n')
+                    .filter(|line| !blank(line.as_bytes()))
+                    .map(serde_json::from_str),
+            ),
+            Err(_) => Box::new(
+                bytes
+                    .split(|b| *b == b'\n')
+                    .filter(|line| !blank(line))
+                    .map(serde_json::from_slice),
+            ),
+        };
+    for parsed in changes {
+        match parsed {
             Ok(change) => {
                 agents.apply(change);
                 report.journal_replayed += 1;
