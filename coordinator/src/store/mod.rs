@@ -340,9 +340,10 @@ impl Writer {
     /// already; a snapshot is written when the registry changed since the
     /// last one (so that agents.json shows it), or when the journal has
     /// grown as large as the snapshot. A restart waits for this stop's
-    /// snapshot or the next start's replay, and a byte of journal costs
-    /// about what a byte of snapshot does (BENCHMARKS.md, "Restart"): so
-    /// liveness alone, the usual case, is left to replay.
+    /// snapshot or the next start's replay, and a byte of journal costs at
+    /// most what a byte of snapshot does (BENCHMARKS.md, "Restart", and
+    /// since issue 16's seventh session less): so liveness alone, the
+    /// usual case, is left to replay.
     fn settle(&mut self) -> Result<(), StoreError> {
         let _ = self.collect_snapshot(true);
         let worth_it = self.unsnapshotted_change.is_some()
