@@ -390,41 +390,34 @@ fn load_snapshot(dir: &Path, report: &mut LoadReport) -> std::io::Result<Records
 /// caller's (a data dir it cannot read).
 fn read_agents(path: &Path) -> std::io::Result<Option<Result<Records, serde_json::Error>>> {
     match fs::read(path) {
-        // The whole file checked as UTF-8 at once lets the parser skip that
-        // check string by string, a seventh of a large fleet's load; a file
-        // that is not UTF-8 is parsed as bytes, for the error's position.
         Ok(bytes) => Ok(Some(
-            match std::str::from_utf8(&bytes) {
-                Ok(text) => serde_json::from_str::<LoadedRecords>(text),
-                Err(_) => serde_json::from_slice::<LoadedRecords>(&bytes),
-            }
-            .map(|array| array.0),
+            parse_json::<LoadedRecords>(&bytes).map(|loaded| loaded.0),
         )),
         Err(error) if error.kind() == ErrorKind::NotFound => Ok(None),
         Err(error) => Err(error),
     }
 }
 
+/// JSON checked as UTF-8 in one pass first, so that the parser need not
+/// check it string by string (a seventh of a large fleet's load); bytes that
+/// are not UTF-8 are parsed as they are, for the error's position.
+fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result<T> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(bytes),
+    }
+}
+
 fn replay_journal(bytes: &[u8], agents: &mut Records, report: &mut LoadReport) {
-    let blank = |line: &[u8]| line.iter().all(u8::is_ascii_whitespace);
-    // As the snapshot: checked as UTF-8 once when it all is (a torn tail may
-    // not be), so that the parser need not check string by string.
-    let changes: Box<dyn Iterator<Item = serde_json::Result<Change>>> =
-        match std::str::from_utf8(bytes) {
-            Ok(text) => Box::new(
-                text.split('\n')
-                    .filter(|line| !blank(line.as_bytes()))
-                    .map(serde_json::from_str),
-            ),
-            Err(_) => Box::new(
-                bytes
-                    .split(|b| *b == b'\n')
-                    .filter(|line| !blank(line))
-                    .map(serde_json::from_slice),
-            ),
-        };
-    for parsed in changes {
-        match parsed {
+    let line_ends = memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len()));
+    let mut start = 0;
+    for end in line_ends {
+        let line = &bytes[start..end];
+        start = end + 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match parse_json::<Change>(line) {
             Ok(change) => {
                 agents.apply(change);
                 report.journal_replayed += 1;

@@ -247,7 +247,7 @@ enum LineOut<'a> {
 struct LineIn<'a> {
     op: LineKind,
     #[serde(borrow)]
-    agent: Option<Box<StoredAgent<'a>>>,
+    agent: Option<StoredAgent<'a>>,
     id: Option<Uuid>,
     agents: Option<Vec<Seen>>,
 }
@@ -305,11 +305,11 @@ pub struct Records {
 }
 
 impl Records {
+    /// Loading indexes each agent as it reads it (`files::LoadedRecords`);
+    /// tests build records from a list.
+    #[cfg(test)]
     pub fn from_loaded(agents: Vec<NodeFacts>) -> Self {
-        let mut records = Records {
-            order: Vec::with_capacity(agents.len()),
-            by_id: foldhash::HashMap::with_capacity_and_hasher(agents.len(), Default::default()),
-        };
+        let mut records = Records::default();
         for agent in agents {
             records.apply(Change::Upsert(Arc::new(agent)));
         }
@@ -358,7 +358,6 @@ impl Records {
             .collect()
     }
 
-    /// The records in first-seen order.
     /// How many agents are kept.
     pub fn len(&self) -> usize {
         self.by_id.len()
@@ -368,6 +367,7 @@ impl Records {
         self.by_id.is_empty()
     }
 
+    /// The records in first-seen order.
     pub fn iter(&self) -> impl Iterator<Item = &NodeFacts> {
         self.order
             .iter()
