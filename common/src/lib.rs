@@ -4,6 +4,7 @@
 //! binaries share: how they read a router's URL from the command line.
 
 pub mod cli;
+pub mod rfc3339;
 pub mod url;
 
 use chrono::{DateTime, Utc};
@@ -202,7 +203,9 @@ pub struct Agent {
     pub port: u16,
     pub runtime_version: String,
     pub status: AgentStatus,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub registered_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub last_seen: DateTime<Utc>,
     pub system_info: SystemInfo,
     #[serde(default)]

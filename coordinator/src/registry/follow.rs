@@ -134,7 +134,7 @@ impl Registry {
         if let Some(slot) = known {
             return self.take_in_known(&slot, facts, number);
         }
-        let identity = (facts.machine_name.to_string(), facts.port);
+        let identity = (String::from(&*facts.machine_name), facts.port);
         let mut maps = self.write_maps();
         if let Some(slot) = maps.by_id.get(&facts.id).cloned() {
             drop(maps);
@@ -188,7 +188,7 @@ impl Registry {
             if number < record.stored_number {
                 return false;
             }
-            (record.agent.machine_name.to_string(), record.agent.port)
+            (String::from(&*record.agent.machine_name), record.agent.port)
         };
         maps.take(id);
         if maps.by_identity.get(&identity) == Some(&id) {

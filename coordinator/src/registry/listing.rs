@@ -77,7 +77,7 @@ impl Maps {
         };
         let mut places = Vec::with_capacity(agents.len());
         for agent in agents {
-            let identity = (agent.machine_name.to_string(), agent.port);
+            let identity = (String::from(&*agent.machine_name), agent.port);
             if let Some(previous) = maps.by_identity.insert(identity, agent.id) {
                 // Cannot come from our own writes; keep the later record.
                 tracing::warn!(agent_id = %previous, "Two stored agents share a name and port; keeping the later one.");

@@ -524,7 +524,7 @@ impl Registry {
                     facts.online += 1;
                     facts.nodes.push(NodeLoad {
                         id: record.agent.id,
-                        name: record.agent.machine_name.to_string(),
+                        name: String::from(&*record.agent.machine_name),
                         in_flight: record.in_flight.load(Ordering::Relaxed),
                     });
                 }
@@ -602,7 +602,7 @@ impl Registry {
             };
             let identity = {
                 let record = lock(&slot);
-                (record.agent.machine_name.to_string(), record.agent.port)
+                (String::from(&*record.agent.machine_name), record.agent.port)
             };
             if maps.by_identity.get(&identity) == Some(&id) {
                 maps.by_identity.remove(&identity);
@@ -928,8 +928,10 @@ impl Registry {
                 if still_ours {
                     if let Some(slot) = maps.take(id) {
                         let record = lock(&slot);
-                        maps.by_identity
-                            .remove(&(record.agent.machine_name.to_string(), record.agent.port));
+                        maps.by_identity.remove(&(
+                            String::from(&*record.agent.machine_name),
+                            record.agent.port,
+                        ));
                     }
                 }
             }
@@ -945,7 +947,7 @@ impl Registry {
                     let record = lock(&slot);
                     (
                         record.agent.id,
-                        (record.agent.machine_name.to_string(), record.agent.port),
+                        (String::from(&*record.agent.machine_name), record.agent.port),
                     )
                 };
                 if let std::collections::hash_map::Entry::Vacant(vacant) =

@@ -39,9 +39,15 @@ pub struct StoredAgent<'a> {
     #[serde(borrow)]
     pub runtime_version: Cow<'a, str>,
     pub status: AgentStatus,
-    #[serde(deserialize_with = "rfc3339")]
+    #[serde(
+        deserialize_with = "rfc3339",
+        serialize_with = "common::rfc3339::serialize"
+    )]
     pub registered_at: DateTime<Utc>,
-    #[serde(deserialize_with = "rfc3339")]
+    #[serde(
+        deserialize_with = "rfc3339",
+        serialize_with = "common::rfc3339::serialize"
+    )]
     pub last_seen: DateTime<Utc>,
     #[serde(borrow)]
     pub system_info: StoredSystemInfo<'a>,
