@@ -29,21 +29,28 @@ mod tests {
     /// them: files and API answers keep their exact bytes.
     #[test]
     fn writes_what_chronos_serde_writes() {
-        let second = Utc.with_ymd_and_hms(2026, 12, 2, 0, 51, 30).unwrap();
+        let second = Utc
+            .with_ymd_and_hms(2026, 12, 2, 0, 51, 30)
+            .single()
+            .expect("a date");
         let dates = [
             second,
             second + chrono::Duration::milliseconds(485),
             second + chrono::Duration::microseconds(485_689),
             second + chrono::Duration::nanoseconds(485_689_702),
             second + chrono::Duration::nanoseconds(1),
-            Utc.with_ymd_and_hms(12_345, 1, 1, 0, 0, 0).unwrap(),
-            Utc.with_ymd_and_hms(-44, 3, 15, 12, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(12_345, 1, 1, 0, 0, 0)
+                .single()
+                .expect("a date"),
+            Utc.with_ymd_and_hms(-44, 3, 15, 12, 0, 0)
+                .single()
+                .expect("a date"),
             DateTime::<Utc>::MIN_UTC,
             DateTime::<Utc>::MAX_UTC,
         ];
         for date in dates {
-            let chronos = serde_json::to_string(&date).unwrap();
-            let ours = serde_json::to_string(&Fast(date)).unwrap();
+            let chronos = serde_json::to_string(&date).expect("chrono writes it");
+            let ours = serde_json::to_string(&Fast(date)).expect("we write it");
             assert_eq!(ours, chronos, "{date:?}");
         }
     }
