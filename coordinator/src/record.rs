@@ -213,7 +213,7 @@ impl NodeFacts {
         Agent {
             id: self.id,
             machine_name: String::from(&*self.machine_name),
-            ip_address: self.ip_address.to_string(),
+            ip_address: address_text(self.ip_address),
             port: self.port,
             runtime_version: String::from(&*self.runtime_version),
             status: self.status,
@@ -303,6 +303,25 @@ fn merge_models(current: &mut Option<ModelList>, reported: Option<Vec<ModelName<
     !same
 }
 
+/// An address as `Display` writes it. IPv4, every node's address in
+/// practice, is written with `itoa`; IPv6 goes through `Display`.
+fn address_text(address: IpAddr) -> String {
+    match address {
+        IpAddr::V4(address) => {
+            let mut text = String::with_capacity(15);
+            let mut digits = itoa::Buffer::new();
+            for (position, octet) in address.octets().into_iter().enumerate() {
+                if position > 0 {
+                    text.push('.');
+                }
+                text.push_str(digits.format(octet));
+            }
+            text
+        }
+        IpAddr::V6(_) => address.to_string(),
+    }
+}
+
 pub fn to_strings(list: &[Arc<str>]) -> Vec<String> {
     list.iter().map(|name| String::from(&**name)).collect()
 }
@@ -367,6 +386,27 @@ pub fn prune_interned() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Listings show an address exactly as `Display` writes it, IPv4 at the
+    /// edges of every octet and IPv6 alike.
+    #[test]
+    fn an_address_is_written_as_display_writes_it() {
+        let addresses = [
+            "0.0.0.0",
+            "127.0.0.1",
+            "127.9.10.99",
+            "127.100.200.255",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "0:0:0:0:0:0:7f00:1",
+        ];
+        for address in addresses {
+            let address: IpAddr = address.parse().expect("an address");
+            assert_eq!(address_text(address), address.to_string());
+        }
+    }
 
     #[test]
     fn repeated_values_are_shared() {
