@@ -402,7 +402,7 @@ async fn open_database(
         "Registry loaded from the shared database."
     );
     let registry = Arc::new(Registry::new(
-        loaded.agents,
+        loaded.agents.into_iter().map(Arc::new).collect(),
         config.agent_timeout,
         config.max_agents,
         Box::new(store),

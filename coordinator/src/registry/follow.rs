@@ -146,7 +146,7 @@ impl Registry {
             maps.take(previous);
             lock(&self.probes).remove(&previous);
         }
-        let mut record = AgentRecord::new(facts.clone(), Instant::now(), 1);
+        let mut record = AgentRecord::new(Arc::new(facts.clone()), Instant::now(), 1);
         record.stored_number = number;
         maps.by_identity.insert(identity, facts.id);
         maps.add(Arc::new(std::sync::Mutex::new(record)));
@@ -213,10 +213,10 @@ impl Registry {
             let mut record = lock(slot);
             record.last_seen_at = now;
             if *last_seen > record.agent.last_seen {
-                record.agent.last_seen = *last_seen;
+                Arc::make_mut(&mut record.agent).last_seen = *last_seen;
             }
             if record.agent.status == AgentStatus::Offline {
-                record.agent.status = AgentStatus::Online;
+                Arc::make_mut(&mut record.agent).status = AgentStatus::Online;
                 routing_changed = true;
                 tracing::info!(agent_id = %id, "Agent back Online (heard at another router).");
             }
@@ -250,7 +250,7 @@ impl Registry {
 /// reachability is then unknown again).
 fn take_stored_fields(record: &mut AgentRecord, facts: &NodeFacts) -> bool {
     let moved = record.agent.ip_address != facts.ip_address || record.agent.port != facts.port;
-    let agent = &mut record.agent;
+    let agent = Arc::make_mut(&mut record.agent);
     agent.ip_address = facts.ip_address;
     agent.port = facts.port;
     agent.runtime_version = Arc::clone(&facts.runtime_version);

@@ -69,7 +69,7 @@ impl Maps {
     /// The maps of a registry loaded from the store. The listing order is
     /// built once at the end, sorted and then filled in bulk, where
     /// inserting 100,000 cursors one at a time took a tenth of start-up.
-    pub(super) fn loaded(agents: Vec<NodeFacts>, now: Instant) -> Maps {
+    pub(super) fn loaded(agents: Vec<Arc<NodeFacts>>, now: Instant) -> Maps {
         let mut maps = Maps {
             by_id: foldhash::HashMap::with_capacity_and_hasher(agents.len(), Default::default()),
             by_identity: HashMap::with_capacity(agents.len()),

@@ -162,7 +162,12 @@ struct Maps {
 /// Everything the router knows of one agent.
 #[derive(Debug, Clone)]
 struct AgentRecord {
-    agent: NodeFacts,
+    /// Loaded, it is shared with the store's records until either side
+    /// changes it (`Arc::make_mut`), so that a start-up does not copy the
+    /// whole fleet; the first heartbeat after it makes the copy. A change
+    /// made here hands the store a copy of its own, as before, so that
+    /// heartbeats after a registration copy nothing.
+    agent: Arc<NodeFacts>,
     /// Monotonic time of the last sign of life: what liveness is decided on.
     last_seen_at: Instant,
     /// Bumped by every durable change, so that a failed commit rolls back
@@ -187,7 +192,7 @@ struct AgentRecord {
 }
 
 impl AgentRecord {
-    fn new(agent: NodeFacts, last_seen_at: Instant, revision: u64) -> Self {
+    fn new(agent: Arc<NodeFacts>, last_seen_at: Instant, revision: u64) -> Self {
         AgentRecord {
             agent,
             last_seen_at,
@@ -244,7 +249,7 @@ impl Registry {
     /// full `agent_timeout` of grace from now, so a router restart does not
     /// mark the fleet Offline.
     pub fn new(
-        loaded: Vec<NodeFacts>,
+        loaded: Vec<Arc<NodeFacts>>,
         agent_timeout: Duration,
         max_agents: usize,
         store: Box<dyn RegistryStore>,
@@ -376,8 +381,9 @@ impl Registry {
                 };
                 let previous = record.clone();
                 let moved = record.address() != address;
-                record.agent.refresh(registration, now_wall);
-                record.agent.secret_digest = secret_digest;
+                let agent = Arc::make_mut(&mut record.agent);
+                agent.refresh(registration, now_wall);
+                agent.secret_digest = secret_digest;
                 record.last_seen_at = now;
                 record.revision += 1;
                 // A node that registers has (re)started: it is not leaving.
@@ -391,7 +397,7 @@ impl Registry {
                 } else if record.unreachable {
                     self.schedule_probe(&record, now);
                 }
-                let facts = Arc::new(record.agent.clone());
+                let facts = Arc::new(NodeFacts::clone(&record.agent));
                 let committed = self.store.submit(Change::Upsert(Arc::clone(&facts)));
                 (
                     id,
@@ -413,7 +419,7 @@ impl Registry {
                 agent.secret_digest = secret_digest;
                 let facts = Arc::new(agent.clone());
                 let committed = self.store.submit(Change::Upsert(Arc::clone(&facts)));
-                let record = AgentRecord::new(agent, now, 1);
+                let record = AgentRecord::new(Arc::new(agent), now, 1);
                 maps.add(Arc::new(Mutex::new(record)));
                 maps.by_identity.insert(identity, id);
                 (
@@ -473,11 +479,12 @@ impl Registry {
         let slot = self.slot(id)?;
         let mut record = lock(&slot);
         record.last_seen_at = Instant::now();
-        record.agent.last_seen = Utc::now();
         record.touched = true;
+        let agent = Arc::make_mut(&mut record.agent);
+        agent.last_seen = Utc::now();
         let mut routing_changed = false;
-        if record.agent.status == AgentStatus::Offline {
-            record.agent.status = AgentStatus::Online;
+        if agent.status == AgentStatus::Offline {
+            agent.status = AgentStatus::Online;
             routing_changed = true;
             tracing::info!(agent_id = %id, "Agent back Online.");
         }
@@ -485,10 +492,10 @@ impl Registry {
         // agent reaching its server says nothing of whether the router can
         // (a server listening on loopback only answers the agent alone).
         // Its server coming back up is a reason to probe now, though.
-        let server_came_up = record.agent.report.llm_server_up == Some(false)
+        let server_came_up = agent.report.llm_server_up == Some(false)
             && report.as_ref().and_then(|r| r.llm_server_up) == Some(true);
         if let Some(report) = report {
-            routing_changed |= record.agent.report.merge(report);
+            routing_changed |= agent.report.merge(report);
         }
         if record.unreachable && server_came_up {
             self.schedule_probe(&record, Instant::now());
@@ -550,7 +557,7 @@ impl Registry {
                 record.unreachable = false;
                 lock(&self.probes).remove(&id);
             }
-            let agent = &mut record.agent;
+            let agent = Arc::make_mut(&mut record.agent);
             if let Some(ip) = update.ip_address {
                 agent.ip_address = ip;
             }
@@ -570,7 +577,7 @@ impl Registry {
                 agent.backend = backend;
             }
             record.revision += 1;
-            let facts = Arc::new(record.agent.clone());
+            let facts = Arc::new(NodeFacts::clone(&record.agent));
             let committed = self.store.submit(Change::Upsert(Arc::clone(&facts)));
             (record.agent.to_wire(), (committed, facts), previous)
         };
@@ -748,7 +755,7 @@ impl Registry {
         // agent last said (its next heartbeat may be a minute away).
         let mut changed = false;
         if record.agent.report.llm_server_up == Some(false) {
-            record.agent.report.llm_server_up = Some(true);
+            Arc::make_mut(&mut record.agent).report.llm_server_up = Some(true);
             changed = true;
         }
         if record.unreachable {
@@ -827,7 +834,7 @@ impl Registry {
             if record.agent.status == AgentStatus::Online
                 && now.saturating_duration_since(record.last_seen_at) > self.agent_timeout
             {
-                record.agent.status = AgentStatus::Offline;
+                Arc::make_mut(&mut record.agent).status = AgentStatus::Offline;
                 record.touched = true;
                 changed += 1;
                 tracing::warn!(agent_id = %record.agent.id, machine_name = &*record.agent.machine_name, "Agent Offline: no heartbeat within the timeout.");

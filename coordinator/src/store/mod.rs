@@ -171,13 +171,20 @@ pub struct StoreOptions {
     pub snapshot_when_quiet: Duration,
 }
 
+/// The agents a load found, in the file's order: the writer's own records,
+/// shared rather than copied.
+pub type LoadedAgents = Vec<Arc<NodeFacts>>;
+
 /// Loads the data dir (see `files::load` for the corrupt-file policy) and
 /// starts the writer. Returns the agents found and what loading noticed.
 pub fn open(
     options: StoreOptions,
-) -> Result<(FileStore, StoreWriter, Vec<NodeFacts>, LoadReport), StoreError> {
+) -> Result<(FileStore, StoreWriter, LoadedAgents, LoadReport), StoreError> {
     let (files, committed, report) = files::DataFiles::open(&options.data_dir)?;
-    let agents: Vec<NodeFacts> = committed.iter().cloned().collect();
+    // Shared, not copied: the registry copies an agent only when it
+    // changes it, and the writer only when it changes one the registry
+    // still shares.
+    let agents = committed.shared();
     let (commands, receiver) = mpsc::channel();
     let mut writer = Writer {
         files,

@@ -300,7 +300,7 @@ impl PostgresWorkers {
 /// there, refused because another id holds the same machine and port).
 pub async fn copy_in(
     url: &DatabaseUrl,
-    agents: &[NodeFacts],
+    agents: &[Arc<NodeFacts>],
 ) -> Result<(usize, usize, Vec<Uuid>), StoreError> {
     let (mut client, connection) = url.connect().await.map_err(|error| {
         StoreError::Database(format!("cannot connect to {url}: {}", error_text(&error)))
@@ -333,7 +333,7 @@ pub async fn copy_in(
             already += 1;
             continue;
         }
-        let record = serde_json::to_value(StoredAgent::from(facts)).map_err(unavailable)?;
+        let record = serde_json::to_value(StoredAgent::from(&**facts)).map_err(unavailable)?;
         let inserted = transaction
             .execute(
                 "INSERT INTO llm_router_agents
