@@ -368,6 +368,48 @@ pub fn intern_models<Name: AsRef<str>>(models: &[Name]) -> ModelList {
     list
 }
 
+/// The values a load interned last, tried before the interner: a fleet's
+/// agents mostly share their version, OS, architecture and model list, and
+/// each trip to the interner takes its lock and hashes the text (the model
+/// list, a temporary list too), 1,250 instructions an agent of a start-up.
+/// Held only while one file is read, so that pruning still sees every value
+/// no agent uses.
+#[derive(Default)]
+pub struct RecentlyInterned {
+    strings: Vec<Arc<str>>,
+    models: Option<ModelList>,
+}
+
+impl RecentlyInterned {
+    /// Distinct strings remembered: a fleet's versions, OSes and
+    /// architectures are few, and a miss costs one comparison per entry.
+    const STRINGS: usize = 8;
+
+    pub fn string(&mut self, text: &str) -> Arc<str> {
+        if let Some(known) = self.strings.iter().find(|known| ***known == *text) {
+            return Arc::clone(known);
+        }
+        let value = intern(text);
+        if self.strings.len() < Self::STRINGS {
+            self.strings.push(Arc::clone(&value));
+        }
+        value
+    }
+
+    pub fn models<Name: AsRef<str>>(&mut self, models: &[Name]) -> ModelList {
+        if let Some(known) = &self.models {
+            if known.len() == models.len()
+                && known.iter().zip(models).all(|(a, b)| **a == *b.as_ref())
+            {
+                return Arc::clone(known);
+            }
+        }
+        let list = intern_models(models);
+        self.models = Some(Arc::clone(&list));
+        list
+    }
+}
+
 /// Drops interned values no agent uses any more (held only by the interner).
 pub fn prune_interned() {
     let interner = interner();
@@ -386,6 +428,30 @@ pub fn prune_interned() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a load's cache hands out is the interner's own value, and a
+    /// list or string that differs in anything is looked up afresh.
+    #[test]
+    fn recently_interned_values_are_the_interned_ones() {
+        let mut recent = RecentlyInterned::default();
+        let version = recent.string("0.5.7-recent");
+        assert!(Arc::ptr_eq(&version, &recent.string("0.5.7-recent")));
+        assert!(Arc::ptr_eq(&version, &intern("0.5.7-recent")));
+        for n in 0..20 {
+            let text = format!("os-recent-{n}");
+            let value = recent.string(&text);
+            assert_eq!(&*value, text);
+            assert!(Arc::ptr_eq(&value, &intern(&text)));
+        }
+        let two = recent.models(&["recent-a", "recent-b"]);
+        assert!(Arc::ptr_eq(&two, &recent.models(&["recent-a", "recent-b"])));
+        assert!(Arc::ptr_eq(&two, &intern_models(&["recent-a", "recent-b"])));
+        let shorter = recent.models(&["recent-a"]);
+        assert_eq!(&*shorter, &[Arc::<str>::from("recent-a")]);
+        let other = recent.models(&["recent-a", "recent-c"]);
+        assert_eq!(&*other[1], "recent-c");
+        assert!(!Arc::ptr_eq(&two, &other));
+    }
 
     /// Listings show an address exactly as `Display` writes it, IPv4 at the
     /// edges of every octet and IPv6 alike.

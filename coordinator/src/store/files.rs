@@ -15,7 +15,7 @@ use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::record::NodeFacts;
+use crate::record::{NodeFacts, RecentlyInterned};
 
 use super::{Change, Records, StoreError, StoredAgent};
 
@@ -329,8 +329,9 @@ impl<'de> serde::Deserialize<'de> for LoadedRecords {
                 mut seq: A,
             ) -> Result<LoadedRecords, A::Error> {
                 let mut records = Records::default();
+                let mut recent = RecentlyInterned::default();
                 while let Some(agent) = seq.next_element::<StoredAgent>()? {
-                    records.apply(Change::Upsert(Arc::new(agent.into_facts())));
+                    records.apply(Change::Upsert(Arc::new(agent.into_facts_with(&mut recent))));
                 }
                 Ok(LoadedRecords(records))
             }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
 use crate::auth::TokenDigest;
-use crate::record::{intern, intern_models, NodeFacts, Report};
+use crate::record::{NodeFacts, RecentlyInterned, Report};
 
 /// An agent as the data files hold it. The API's `common::Agent` is another
 /// type: it carries the live report and never the secret's hash.
@@ -178,21 +178,26 @@ impl StoredAgent<'_> {
     /// heartbeat brings it back. (A method of the stored form rather than a
     /// `From` impl on `NodeFacts`, so that records know nothing of storage.)
     pub fn into_facts(self) -> NodeFacts {
+        self.into_facts_with(&mut RecentlyInterned::default())
+    }
+
+    /// `into_facts` for one agent of many read together (a whole file).
+    pub fn into_facts_with(self, recent: &mut RecentlyInterned) -> NodeFacts {
         let agent = self;
         NodeFacts {
             id: agent.id,
             machine_name: agent.machine_name.into_owned().into_boxed_str(),
             ip_address: agent.ip_address,
             port: agent.port,
-            runtime_version: intern(&agent.runtime_version),
+            runtime_version: recent.string(&agent.runtime_version),
             status: agent.status,
             registered_at: agent.registered_at,
             last_seen: agent.last_seen,
-            os: intern(&agent.system_info.os),
-            arch: intern(&agent.system_info.arch),
+            os: recent.string(&agent.system_info.os),
+            arch: recent.string(&agent.system_info.arch),
             cpu_cores: agent.system_info.cpu_cores,
             total_memory: agent.system_info.total_memory,
-            models: intern_models(&agent.models),
+            models: recent.models(&agent.models),
             backend: agent.backend,
             tls: agent.tls,
             max_concurrency: agent.max_concurrency,
