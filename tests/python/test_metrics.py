@@ -34,7 +34,7 @@ def total(families, name, suffix="", **labels):
 
 def test_metrics_describe_the_fleet_and_the_traffic(fleet):
     router = fleet.router()
-    a, _ = fleet.node(router, "node-a", ["smollm2:135m"])
+    a, a_agent = fleet.node(router, "node-a", ["smollm2:135m"])
     b, _ = fleet.node(router, "node-b", ["smollm2:135m"])
     router.wait_routable(["node-a", "node-b"])
 
@@ -93,6 +93,10 @@ def test_metrics_describe_the_fleet_and_the_traffic(fleet):
     assert total(families, "llm_router_store_changes", "_total", kind="upsert") >= 2
 
     # A node's server dies: the next requests fail over, and the metric says so.
+    # Its agent goes first: left running, it may report the server down (it
+    # beats every 0.2 s) before the next chat, which then never tries the node
+    # and has nothing to fail over from (CI saw this once).
+    a_agent.kill()
     a.kill()
     for _ in range(4):
         chat.chat(model="smollm2:135m", messages=[{"role": "user", "content": "hi"}])
