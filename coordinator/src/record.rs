@@ -233,6 +233,12 @@ impl NodeFacts {
         }
     }
 
+    /// `(machine_name, port)`: who it is across restarts, as the registry's
+    /// identity map keys it.
+    pub fn identity(&self) -> (String, u16) {
+        (String::from(&*self.machine_name), self.port)
+    }
+
     /// Requests routing may have in flight to it at once (0: no limit):
     /// the latest report's, else the registered one.
     pub fn capacity(&self) -> u64 {

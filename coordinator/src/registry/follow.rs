@@ -129,12 +129,12 @@ impl Registry {
     /// Returns whether routing may have changed. A known agent needs only
     /// the map's read lock (most news is of agents already here, this
     /// router's own changes among them); a new one takes the write lock.
-    fn take_in_record(&self, facts: &NodeFacts, number: ChangeNumber) -> bool {
+    fn take_in_record(&self, facts: &Arc<NodeFacts>, number: ChangeNumber) -> bool {
         let known = self.read_maps().by_id.get(&facts.id).cloned();
         if let Some(slot) = known {
             return self.take_in_known(&slot, facts, number);
         }
-        let identity = (String::from(&*facts.machine_name), facts.port);
+        let identity = facts.identity();
         let mut maps = self.write_maps();
         if let Some(slot) = maps.by_id.get(&facts.id).cloned() {
             drop(maps);
@@ -146,7 +146,8 @@ impl Registry {
             maps.take(previous);
             lock(&self.probes).remove(&previous);
         }
-        let mut record = AgentRecord::new(Arc::new(facts.clone()), Instant::now(), 1);
+        // The feed's record is this router's now: shared, not copied.
+        let mut record = AgentRecord::new(Arc::clone(facts), Instant::now(), 1);
         record.stored_number = number;
         maps.by_identity.insert(identity, facts.id);
         maps.add(Arc::new(std::sync::Mutex::new(record)));
@@ -188,7 +189,7 @@ impl Registry {
             if number < record.stored_number {
                 return false;
             }
-            (String::from(&*record.agent.machine_name), record.agent.port)
+            record.agent.identity()
         };
         maps.take(id);
         if maps.by_identity.get(&identity) == Some(&id) {

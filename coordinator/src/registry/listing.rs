@@ -77,7 +77,7 @@ impl Maps {
         };
         let mut places = Vec::with_capacity(agents.len());
         for agent in agents {
-            let identity = (String::from(&*agent.machine_name), agent.port);
+            let identity = agent.identity();
             if let Some(previous) = maps.by_identity.insert(identity, agent.id) {
                 // Cannot come from our own writes; keep the later record.
                 tracing::warn!(agent_id = %previous, "Two stored agents share a name and port; keeping the later one.");

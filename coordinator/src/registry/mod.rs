@@ -609,7 +609,7 @@ impl Registry {
             };
             let identity = {
                 let record = lock(&slot);
-                (String::from(&*record.agent.machine_name), record.agent.port)
+                record.agent.identity()
             };
             if maps.by_identity.get(&identity) == Some(&id) {
                 maps.by_identity.remove(&identity);
@@ -935,10 +935,7 @@ impl Registry {
                 if still_ours {
                     if let Some(slot) = maps.take(id) {
                         let record = lock(&slot);
-                        maps.by_identity.remove(&(
-                            String::from(&*record.agent.machine_name),
-                            record.agent.port,
-                        ));
+                        maps.by_identity.remove(&record.agent.identity());
                     }
                 }
             }
@@ -952,10 +949,7 @@ impl Registry {
                 let mut maps = self.write_maps();
                 let (id, identity) = {
                     let record = lock(&slot);
-                    (
-                        record.agent.id,
-                        (String::from(&*record.agent.machine_name), record.agent.port),
-                    )
+                    (record.agent.id, record.agent.identity())
                 };
                 if let std::collections::hash_map::Entry::Vacant(vacant) =
                     maps.by_identity.entry(identity)

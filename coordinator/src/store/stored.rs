@@ -378,7 +378,9 @@ impl Records {
         self.by_id.is_empty()
     }
 
-    /// The records in first-seen order.
+    /// The records in first-seen order (the store hands them out with
+    /// `shared`; tests read them here).
+    #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = &NodeFacts> {
         self.order
             .iter()
