@@ -9,6 +9,9 @@
 #
 #   bash scripts/instructions.sh                      # target/release/llm-router
 #   bash scripts/instructions.sh OLD_BINARY NEW_BINARY
+#   KEEP_PROFILES=DIR bash scripts/instructions.sh BINARY   # keeps each
+#       callgrind output as DIR/<binary>-<request>.out, for
+#       `callgrind_annotate --inclusive=yes` (build with `--profile profiling`)
 #
 # Each binary serves on loopback in front of nginx answering a fixed JSON
 # body; one keep-alive connection sends 300 requests to warm up, the
@@ -151,6 +154,10 @@ count() {
   kill "$router_pid"
   wait "$router_pid" 2>/dev/null || true
   router_pid=""
+  if [ -n "${KEEP_PROFILES:-}" ]; then
+    mkdir -p "$KEEP_PROFILES"
+    cp "$work/callgrind.out.1" "$KEEP_PROFILES/$(basename "$binary")-$(echo "$path" | tr -c 'a-z0-9\n' '_' | sed 's/^_*//').out"
+  fi
   local total
   total="$(callgrind_annotate "$work/callgrind.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')"
   echo $((total / REQUESTS))
