@@ -345,6 +345,68 @@ async fn a_hand_edited_snapshot_loads_as_written() {
     );
 }
 
+/// A snapshot large enough that the router reads it in parts on several
+/// threads, and indexes it on two (over 8 MiB and 10,000 agents), loads
+/// whole: every agent, in order, and of two under one name and port, one
+/// in each half of the file, only the later.
+#[tokio::test]
+async fn a_large_snapshot_loads_whole() {
+    const AGENTS: usize = 20_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client();
+    let router = TestRouter::start(config(dir.path())).await;
+    register(&client, &router.base(), &registration("template")).await;
+    router.stop().await.expect("clean stop");
+    let snapshot = dir.path().join("agents.json");
+    let stored: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(&snapshot).expect("agents.json")).expect("parses");
+    let template = &stored[0];
+    let mut agents: Vec<Value> = (0..AGENTS)
+        .map(|n| {
+            let mut agent = template.clone();
+            agent["id"] = Value::from(uuid::Uuid::new_v4().to_string());
+            agent["machine_name"] = Value::from(format!("node-{n:05}"));
+            // One second apart, so that the listing's order is the file's.
+            agent["registered_at"] = Value::from(
+                (chrono::DateTime::UNIX_EPOCH
+                    + chrono::Duration::seconds(1_800_000_000 + n as i64))
+                .to_rfc3339(),
+            );
+            agent
+        })
+        .collect();
+    let mut again = agents[7].clone();
+    again["id"] = Value::from(uuid::Uuid::new_v4().to_string());
+    again["registered_at"] = Value::from("2030-01-01T00:00:00Z");
+    agents.push(again.clone());
+    let text = serde_json::to_string_pretty(&agents).expect("json");
+    assert!(text.len() > 8 << 20, "{} bytes", text.len());
+    std::fs::write(&snapshot, text).expect("write");
+
+    let mut router = RouterProcess::spawn(dir.path(), &[]).await;
+    let listed = list(&client, &router.url("")).await;
+    let listed: Vec<&str> = listed
+        .iter()
+        .map(|agent| agent["id"].as_str().expect("id"))
+        .collect();
+    let mut expected: Vec<&str> = agents
+        .iter()
+        .map(|agent| agent["id"].as_str().expect("id"))
+        .collect();
+    expected.remove(7);
+    assert_eq!(listed.len(), AGENTS);
+    let first_difference = listed.iter().zip(&expected).position(|(a, b)| a != b);
+    assert_eq!(
+        first_difference, None,
+        "the listing differs from the file's agents"
+    );
+    assert_eq!(
+        listed.last(),
+        again["id"].as_str().map(Some).expect("id").as_ref()
+    );
+    router.terminate().await;
+}
+
 /// One heartbeat from the (only) agent, and the `last_seen` it set.
 async fn heartbeat_and_read_last_seen(client: &reqwest::Client, url: &str, id: &str) -> Value {
     client

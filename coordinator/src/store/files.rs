@@ -311,33 +311,130 @@ impl serde::Serialize for StoredAgents<'_> {
     }
 }
 
-/// The snapshot's array read straight into the records, one agent at a
-/// time, so that a large fleet never exists in memory as a list of wire
-/// records, nor as a list of compact ones waiting to be indexed.
-struct LoadedRecords(Records);
+/// The snapshot's array read one agent at a time, each made compact as it
+/// is read, so that a large fleet never exists in memory as a list of wire
+/// records.
+struct LoadedAgents(Vec<Arc<NodeFacts>>);
 
-impl<'de> serde::Deserialize<'de> for LoadedRecords {
+impl<'de> serde::Deserialize<'de> for LoadedAgents {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Visitor;
         impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = LoadedRecords;
+            type Value = LoadedAgents;
             fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
                 formatter.write_str("an array of agents")
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut seq: A,
-            ) -> Result<LoadedRecords, A::Error> {
-                let mut records = Records::default();
+            ) -> Result<LoadedAgents, A::Error> {
+                let mut agents = Vec::with_capacity(seq.size_hint().unwrap_or(0));
                 let mut recent = RecentlyInterned::default();
                 while let Some(agent) = seq.next_element::<StoredAgent>()? {
-                    records.apply(Change::Upsert(Arc::new(agent.into_facts_with(&mut recent))));
+                    agents.push(Arc::new(agent.into_facts_with(&mut recent)));
                 }
-                Ok(LoadedRecords(records))
+                Ok(LoadedAgents(agents))
             }
         }
         deserializer.deserialize_seq(Visitor)
     }
+}
+
+/// A snapshot smaller than this is read on one thread: a thread's start
+/// would cost more than it saves.
+const PART_BYTES: usize = 4 << 20;
+/// At most this many threads read one snapshot.
+const MOST_PARTS: usize = 8;
+/// Where one agent ends and the next begins in the file the router writes
+/// (`to_writer_pretty`, two spaces a level). A JSON string cannot hold a
+/// raw newline, so these bytes are whitespace and punctuation between
+/// values, and `},` at this indent closes an element of the top-level array
+/// in any file the router wrote. In a file indented otherwise by hand, a
+/// match could be inside an agent: then a part does not parse (its braces
+/// do not balance), and the file is read whole instead.
+const AGENT_BOUNDARY: &[u8] = b"\n  },\n  {";
+
+/// The snapshot's agents, in the file's order. Parsing is the start-up's
+/// largest cost (11,600 instructions an agent), so a large file is split
+/// at agent boundaries and its parts parsed on as many threads as there are
+/// cores: each boundary's `,` becomes the `]` that ends one part and the
+/// newline after it the `[` that begins the next, in place, so that each
+/// part is an array of its own and nothing is copied. If a part does not
+/// parse, the two bytes are put back and the file is parsed whole, which
+/// gives the same records or the error that names the right position.
+fn parse_snapshot(bytes: Vec<u8>) -> Result<Records, serde_json::Error> {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let parts = threads.min(MOST_PARTS).min(bytes.len() / PART_BYTES);
+    parse_snapshot_in(bytes, parts)
+}
+
+/// [`parse_snapshot`] in at most `parts` parts.
+fn parse_snapshot_in(mut bytes: Vec<u8>, parts: usize) -> Result<Records, serde_json::Error> {
+    let agents = match agent_boundaries(&bytes, parts) {
+        Some(commas) if !commas.is_empty() => {
+            for &comma in &commas {
+                bytes[comma] = b']';
+                bytes[comma + 1] = b'[';
+            }
+            match parse_parts(&bytes, &commas) {
+                Some(agents) => agents,
+                None => {
+                    for &comma in &commas {
+                        bytes[comma] = b',';
+                        bytes[comma + 1] = b'\n';
+                    }
+                    parse_json::<LoadedAgents>(&bytes)?.0
+                }
+            }
+        }
+        _ => parse_json::<LoadedAgents>(&bytes)?.0,
+    };
+    let mut records = Records::with_capacity(agents.len());
+    for agent in agents {
+        records.apply(Change::Upsert(agent));
+    }
+    Ok(records)
+}
+
+/// The position of the `,` after each of `parts - 1` agents spread evenly
+/// through `bytes`; `None` when the file does not have the router's layout.
+fn agent_boundaries(bytes: &[u8], parts: usize) -> Option<Vec<usize>> {
+    let finder = memchr::memmem::Finder::new(AGENT_BOUNDARY);
+    let mut commas: Vec<usize> = Vec::with_capacity(parts.saturating_sub(1));
+    for part in 1..parts {
+        let from = (bytes.len() / parts * part).max(commas.last().map_or(0, |comma| comma + 1));
+        let found = finder.find(&bytes[from..])?;
+        // The comma is after the newline, two spaces and the brace.
+        commas.push(from + found + 4);
+    }
+    Some(commas)
+}
+
+/// Each part parsed on a thread of its own (the first on this one);
+/// `None` if any part does not parse.
+fn parse_parts(bytes: &[u8], commas: &[usize]) -> Option<Vec<Arc<NodeFacts>>> {
+    let mut slices = Vec::with_capacity(commas.len() + 1);
+    let mut start = 0;
+    for &comma in commas {
+        slices.push(&bytes[start..=comma]);
+        start = comma + 1;
+    }
+    slices.push(&bytes[start..]);
+    let parse = |part: &[u8]| parse_json::<LoadedAgents>(part).ok().map(|loaded| loaded.0);
+    let parsed: Vec<Option<Vec<Arc<NodeFacts>>>> = std::thread::scope(|scope| {
+        let others: Vec<_> = slices[1..]
+            .iter()
+            .map(|&part| scope.spawn(move || parse(part)))
+            .collect();
+        let mut parsed = vec![parse(slices[0])];
+        parsed.extend(others.into_iter().map(|other| other.join().ok().flatten()));
+        parsed
+    });
+    let mut agents = Vec::with_capacity(parsed.iter().flatten().map(Vec::len).sum());
+    for part in parsed {
+        agents.extend(part?);
+    }
+    Some(agents)
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -391,9 +488,7 @@ fn load_snapshot(dir: &Path, report: &mut LoadReport) -> std::io::Result<Records
 /// caller's (a data dir it cannot read).
 fn read_agents(path: &Path) -> std::io::Result<Option<Result<Records, serde_json::Error>>> {
     match fs::read(path) {
-        Ok(bytes) => Ok(Some(
-            parse_json::<LoadedRecords>(&bytes).map(|loaded| loaded.0),
-        )),
+        Ok(bytes) => Ok(Some(parse_snapshot(bytes))),
         Err(error) if error.kind() == ErrorKind::NotFound => Ok(None),
         Err(error) => Err(error),
     }
@@ -459,6 +554,107 @@ mod tests {
             max_concurrency: None,
         };
         NodeFacts::registered(uuid::Uuid::new_v4(), &registration, chrono::Utc::now())
+    }
+
+    /// Every stored field of every record, in the records' order.
+    fn stored_text(records: &Records) -> Vec<String> {
+        records
+            .iter()
+            .map(|facts| serde_json::to_string(&StoredAgent::from(facts)).expect("json"))
+            .collect()
+    }
+
+    /// The parse in parts, against the same bytes parsed whole: the same
+    /// records in the same order, or the same error.
+    fn parses_as_whole(bytes: &[u8], parts: usize) {
+        let whole = parse_snapshot_in(bytes.to_vec(), 1);
+        let in_parts = parse_snapshot_in(bytes.to_vec(), parts);
+        match (whole, in_parts) {
+            (Ok(whole), Ok(in_parts)) => {
+                assert_eq!(stored_text(&whole), stored_text(&in_parts), "{parts} parts");
+            }
+            (Err(whole), Err(in_parts)) => {
+                assert_eq!(whole.to_string(), in_parts.to_string(), "{parts} parts");
+            }
+            (whole, in_parts) => panic!(
+                "{parts} parts: whole {:?}, in parts {:?}",
+                whole.map(|r| r.len()),
+                in_parts.map(|r| r.len())
+            ),
+        }
+    }
+
+    /// A snapshot as the router writes it, read in 2 to 7 parts (each
+    /// boundary a place where one agent ends), gives what one parse gives:
+    /// every agent, in order, an id that appears twice kept once, at its
+    /// first place, with its later record.
+    #[test]
+    fn a_snapshot_read_in_parts_reads_as_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut agents: Vec<Arc<NodeFacts>> = (0..40)
+            .map(|n| Arc::new(facts(&format!("node-{n}"))))
+            .collect();
+        let mut again = (*agents[3]).clone();
+        again.machine_name = "node-3-renamed".into();
+        agents.push(Arc::new(again));
+        write_snapshot(dir.path(), agents, &[]).expect("snapshot");
+        let bytes = fs::read(dir.path().join(SNAPSHOT_FILE)).expect("read");
+        for parts in 2..=7 {
+            let commas = agent_boundaries(&bytes, parts).expect("the router's layout");
+            assert_eq!(commas.len(), parts - 1);
+            let mut split = bytes.clone();
+            for &comma in &commas {
+                split[comma] = b']';
+                split[comma + 1] = b'[';
+            }
+            let agents = parse_parts(&split, &commas).expect("each part parses on its own");
+            assert_eq!(agents.len(), 41);
+            parses_as_whole(&bytes, parts);
+        }
+        let records = parse_snapshot_in(bytes, 5).expect("parse");
+        assert_eq!(records.len(), 40);
+        let names: Vec<String> = records.iter().map(|f| f.machine_name.to_string()).collect();
+        assert_eq!(names[3], "node-3-renamed", "{names:?}");
+        assert_eq!(names[4], "node-4");
+    }
+
+    /// Files the router did not write: compact, indented otherwise, with
+    /// the boundary's bytes inside an agent (an unknown field holding
+    /// objects), torn, or not UTF-8. Each reads as a single parse reads it,
+    /// records or error alike.
+    #[test]
+    fn a_file_laid_out_otherwise_reads_as_one() {
+        let facts: Vec<NodeFacts> = (0..12).map(|n| facts(&format!("node-{n}"))).collect();
+        let agents: Vec<StoredAgent> = facts.iter().map(StoredAgent::from).collect();
+        let compact = serde_json::to_vec(&agents).expect("json");
+        let mut four_spaces = Vec::new();
+        let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+        let mut serializer = serde_json::Serializer::with_formatter(&mut four_spaces, formatter);
+        serde::Serialize::serialize(&agents, &mut serializer).expect("json");
+        let pretty = serde_json::to_string_pretty(&agents).expect("json");
+        // An agent whose unknown field is an array of objects at the
+        // top level's indent: the boundary's bytes inside one agent.
+        let inner = pretty.replacen(
+            "\"backend\"",
+            "\"extra\": [\n  {\"a\": 1\n  },\n  {\"b\": 2}],\n    \"backend\"",
+            6,
+        );
+        assert!(inner.contains("\n  },\n  {\"b\""));
+        let torn = &pretty.as_bytes()[..pretty.len() * 2 / 3];
+        let mut not_utf8 = pretty.clone().into_bytes();
+        let at = not_utf8.len() * 3 / 4;
+        not_utf8[at] = 0xff;
+        for bytes in [
+            compact.as_slice(),
+            four_spaces.as_slice(),
+            inner.as_bytes(),
+            torn,
+            not_utf8.as_slice(),
+        ] {
+            for parts in 2..=4 {
+                parses_as_whole(bytes, parts);
+            }
+        }
     }
 
     fn names(records: &Records) -> Vec<String> {

@@ -327,6 +327,14 @@ impl Records {
         records
     }
 
+    /// Room for `agents` without growing (a load knows how many).
+    pub fn with_capacity(agents: usize) -> Self {
+        Records {
+            order: Vec::with_capacity(agents),
+            by_id: foldhash::HashMap::with_capacity_and_hasher(agents, Default::default()),
+        }
+    }
+
     /// The one meaning of a change.
     pub fn apply(&mut self, change: Change) {
         match change {
