@@ -32,6 +32,29 @@ pub struct Registration {
     pub max_concurrency: Option<u32>,
 }
 
+#[cfg(test)]
+impl Registration {
+    /// A node on loopback with one model, for unit tests.
+    pub fn for_test(name: &str, port: u16) -> Self {
+        Registration {
+            machine_name: name.into(),
+            ip_address: std::net::IpAddr::from([127, 0, 0, 2]),
+            port,
+            runtime_version: "0.5.7".into(),
+            system_info: common::SystemInfo {
+                os: "Linux".into(),
+                arch: "x86_64".into(),
+                cpu_cores: 1,
+                total_memory: 1,
+            },
+            models: vec!["m".into()],
+            backend: common::BackendKind::Ollama,
+            tls: false,
+            max_concurrency: None,
+        }
+    }
+}
+
 impl TryFrom<common::RegisterRequest> for Registration {
     type Error = crate::fields::FieldError;
 

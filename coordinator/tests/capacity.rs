@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{client, config, eventually, register, TestRouter};
+use support::{client, config, eventually, metrics_text, register, TestRouter};
 use testkit::{StandIn, StandInOptions};
 
 async fn slow_node(name: &str, chunk_delay: Duration) -> (StandIn, u16) {
@@ -60,15 +60,8 @@ async fn chat(http: reqwest::Client, url: String) -> (u16, Value) {
 /// The value of the first `/metrics` line that starts with `series`
 /// followed by a space or a label set; NaN when there is none.
 async fn metric(router: &TestRouter, series: &str) -> f64 {
-    let metrics = client()
-        .get(router.url("/metrics"))
-        .send()
+    metrics_text(&client(), router)
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    metrics
         .lines()
         .filter_map(|line| line.strip_prefix(series))
         .find(|rest| rest.starts_with([' ', '{']))

@@ -7,24 +7,8 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{client, config, register, TestRouter};
+use support::{client, config, register_node, TestRouter};
 use testkit::{StandIn, StandInOptions};
-
-async fn register_node(router: &TestRouter, name: &str, port: u16, models: &[&str]) -> String {
-    register(
-        &client(),
-        &router.url(""),
-        &json!({
-            "machine_name": name,
-            "ip_address": "127.0.0.1",
-            "port": port,
-            "runtime_version": "0.5.7",
-            "system_info": {"os": "Linux", "arch": "x86_64", "cpu_cores": 2, "total_memory": 1024},
-            "models": models,
-        }),
-    )
-    .await
-}
 
 async fn post(router: &TestRouter, path: &str, body: &str) -> (u16, Value) {
     let response = client()
@@ -156,7 +140,7 @@ async fn api_version_with_no_ollama_node_in_rotation_is_a_503() {
     let node = StandIn::spawn(StandInOptions::ollama("versioned", &["m"]))
         .await
         .expect("stand-in");
-    register_node(&router, "versioned", node.address.port(), &["m"]).await;
+    register_node(&client(), &router, "versioned", node.address.port(), &["m"]).await;
     let body: Value = http
         .get(router.url("/api/version"))
         .send()
@@ -180,8 +164,22 @@ async fn a_name_and_its_latest_tag_reach_the_same_node_both_ways() {
     let tagged = StandIn::spawn(StandInOptions::ollama("tagged", &["qwen2:latest"]))
         .await
         .expect("stand-in");
-    register_node(&router, "untagged", untagged.address.port(), &["llama3.2"]).await;
-    register_node(&router, "tagged", tagged.address.port(), &["qwen2:latest"]).await;
+    register_node(
+        &client(),
+        &router,
+        "untagged",
+        untagged.address.port(),
+        &["llama3.2"],
+    )
+    .await;
+    register_node(
+        &client(),
+        &router,
+        "tagged",
+        tagged.address.port(),
+        &["qwen2:latest"],
+    )
+    .await;
     for (model, node) in [
         ("llama3.2", "untagged"),
         ("llama3.2:latest", "untagged"),

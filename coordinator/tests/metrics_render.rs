@@ -7,37 +7,9 @@
 
 mod support;
 
-use serde_json::{json, Value};
-use support::{client, config, register, TestRouter};
+use serde_json::json;
+use support::{client, config, metrics_text, register_node, TestRouter};
 use testkit::{StandIn, StandInOptions};
-
-async fn register_node(router: &TestRouter, name: &str, port: u16, models: &[&str]) -> String {
-    register(
-        &client(),
-        &router.url(""),
-        &json!({
-            "machine_name": name,
-            "ip_address": "127.0.0.1",
-            "port": port,
-            "runtime_version": "0.5.7",
-            "system_info": {"os": "Linux", "arch": "x86_64", "cpu_cores": 2, "total_memory": 1024},
-            "models": models,
-        }),
-    )
-    .await
-}
-
-async fn post(router: &TestRouter, path: &str, body: &str) -> (u16, Value) {
-    let response = client()
-        .post(router.url(path))
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-        .expect("post");
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("a JSON answer"))
-}
 
 /// Two scrapes of an unchanged router read the same, families in name order.
 #[tokio::test]
@@ -49,6 +21,7 @@ async fn metrics_read_the_same_twice_and_in_order() {
         .expect("stand-in");
     for n in 0..5 {
         register_node(
+            &client(),
             &router,
             &format!("counted-{n}"),
             node.address.port(),
@@ -58,20 +31,15 @@ async fn metrics_read_the_same_twice_and_in_order() {
     }
     for model in ["c", "a", "b", "nope"] {
         let body = json!({"model": model, "stream": false, "messages": []});
-        post(&router, "/api/chat", &body.to_string()).await;
-    }
-    let scrape = || async {
         client()
-            .get(router.url("/metrics"))
+            .post(router.url("/api/chat"))
+            .json(&body)
             .send()
             .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text")
-    };
-    let first = scrape().await;
-    let second = scrape().await;
+            .expect("chat");
+    }
+    let first = metrics_text(&client(), &router).await;
+    let second = metrics_text(&client(), &router).await;
     assert_eq!(first, second, "the same state reads the same");
     let families: Vec<&str> = first
         .lines()

@@ -7,31 +7,8 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{client, config, eventually, register, TestRouter};
+use support::{client, config, eventually, register_node, TestRouter};
 use testkit::{StandIn, StandInOptions};
-
-/// Registers a node directly, as its agent would, at a loopback address.
-async fn register_node(
-    client: &reqwest::Client,
-    router: &TestRouter,
-    name: &str,
-    port: u16,
-    models: &[&str],
-) -> String {
-    register(
-        client,
-        &router.url(""),
-        &json!({
-            "machine_name": name,
-            "ip_address": "127.0.0.1",
-            "port": port,
-            "runtime_version": "0.5.7",
-            "system_info": {"os": "Linux", "arch": "x86_64", "cpu_cores": 2, "total_memory": 1024},
-            "models": models,
-        }),
-    )
-    .await
-}
 
 async fn agent(client: &reqwest::Client, router: &TestRouter, id: &str) -> Value {
     client

@@ -220,22 +220,7 @@ mod tests {
     use super::*;
 
     fn agent(name: &str, port: u16, seconds: i64) -> Arc<NodeFacts> {
-        let registration = crate::record::Registration {
-            machine_name: name.into(),
-            ip_address: std::net::IpAddr::from([127, 0, 0, 2]),
-            port,
-            runtime_version: "0.5.7".into(),
-            system_info: common::SystemInfo {
-                os: "Linux".into(),
-                arch: "x86_64".into(),
-                cpu_cores: 1,
-                total_memory: 1,
-            },
-            models: vec!["m".into()],
-            backend: common::BackendKind::Ollama,
-            tls: false,
-            max_concurrency: None,
-        };
+        let registration = crate::record::Registration::for_test(name, port);
         let registered_at = DateTime::from_timestamp(1_800_000_000 - seconds, 0).expect("date");
         Arc::new(NodeFacts::registered(
             Uuid::new_v4(),

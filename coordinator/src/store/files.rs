@@ -571,22 +571,7 @@ mod tests {
     use crate::record::Registration;
 
     fn facts(name: &str) -> NodeFacts {
-        let registration = Registration {
-            machine_name: name.into(),
-            ip_address: std::net::IpAddr::from([127, 0, 0, 2]),
-            port: 11434,
-            runtime_version: "0.5.7".into(),
-            system_info: common::SystemInfo {
-                os: "Linux".into(),
-                arch: "x86_64".into(),
-                cpu_cores: 1,
-                total_memory: 1,
-            },
-            models: vec!["m".into()],
-            backend: common::BackendKind::Ollama,
-            tls: false,
-            max_concurrency: None,
-        };
+        let registration = Registration::for_test(name, 11434);
         NodeFacts::registered(uuid::Uuid::new_v4(), &registration, chrono::Utc::now())
     }
 

@@ -253,6 +253,41 @@ pub async fn register(client: &reqwest::Client, base: &str, body: &Value) -> Str
     answer["id"].as_str().expect("id").to_owned()
 }
 
+/// Registers a node directly, as its agent would, at a loopback address.
+pub async fn register_node(
+    client: &reqwest::Client,
+    router: &TestRouter,
+    name: &str,
+    port: u16,
+    models: &[&str],
+) -> String {
+    register(
+        client,
+        &router.url(""),
+        &json!({
+            "machine_name": name,
+            "ip_address": "127.0.0.1",
+            "port": port,
+            "runtime_version": "0.5.7",
+            "system_info": {"os": "Linux", "arch": "x86_64", "cpu_cores": 2, "total_memory": 1024},
+            "models": models,
+        }),
+    )
+    .await
+}
+
+/// The router's `/metrics` text.
+pub async fn metrics_text(client: &reqwest::Client, router: &TestRouter) -> String {
+    client
+        .get(router.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 pub async fn list(client: &reqwest::Client, base: &str) -> Vec<Value> {
     client
         .get(format!("{base}/api/agents"))
