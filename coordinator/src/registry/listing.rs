@@ -116,12 +116,13 @@ impl Maps {
     fn loaded_on(agents: Vec<Arc<NodeFacts>>, now: Instant, two_threads: bool) -> Maps {
         let (by_identity, dropped, (mut by_id, mut places)) = if two_threads {
             std::thread::scope(|scope| {
-                let identities = scope.spawn(|| identities_of(&agents));
+                let identities = crate::store::spawn_loader(scope, || identities_of(&agents));
                 let records = records_of(&agents, now);
-                // The thread only inserts into a map; should it fail
-                // anyway, the identities are built here instead.
-                let (by_identity, dropped) =
-                    identities.join().unwrap_or_else(|_| identities_of(&agents));
+                // Built here instead if the thread could not be started,
+                // or failed (it only inserts into a map).
+                let (by_identity, dropped) = identities
+                    .and_then(|identities| identities.join().ok())
+                    .unwrap_or_else(|| identities_of(&agents));
                 (by_identity, dropped, records)
             })
         } else {

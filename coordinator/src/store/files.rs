@@ -422,12 +422,16 @@ fn parse_parts(bytes: &[u8], commas: &[usize]) -> Option<Vec<Arc<NodeFacts>>> {
     slices.push(&bytes[start..]);
     let parse = |part: &[u8]| parse_json::<LoadedAgents>(part).ok().map(|loaded| loaded.0);
     let parsed: Vec<Option<Vec<Arc<NodeFacts>>>> = std::thread::scope(|scope| {
+        // A part whose thread cannot be started is parsed here instead.
         let others: Vec<_> = slices[1..]
             .iter()
-            .map(|&part| scope.spawn(move || parse(part)))
+            .map(|&part| (part, spawn_loader(scope, move || parse(part))))
             .collect();
         let mut parsed = vec![parse(slices[0])];
-        parsed.extend(others.into_iter().map(|other| other.join().ok().flatten()));
+        parsed.extend(others.into_iter().map(|(part, other)| match other {
+            Some(other) => other.join().ok().flatten(),
+            None => parse(part),
+        }));
         parsed
     });
     let mut agents = Vec::with_capacity(parsed.iter().flatten().map(Vec::len).sum());
@@ -552,16 +556,32 @@ fn parse_journal_in(bytes: &[u8], parts: usize) -> Vec<serde_json::Result<Change
     std::thread::scope(|scope| {
         let others: Vec<_> = runs[1..]
             .iter()
-            .map(|&run| (run, scope.spawn(move || parse_lines(run))))
+            .map(|&run| (run, spawn_loader(scope, move || parse_lines(run))))
             .collect();
         let mut changes = parse_lines(runs[0]);
         for (run, other) in others {
-            // A parse cannot panic on bad input; should the thread fail
-            // anyway, its lines are parsed here.
-            changes.extend(other.join().unwrap_or_else(|_| parse_lines(run)));
+            // A run whose thread could not be started, or failed (a parse
+            // does not panic on bad input), is parsed here.
+            changes.extend(
+                other
+                    .and_then(|other| other.join().ok())
+                    .unwrap_or_else(|| parse_lines(run)),
+            );
         }
         changes
     })
+}
+
+/// A thread of the load, or `None` when the system cannot start one (a
+/// thread limit): the caller then does the work itself rather than fail.
+pub(crate) fn spawn_loader<'scope, T: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    work: impl FnOnce() -> T + Send + 'scope,
+) -> Option<std::thread::ScopedJoinHandle<'scope, T>> {
+    std::thread::Builder::new()
+        .name("load".into())
+        .spawn_scoped(scope, work)
+        .ok()
 }
 
 #[cfg(test)]

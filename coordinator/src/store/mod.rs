@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::record::NodeFacts;
+pub(crate) use files::spawn_loader;
 pub use files::LoadReport;
 pub use stored::{Change, Records, Seen, StoredAgent};
 
