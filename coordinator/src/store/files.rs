@@ -340,10 +340,10 @@ impl<'de> serde::Deserialize<'de> for LoadedAgents {
     }
 }
 
-/// A snapshot smaller than this is read on one thread: a thread's start
-/// would cost more than it saves.
+/// A file smaller than this (snapshot or journal) is read on one thread:
+/// a thread's start would cost more than it saves.
 const PART_BYTES: usize = 4 << 20;
-/// At most this many threads read one snapshot.
+/// At most this many threads read one file.
 const MOST_PARTS: usize = 8;
 /// Where one agent ends and the next begins in the file the router writes
 /// (`to_writer_pretty`, two spaces a level). A JSON string cannot hold a
@@ -363,9 +363,15 @@ const AGENT_BOUNDARY: &[u8] = b"\n  },\n  {";
 /// parse, the two bytes are put back and the file is parsed whole, which
 /// gives the same records or the error that names the right position.
 fn parse_snapshot(bytes: Vec<u8>) -> Result<Records, serde_json::Error> {
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let parts = threads.min(MOST_PARTS).min(bytes.len() / PART_BYTES);
+    let parts = parts_for(bytes.len());
     parse_snapshot_in(bytes, parts)
+}
+
+/// How many parts a file of `bytes` is read in: one per core, at most
+/// [`MOST_PARTS`], none under [`PART_BYTES`] (at least one).
+fn parts_for(bytes: usize) -> usize {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    threads.min(MOST_PARTS).min(bytes / PART_BYTES).max(1)
 }
 
 /// [`parse_snapshot`] in at most `parts` parts.
@@ -420,19 +426,8 @@ fn parse_parts(bytes: &[u8], commas: &[usize]) -> Option<Vec<Arc<NodeFacts>>> {
         start = comma + 1;
     }
     slices.push(&bytes[start..]);
-    let parse = |part: &[u8]| parse_json::<LoadedAgents>(part).ok().map(|loaded| loaded.0);
-    let parsed: Vec<Option<Vec<Arc<NodeFacts>>>> = std::thread::scope(|scope| {
-        // A part whose thread cannot be started is parsed here instead.
-        let others: Vec<_> = slices[1..]
-            .iter()
-            .map(|&part| (part, spawn_loader(scope, move || parse(part))))
-            .collect();
-        let mut parsed = vec![parse(slices[0])];
-        parsed.extend(others.into_iter().map(|(part, other)| match other {
-            Some(other) => other.join().ok().flatten(),
-            None => parse(part),
-        }));
-        parsed
+    let parsed = on_each_part(&slices, |part| {
+        parse_json::<LoadedAgents>(part).ok().map(|loaded| loaded.0)
     });
     let mut agents = Vec::with_capacity(parsed.iter().flatten().map(Vec::len).sum());
     for part in parsed {
@@ -509,9 +504,7 @@ fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Res
 }
 
 fn replay_journal(bytes: &[u8], agents: &mut Records, report: &mut LoadReport) {
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let parts = threads.min(MOST_PARTS).min(bytes.len() / PART_BYTES).max(1);
-    for change in parse_journal_in(bytes, parts) {
+    for change in parse_journal_in(bytes, parts_for(bytes.len())) {
         match change {
             Ok(change) => {
                 agents.apply(change);
@@ -550,25 +543,33 @@ fn parse_journal_in(bytes: &[u8], parts: usize) -> Vec<serde_json::Result<Change
         }
     }
     runs.push(&bytes[start..]);
-    if runs.len() == 1 {
-        return parse_lines(runs[0]);
-    }
+    on_each_part(&runs, parse_lines)
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// `work` done on each part, the results in the parts' order: the first
+/// part on this thread, each other on a load thread of its own. A part
+/// whose thread could not be started, or failed (a parse does not panic on
+/// bad input), is done here.
+fn on_each_part<'a, T: Send>(parts: &[&'a [u8]], work: impl Fn(&'a [u8]) -> T + Sync) -> Vec<T> {
+    let Some((&first, others)) = parts.split_first() else {
+        return Vec::new();
+    };
+    let work = &work;
     std::thread::scope(|scope| {
-        let others: Vec<_> = runs[1..]
+        let others: Vec<_> = others
             .iter()
-            .map(|&run| (run, spawn_loader(scope, move || parse_lines(run))))
+            .map(|&part| (part, spawn_loader(scope, move || work(part))))
             .collect();
-        let mut changes = parse_lines(runs[0]);
-        for (run, other) in others {
-            // A run whose thread could not be started, or failed (a parse
-            // does not panic on bad input), is parsed here.
-            changes.extend(
-                other
-                    .and_then(|other| other.join().ok())
-                    .unwrap_or_else(|| parse_lines(run)),
-            );
-        }
-        changes
+        let mut done = vec![work(first)];
+        done.extend(others.into_iter().map(|(part, other)| {
+            other
+                .and_then(|other| other.join().ok())
+                .unwrap_or_else(|| work(part))
+        }));
+        done
     })
 }
 
