@@ -2,16 +2,63 @@
 //! sending its next request as soon as the last answer is read whole, with
 //! every latency recorded in an HDR histogram (microseconds).
 
+use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+
+/// Where every load writes each of its requests, when asked (`--trace-dir`):
+/// a histogram says how slow the slowest 1 % were, a trace says when they
+/// happened and on which connections (`scripts/latency-windows.py` reads
+/// it).
+static TRACE_DIR: OnceLock<PathBuf> = OnceLock::new();
+static TRACES_WRITTEN: AtomicU64 = AtomicU64::new(0);
+
+/// Each load from now on writes `DIR/load-NNN.tsv`, numbered in the order
+/// the loads run: one line per request, its start (wall clock, in
+/// microseconds since the Unix epoch, to lay beside `perf` or a router's
+/// log), its latency in microseconds and its connection.
+pub fn trace_into(dir: PathBuf) {
+    let _ = TRACE_DIR.set(dir);
+}
+
+/// One request as the trace records it.
+struct Traced {
+    started_unix_us: u64,
+    latency_us: u64,
+}
+
+fn unix_us(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros() as u64)
+}
+
+fn write_trace(dir: &std::path::Path, connections: &[Vec<Traced>]) -> std::io::Result<PathBuf> {
+    let number = TRACES_WRITTEN.fetch_add(1, Ordering::Relaxed) + 1;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("load-{number:03}.tsv"));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    writeln!(out, "start_unix_us\tlatency_us\tconnection")?;
+    for (connection, requests) in connections.iter().enumerate() {
+        for request in requests {
+            writeln!(
+                out,
+                "{}\t{}\t{connection}",
+                request.started_unix_us, request.latency_us
+            )?;
+        }
+    }
+    out.flush()?;
+    Ok(path)
+}
 
 /// Builds request number `n`.
 pub type MakeRequest = Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>;
@@ -120,15 +167,39 @@ pub async fn run(
         elapsed: Duration::ZERO,
         latency_us: new_histogram(),
     };
+    let mut traces = Vec::new();
     for worker in workers {
-        if let Ok((requests, errors, histogram)) = worker.await {
-            result.requests += requests;
-            result.errors += errors;
-            let _ = result.latency_us.add(histogram);
+        if let Ok(seen) = worker.await {
+            result.requests += seen.requests;
+            result.errors += seen.errors;
+            let _ = result.latency_us.add(seen.histogram);
+            traces.extend(seen.trace);
         }
     }
     result.elapsed = started.elapsed();
+    if let Some(dir) = TRACE_DIR.get() {
+        match write_trace(dir, &traces) {
+            Ok(path) => eprintln!(
+                "   trace of {} requests: {}",
+                result.requests,
+                path.display()
+            ),
+            Err(error) => eprintln!(
+                "   could not write the trace into {}: {error}",
+                dir.display()
+            ),
+        }
+    }
     result
+}
+
+/// What one connection saw.
+struct ConnectionResult {
+    requests: u64,
+    errors: u64,
+    histogram: Histogram<u64>,
+    /// Each request, when tracing.
+    trace: Option<Vec<Traced>>,
 }
 
 async fn connect(
@@ -151,8 +222,9 @@ async fn connection_loop(
     total: u64,
     issued: Arc<AtomicU64>,
     make: MakeRequest,
-) -> (u64, u64, Histogram<u64>) {
+) -> ConnectionResult {
     let mut histogram = new_histogram();
+    let mut trace = TRACE_DIR.get().map(|_| Vec::new());
     let (mut requests, mut errors) = (0u64, 0u64);
     let mut sender = None;
     loop {
@@ -173,6 +245,7 @@ async fn connection_loop(
             continue;
         };
         let request = make(n);
+        let begun_wall = trace.as_ref().map(|_| SystemTime::now());
         let begun = Instant::now();
         let ok = match current.send_request(request).await {
             Ok(response) => {
@@ -193,14 +266,26 @@ async fn connection_loop(
                 false
             }
         };
-        let _ = histogram.record(begun.elapsed().as_micros().max(1) as u64);
+        let latency_us = begun.elapsed().as_micros().max(1) as u64;
+        let _ = histogram.record(latency_us);
+        if let (Some(trace), Some(begun_wall)) = (trace.as_mut(), begun_wall) {
+            trace.push(Traced {
+                started_unix_us: unix_us(begun_wall),
+                latency_us,
+            });
+        }
         requests += 1;
         if !ok {
             errors += 1;
             sender = None;
         }
     }
-    (requests, errors, histogram)
+    ConnectionResult {
+        requests,
+        errors,
+        histogram,
+        trace,
+    }
 }
 
 /// Time to the first body byte and to the end, for one streamed request.

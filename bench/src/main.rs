@@ -45,10 +45,18 @@ struct Args {
     /// ~/.cache/llm-router-bench/peers/bin, where scripts/bench.sh puts them).
     #[arg(long)]
     peers_dir: Option<PathBuf>,
+    /// Write every request of every load into DIR/load-NNN.tsv (start,
+    /// latency, connection), to see when the slow ones happened:
+    /// `python3 scripts/latency-windows.py DIR/load-001.tsv`.
+    #[arg(long, value_name = "DIR")]
+    trace_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(dir) = &args.trace_dir {
+        load::trace_into(dir.clone());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.max(1))
         .enable_all()
