@@ -376,24 +376,9 @@ fn parts_for(bytes: usize) -> usize {
 
 /// [`parse_snapshot`] in at most `parts` parts.
 fn parse_snapshot_in(mut bytes: Vec<u8>, parts: usize) -> Result<Records, serde_json::Error> {
-    let agents = match agent_boundaries(&bytes, parts) {
-        Some(commas) if !commas.is_empty() => {
-            for &comma in &commas {
-                bytes[comma] = b']';
-                bytes[comma + 1] = b'[';
-            }
-            match parse_parts(&bytes, &commas) {
-                Some(agents) => agents,
-                None => {
-                    for &comma in &commas {
-                        bytes[comma] = b',';
-                        bytes[comma + 1] = b'\n';
-                    }
-                    parse_json::<LoadedAgents>(&bytes)?.0
-                }
-            }
-        }
-        _ => parse_json::<LoadedAgents>(&bytes)?.0,
+    let agents = match parse_agents_in_parts(&mut bytes, parts) {
+        Some(agents) => agents,
+        None => parse_json::<LoadedAgents>(&bytes)?.0,
     };
     let mut records = Records::with_capacity(agents.len());
     for agent in agents {
@@ -402,38 +387,75 @@ fn parse_snapshot_in(mut bytes: Vec<u8>, parts: usize) -> Result<Records, serde_
     Ok(records)
 }
 
-/// The position of the `,` after each of `parts - 1` agents spread evenly
-/// through `bytes`; `None` when the file does not have the router's layout.
-fn agent_boundaries(bytes: &[u8], parts: usize) -> Option<Vec<usize>> {
-    let finder = memchr::memmem::Finder::new(AGENT_BOUNDARY);
-    let mut commas: Vec<usize> = Vec::with_capacity(parts.saturating_sub(1));
-    for part in 1..parts {
-        let from = (bytes.len() / parts * part).max(commas.last().map_or(0, |comma| comma + 1));
-        let found = finder.find(&bytes[from..])?;
-        // The comma is after the newline, two spaces and the brace.
-        commas.push(from + found + 4);
+/// The agents of a file in the router's layout, its parts parsed on
+/// threads of their own (the first on this one); `None`, with the bytes as
+/// they were, when the file has no agent boundary or a part does not parse.
+fn parse_agents_in_parts(bytes: &mut [u8], parts: usize) -> Option<Vec<Arc<NodeFacts>>> {
+    let cuts = agent_cuts(bytes, parts);
+    if cuts.is_empty() {
+        return None;
     }
-    Some(commas)
-}
-
-/// Each part parsed on a thread of its own (the first on this one);
-/// `None` if any part does not parse.
-fn parse_parts(bytes: &[u8], commas: &[usize]) -> Option<Vec<Arc<NodeFacts>>> {
-    let mut slices = Vec::with_capacity(commas.len() + 1);
-    let mut start = 0;
-    for &comma in commas {
-        slices.push(&bytes[start..=comma]);
-        start = comma + 1;
-    }
-    slices.push(&bytes[start..]);
-    let parsed = on_each_part(&slices, |part| {
+    let mark = |bytes: &mut [u8], (end, begin): (u8, u8)| {
+        for &cut in &cuts {
+            bytes[cut - 1] = end;
+            bytes[cut] = begin;
+        }
+    };
+    mark(bytes, (b']', b'['));
+    let parsed = on_each_part(&parts_between(bytes, &cuts), |part| {
         parse_json::<LoadedAgents>(part).ok().map(|loaded| loaded.0)
     });
-    let mut agents = Vec::with_capacity(parsed.iter().flatten().map(Vec::len).sum());
-    for part in parsed {
+    let agents = parsed.into_iter().try_fold(Vec::new(), |mut agents, part| {
         agents.extend(part?);
+        Some(agents)
+    });
+    if agents.is_none() {
+        mark(bytes, (b',', b'\n'));
     }
-    Some(agents)
+    agents
+}
+
+/// Where a snapshot in the router's layout is cut: on the newline just
+/// after a boundary's `,` (its fifth byte, after a newline, two spaces and
+/// the brace).
+fn agent_cuts(bytes: &[u8], parts: usize) -> Vec<usize> {
+    let finder = memchr::memmem::Finder::new(AGENT_BOUNDARY);
+    cuts_into_parts(bytes, parts, |rest| {
+        finder.find(rest).map(|found| found + 5)
+    })
+}
+
+/// Where a file is cut into at most `parts` parts of about equal size: for
+/// each share after the first, the first cut `next_cut` finds at or past
+/// its start (an offset into the bytes it is given). A part ends just
+/// before its cut and the next begins on it. Fewer cuts when no more are
+/// found; none when the file is too small or has no place to cut.
+fn cuts_into_parts(
+    bytes: &[u8],
+    parts: usize,
+    next_cut: impl Fn(&[u8]) -> Option<usize>,
+) -> Vec<usize> {
+    let mut cuts: Vec<usize> = Vec::with_capacity(parts.saturating_sub(1));
+    for part in 1..parts {
+        let from = (bytes.len() / parts * part).max(cuts.last().copied().unwrap_or(0));
+        match next_cut(&bytes[from..]) {
+            Some(offset) if from + offset < bytes.len() => cuts.push(from + offset),
+            _ => break,
+        }
+    }
+    cuts
+}
+
+/// The bytes between the cuts, in order.
+fn parts_between<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+    let mut parts = Vec::with_capacity(cuts.len() + 1);
+    let mut start = 0;
+    for &cut in cuts {
+        parts.push(&bytes[start..cut]);
+        start = cut;
+    }
+    parts.push(&bytes[start..]);
+    parts
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -533,17 +555,11 @@ fn parse_journal_in(bytes: &[u8], parts: usize) -> Vec<serde_json::Result<Change
             .map(parse_json::<Change>)
             .collect()
     };
-    let mut runs = Vec::with_capacity(parts);
-    let mut start = 0;
-    for part in 1..parts {
-        let from = (bytes.len() / parts * part).max(start);
-        if let Some(newline) = memchr::memchr(b'\n', &bytes[from..]) {
-            runs.push(&bytes[start..from + newline]);
-            start = from + newline + 1;
-        }
-    }
-    runs.push(&bytes[start..]);
-    on_each_part(&runs, parse_lines)
+    // A cut is just after a newline: each run but the last ends in one.
+    let cuts = cuts_into_parts(bytes, parts, |rest| {
+        memchr::memchr(b'\n', rest).map(|newline| newline + 1)
+    });
+    on_each_part(&parts_between(bytes, &cuts), parse_lines)
         .into_iter()
         .flatten()
         .collect()
@@ -640,14 +656,10 @@ mod tests {
         write_snapshot(dir.path(), agents, &[]).expect("snapshot");
         let bytes = fs::read(dir.path().join(SNAPSHOT_FILE)).expect("read");
         for parts in 2..=7 {
-            let commas = agent_boundaries(&bytes, parts).expect("the router's layout");
-            assert_eq!(commas.len(), parts - 1);
+            assert_eq!(agent_cuts(&bytes, parts).len(), parts - 1);
             let mut split = bytes.clone();
-            for &comma in &commas {
-                split[comma] = b']';
-                split[comma + 1] = b'[';
-            }
-            let agents = parse_parts(&split, &commas).expect("each part parses on its own");
+            let agents =
+                parse_agents_in_parts(&mut split, parts).expect("each part parses on its own");
             assert_eq!(agents.len(), 41);
             parses_as_whole(&bytes, parts);
         }
