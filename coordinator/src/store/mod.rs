@@ -17,11 +17,11 @@
 //! and replays the journal.
 
 mod files;
+mod inbox;
 pub mod postgres;
 mod stored;
 
 use std::path::PathBuf;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -110,7 +110,13 @@ pub trait RegistryStore: Send + Sync {
 }
 
 /// The answer to a change or a snapshot: resolves to `Ok` once durable.
-pub struct Acknowledgement(AcknowledgementState);
+pub struct Acknowledgement {
+    state: AcknowledgementState,
+    /// The writer to wake when this is first awaited (or dropped): a
+    /// change queued under the registry's lock wakes the writer only once
+    /// that lock is released (see `inbox`).
+    wake_writer: Option<Arc<inbox::Inbox<Command>>>,
+}
 
 enum AcknowledgementState {
     Waiting(oneshot::Receiver<Result<ChangeNumber, Arc<StoreError>>>),
@@ -123,13 +129,31 @@ impl Acknowledgement {
         let (sender, receiver) = oneshot::channel();
         (
             sender,
-            Acknowledgement(AcknowledgementState::Waiting(receiver)),
+            Acknowledgement {
+                state: AcknowledgementState::Waiting(receiver),
+                wake_writer: None,
+            },
         )
     }
 
     /// A change the store could not even take.
     pub fn failed(error: StoreError) -> Self {
-        Acknowledgement(AcknowledgementState::Failed(Some(Arc::new(error))))
+        Acknowledgement {
+            state: AcknowledgementState::Failed(Some(Arc::new(error))),
+            wake_writer: None,
+        }
+    }
+
+    fn wake_writer_once(&mut self) {
+        if let Some(inbox) = self.wake_writer.take() {
+            inbox.wake();
+        }
+    }
+}
+
+impl Drop for Acknowledgement {
+    fn drop(&mut self) {
+        self.wake_writer_once();
     }
 }
 
@@ -140,7 +164,9 @@ impl std::future::Future for Acknowledgement {
         self: std::pin::Pin<&mut Self>,
         context: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        match &mut self.get_mut().0 {
+        let this = self.get_mut();
+        this.wake_writer_once();
+        match &mut this.state {
             AcknowledgementState::Waiting(receiver) => std::pin::Pin::new(receiver)
                 .poll(context)
                 .map(|answer| answer.unwrap_or_else(|_| Err(Arc::new(StoreError::WriterStopped)))),
@@ -155,7 +181,17 @@ impl std::future::Future for Acknowledgement {
 /// which the registry reaches the writer thread that owns them.
 #[derive(Clone)]
 pub struct FileStore {
-    commands: mpsc::Sender<Command>,
+    commands: Arc<Sender>,
+}
+
+/// The sending side of the writer's inbox; when the last `FileStore` lets
+/// go of it, the writer drains the inbox, settles and stops.
+struct Sender(Arc<inbox::Inbox<Command>>);
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// The writer thread; joined on shutdown.
@@ -186,11 +222,11 @@ pub fn open(
     // changes it, and the writer only when it changes one the registry
     // still shares.
     let agents = committed.shared();
-    let (commands, receiver) = mpsc::channel();
+    let inbox = Arc::new(inbox::Inbox::new());
     let mut writer = Writer {
         files,
         committed,
-        receiver,
+        inbox: Arc::clone(&inbox),
         snapshot_interval: options.snapshot_interval,
         snapshot_when_quiet: options.snapshot_when_quiet,
         unsnapshotted_change: None,
@@ -223,7 +259,9 @@ pub fn open(
             source,
         })?;
     Ok((
-        FileStore { commands },
+        FileStore {
+            commands: Arc::new(Sender(inbox)),
+        },
         StoreWriter {
             thread: Some(thread),
         },
@@ -234,23 +272,26 @@ pub fn open(
 
 impl RegistryStore for FileStore {
     fn submit(&self, change: Change) -> Acknowledgement {
-        let (ack, acknowledgement) = Acknowledgement::channel();
-        match self.commands.send(Command::Commit { change, ack }) {
-            Ok(()) => acknowledgement,
+        let (ack, mut acknowledgement) = Acknowledgement::channel();
+        match self.commands.0.push(Command::Commit { change, ack }) {
+            Ok(()) => {
+                acknowledgement.wake_writer = Some(Arc::clone(&self.commands.0));
+                acknowledgement
+            }
             Err(_) => Acknowledgement::failed(StoreError::WriterStopped),
         }
     }
 
     fn record_seen(&self, seen: Vec<Seen>) {
         if !seen.is_empty() {
-            let _ = self.commands.send(Command::Seen(seen));
+            let _ = self.commands.0.send(Command::Seen(seen));
         }
     }
 
     /// Writes a snapshot now, if anything changed since the last one.
     fn snapshot_now(&self) -> Acknowledgement {
         let (ack, acknowledgement) = Acknowledgement::channel();
-        match self.commands.send(Command::Snapshot { ack }) {
+        match self.commands.0.send(Command::Snapshot { ack }) {
             Ok(()) => acknowledgement,
             Err(_) => Acknowledgement::failed(StoreError::WriterStopped),
         }
@@ -276,7 +317,7 @@ struct Writer {
     /// The committed records, in the registry's compact form (their shared
     /// strings are the registry's own).
     committed: Records,
-    receiver: mpsc::Receiver<Command>,
+    inbox: Arc<inbox::Inbox<Command>>,
     snapshot_interval: Duration,
     snapshot_when_quiet: Duration,
     /// The latest registration, update or deletion, while no snapshot
@@ -295,20 +336,13 @@ impl Writer {
     fn run(&mut self) {
         loop {
             let wait = self.until_next_snapshot();
-            let first = match self
-                .receiver
-                .recv_timeout(wait.max(Duration::from_millis(10)))
+            let mut batch = Vec::new();
+            if self
+                .inbox
+                .receive(wait.max(Duration::from_millis(10)), MAX_BATCH, &mut batch)
+                .is_err()
             {
-                Ok(command) => Some(command),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            let mut batch: Vec<Command> = first.into_iter().collect();
-            while batch.len() < MAX_BATCH {
-                match self.receiver.try_recv() {
-                    Ok(command) => batch.push(command),
-                    Err(_) => break,
-                }
+                break;
             }
             self.handle_batch(batch);
         }
