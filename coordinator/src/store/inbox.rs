@@ -150,17 +150,17 @@ mod tests {
                 let inbox = Arc::clone(&inbox);
                 std::thread::spawn(move || {
                     for n in 0..5_000u32 {
-                        inbox.push(sender * 10_000 + n).unwrap();
+                        inbox.push(sender * 10_000 + n).expect("open");
                         inbox.wake();
                     }
                 })
             })
             .collect();
         for sender in senders {
-            sender.join().unwrap();
+            sender.join().expect("sender");
         }
         inbox.close();
-        let seen = writer.join().unwrap();
+        let seen = writer.join().expect("writer");
         assert_eq!(seen.len(), 20_000);
         // Each sender's items arrive in the order it pushed them.
         for sender in 0..4u32 {
@@ -176,7 +176,7 @@ mod tests {
         let started = Instant::now();
         inbox
             .receive(Duration::from_millis(50), 10, &mut batch)
-            .unwrap();
+            .expect("received");
         assert!(batch.is_empty());
         assert!(started.elapsed() >= Duration::from_millis(50));
 
@@ -186,7 +186,7 @@ mod tests {
                 let mut batch = Vec::new();
                 inbox
                     .receive(Duration::from_secs(60), 10, &mut batch)
-                    .unwrap();
+                    .expect("received");
                 batch
             })
         };
@@ -194,21 +194,21 @@ mod tests {
         while !inbox.lock().writer_waiting {
             std::thread::yield_now();
         }
-        inbox.push(9).unwrap();
+        inbox.push(9).expect("received");
         inbox.wake();
-        assert_eq!(writer.join().unwrap(), vec![9]);
+        assert_eq!(writer.join().expect("writer"), vec![9]);
     }
 
     #[test]
     fn a_closed_inbox_refuses_items_and_ends_after_the_last() {
         let inbox = Inbox::new();
-        inbox.send(1).unwrap();
+        inbox.send(1).expect("received");
         inbox.close();
         assert!(inbox.push(2).is_err());
         let mut batch = Vec::new();
         inbox
             .receive(Duration::from_secs(1), 10, &mut batch)
-            .unwrap();
+            .expect("received");
         assert_eq!(batch, vec![1]);
         assert!(inbox
             .receive(Duration::from_secs(1), 10, &mut batch)
