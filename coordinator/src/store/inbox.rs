@@ -194,7 +194,7 @@ mod tests {
         while !inbox.lock().writer_waiting {
             std::thread::yield_now();
         }
-        inbox.push(9).expect("received");
+        inbox.push(9).expect("open");
         inbox.wake();
         assert_eq!(writer.join().expect("writer"), vec![9]);
     }
@@ -202,7 +202,7 @@ mod tests {
     #[test]
     fn a_closed_inbox_refuses_items_and_ends_after_the_last() {
         let inbox = Inbox::new();
-        inbox.send(1).expect("received");
+        inbox.send(1).expect("open");
         inbox.close();
         assert!(inbox.push(2).is_err());
         let mut batch = Vec::new();
