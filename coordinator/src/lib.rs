@@ -16,6 +16,7 @@ pub mod proxy;
 pub mod record;
 pub mod registry;
 mod serve;
+mod sharded;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -734,6 +734,73 @@ async fn round_robin_selection_skips_offline_agents() {
     writer.join();
 }
 
+/// Sweeps are skipped while nobody can be late yet (the oldest sign of
+/// life plus the timeout): each agent still goes Offline at the first sweep
+/// past its own deadline, whatever the sweeps before it skipped, and one
+/// that comes back and falls silent again goes Offline again on time.
+#[tokio::test]
+async fn skipped_sweeps_still_catch_each_agent_at_its_own_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, writer, loaded, _) = store::open(store::StoreOptions {
+        data_dir: dir.path().to_path_buf(),
+        snapshot_interval: Duration::from_secs(60),
+        snapshot_when_quiet: Duration::ZERO,
+    })
+    .expect("store");
+    let timeout = Duration::from_secs(10);
+    let registry = Arc::new(Registry::new(loaded, timeout, 1_000, Box::new(store)));
+    let start = Instant::now();
+    let (first, _, _) = registry
+        .register(
+            registry_registration("early"),
+            coordinator::registry::IdentityProof::Open,
+        )
+        .await
+        .expect("register");
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let before_second = Instant::now();
+    let (second, _, _) = registry
+        .register(
+            registry_registration("late"),
+            coordinator::registry::IdentityProof::Open,
+        )
+        .await
+        .expect("register");
+    let second_seen = Instant::now();
+    // This sweep sets the next one due at the first agent's deadline, the
+    // older of the two.
+    assert_eq!(registry.sweep(second_seen), 0, "nobody is late yet");
+
+    // Sweeps up to the first agent's deadline: skipped or empty, the same.
+    for tenths in 1..100 {
+        assert_eq!(
+            registry.sweep(start + Duration::from_millis(tenths * 100)),
+            0
+        );
+    }
+    // Past the first's deadline (its sign of life came 30 ms or more
+    // before the second's) and before the second's: the first alone goes.
+    let between = before_second + timeout - Duration::from_millis(5);
+    assert_eq!(registry.sweep(between), 1, "the first agent is late");
+    let status = |id| registry.get(id).expect("kept").agent.status;
+    assert_eq!(status(first), common::AgentStatus::Offline);
+    assert_eq!(status(second), common::AgentStatus::Online);
+    // The second goes at its own deadline, not a sweep later.
+    assert_eq!(
+        registry.sweep(second_seen + timeout + Duration::from_millis(5)),
+        1
+    );
+
+    // Back, then silent again: caught at the new deadline.
+    registry.heartbeat(first, None).expect("heartbeat");
+    let back = Instant::now();
+    assert_eq!(registry.sweep(back + timeout - Duration::from_millis(5)), 0);
+    assert_eq!(registry.sweep(back + timeout + Duration::from_millis(5)), 1);
+    assert_eq!(status(first), common::AgentStatus::Offline);
+    drop(registry);
+    writer.join();
+}
+
 fn registry_registration(name: &str) -> coordinator::registry::Registration {
     coordinator::registry::Registration::try_from(support::typed_registration(name))
         .expect("a valid registration")

@@ -3,7 +3,6 @@
 //! read under the map's read lock. A full listing is these pages one after
 //! another, so that neither a page nor the whole ever copies the fleet.
 
-use std::collections::HashMap;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -12,7 +11,7 @@ use chrono::{DateTime, Utc};
 use common::{AgentStatus, AgentView};
 use uuid::Uuid;
 
-use super::{lock, AgentRecord, Maps, Registry};
+use super::{lock, AgentRecord, IdsByIdentity, Maps, Registry, SlotsById};
 use crate::record::NodeFacts;
 
 /// An agent's place in the listing. As a cursor it names where a page
@@ -59,14 +58,8 @@ impl ListCursor {
 }
 
 /// Each loaded agent's record, by id, and its place in the listing.
-fn records_of(
-    agents: &[Arc<NodeFacts>],
-    now: Instant,
-) -> (
-    foldhash::HashMap<Uuid, Arc<Mutex<AgentRecord>>>,
-    Vec<ListCursor>,
-) {
-    let mut by_id = foldhash::HashMap::with_capacity_and_hasher(agents.len(), Default::default());
+fn records_of(agents: &[Arc<NodeFacts>], now: Instant) -> (SlotsById, Vec<ListCursor>) {
+    let mut by_id = crate::sharded::ShardedMap::with_capacity(agents.len());
     let mut places = Vec::with_capacity(agents.len());
     for agent in agents {
         let record = AgentRecord::new(Arc::clone(agent), now, 0);
@@ -79,8 +72,8 @@ fn records_of(
 
 /// The identity map of loaded agents, and the ids of agents that share an
 /// identity with a later one (which is kept).
-fn identities_of(agents: &[Arc<NodeFacts>]) -> (HashMap<(String, u16), Uuid>, Vec<Uuid>) {
-    let mut by_identity = HashMap::with_capacity(agents.len());
+fn identities_of(agents: &[Arc<NodeFacts>]) -> (IdsByIdentity, Vec<Uuid>) {
+    let mut by_identity = crate::sharded::ShardedMap::with_capacity(agents.len());
     let mut dropped = Vec::new();
     for agent in agents {
         if let Some(previous) = by_identity.insert(agent.identity(), agent.id) {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use crate::record::{NodeFacts, RecentlyInterned};
 
-use super::{Change, Records, StoreError, StoredAgent};
+use super::{Change, Records, SharedRecords, StoreError, StoredAgent};
 
 const SNAPSHOT_FILE: &str = "agents.json";
 const BACKUP_FILE: &str = "agents.json.bak";
@@ -208,11 +208,11 @@ impl DataFiles {
 /// on into the live journal meanwhile.
 pub fn write_snapshot(
     dir: &Path,
-    mut agents: Vec<std::sync::Arc<NodeFacts>>,
+    agents: SharedRecords,
     covered: &[PathBuf],
 ) -> Result<(), StoreError> {
+    let mut agents: Vec<&NodeFacts> = agents.iter().map(|agent| &**agent).collect();
     agents.sort_by(|a, b| a.registered_at.cmp(&b.registered_at).then(a.id.cmp(&b.id)));
-    let agents: Vec<&NodeFacts> = agents.iter().map(|agent| &**agent).collect();
     let snapshot = dir.join(SNAPSHOT_FILE);
     let temp = dir.join(SNAPSHOT_TEMP);
     // Streamed one agent at a time: a large fleet's snapshot is never
@@ -653,7 +653,7 @@ mod tests {
         let mut again = (*agents[3]).clone();
         again.machine_name = "node-3-renamed".into();
         agents.push(Arc::new(again));
-        write_snapshot(dir.path(), agents, &[]).expect("snapshot");
+        write_snapshot(dir.path(), SharedRecords::listed(agents), &[]).expect("snapshot");
         let bytes = fs::read(dir.path().join(SNAPSHOT_FILE)).expect("read");
         for parts in 2..=7 {
             assert_eq!(agent_cuts(&bytes, parts).len(), parts - 1);

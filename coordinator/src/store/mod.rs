@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 use crate::record::NodeFacts;
 pub(crate) use files::spawn_loader;
 pub use files::LoadReport;
-pub use stored::{Change, Records, Seen, StoredAgent};
+pub use stored::{Change, Records, Seen, SharedRecords, StoredAgent};
 
 /// A journal this large is folded into a snapshot at once.
 const JOURNAL_BYTES_BEFORE_SNAPSHOT: u64 = 64 * 1024 * 1024;
@@ -221,7 +221,7 @@ pub fn open(
     // Shared, not copied: the registry copies an agent only when it
     // changes it, and the writer only when it changes one the registry
     // still shares.
-    let agents = committed.shared();
+    let agents = committed.shared().iter().cloned().collect();
     let inbox = Arc::new(inbox::Inbox::new());
     let mut writer = Writer {
         files,
