@@ -20,8 +20,10 @@ pub struct Sweeper {
 }
 
 impl Sweeper {
-    /// Sweeps at least every 500 ms (more often with a short timeout) and
-    /// flushes liveness to the store every `flush_interval`.
+    /// Ticks at least every 500 ms (more often with a short timeout): a
+    /// sweep, skipped while nobody can be late yet (`Registry::sweep`), and
+    /// every `flush_interval` a flush of liveness to the store, skipped
+    /// when no record was touched.
     pub fn start(registry: Arc<Registry>, flush_interval: Duration) -> std::io::Result<Self> {
         let (stop, stopped) = mpsc::channel::<()>();
         let sweep_every = (registry.agent_timeout() / 4)
