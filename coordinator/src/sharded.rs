@@ -18,6 +18,9 @@ const SHARDS: usize = 64;
 #[derive(Debug)]
 pub(crate) struct ShardedMap<K, V, S> {
     shards: Box<[HashMap<K, V, S>]>,
+    /// Entries in all shards: counted here, since the registry and the
+    /// writer ask on every change.
+    len: usize,
     /// Picks a key's shard: seeded per map, as the shards' own hashers.
     pick: foldhash::fast::RandomState,
 }
@@ -30,6 +33,7 @@ impl<K: Hash + Eq, V, S: BuildHasher + Default> ShardedMap<K, V, S> {
             shards: (0..SHARDS)
                 .map(|_| HashMap::with_capacity_and_hasher(each, S::default()))
                 .collect(),
+            len: 0,
             pick: foldhash::fast::RandomState::default(),
         }
     }
@@ -57,7 +61,11 @@ impl<K: Hash + Eq, V, S: BuildHasher + Default> ShardedMap<K, V, S> {
 
     pub(crate) fn insert(&mut self, key: K, value: V) -> Option<V> {
         let shard = self.shard_of(&key);
-        self.shards[shard].insert(key, value)
+        let replaced = self.shards[shard].insert(key, value);
+        if replaced.is_none() {
+            self.len += 1;
+        }
+        replaced
     }
 
     pub(crate) fn remove<Q>(&mut self, key: &Q) -> Option<V>
@@ -66,24 +74,24 @@ impl<K: Hash + Eq, V, S: BuildHasher + Default> ShardedMap<K, V, S> {
         Q: Hash + Eq + ?Sized,
     {
         let shard = self.shard_of(key);
-        self.shards[shard].remove(key)
-    }
-
-    pub(crate) fn entry(&mut self, key: K) -> std::collections::hash_map::Entry<'_, K, V> {
-        let shard = self.shard_of(&key);
-        self.shards[shard].entry(key)
+        let removed = self.shards[shard].remove(key);
+        if removed.is_some() {
+            self.len -= 1;
+        }
+        removed
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(HashMap::len).sum()
+        self.len
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.shards.iter().all(HashMap::is_empty)
+        self.len == 0
     }
 
     pub(crate) fn clear(&mut self) {
         self.shards.iter_mut().for_each(HashMap::clear);
+        self.len = 0;
     }
 
     pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
@@ -128,18 +136,16 @@ mod tests {
             map.keys().filter(|key| key.starts_with("node-1")).count(),
             1_111
         );
-        match map.entry("node-3".into()) {
-            std::collections::hash_map::Entry::Vacant(vacant) => {
-                vacant.insert(33);
-            }
-            std::collections::hash_map::Entry::Occupied(_) => panic!("node-3 was removed"),
-        }
+        assert_eq!(map.insert("node-3".into(), 33), None);
         assert_eq!(map.get("node-3"), Some(&33));
-        // Every shard takes a share: no shard holds more than twice its
-        // even share of 10,000 keys.
+        assert_eq!(map.len(), 10_000);
+        // Every shard takes a share: each holds between half and twice its
+        // even share of the 10,000 keys.
         assert!(map
             .shards
             .iter()
-            .all(|shard| shard.len() < 2 * 10_000 / SHARDS));
+            .all(|shard| (10_000 / SHARDS / 2..2 * 10_000 / SHARDS).contains(&shard.len())));
+        map.clear();
+        assert!(map.is_empty() && map.get("node-3").is_none());
     }
 }

@@ -1002,10 +1002,8 @@ impl Registry {
                     let record = lock(&slot);
                     (record.agent.id, record.agent.identity())
                 };
-                if let std::collections::hash_map::Entry::Vacant(vacant) =
-                    maps.by_identity.entry(identity)
-                {
-                    vacant.insert(id);
+                if !maps.by_identity.contains_key(&identity) {
+                    maps.by_identity.insert(identity, id);
                     maps.add(slot);
                 }
             }
