@@ -404,7 +404,7 @@ impl Writer {
         let worth_it = self.unsnapshotted_change.is_some()
             || self.snapshot_dirty
             || self.files.has_closed_segments()
-            || self.files.journal_bytes() >= self.files.snapshot_bytes();
+            || self.files.journal_bytes() >= self.snapshot_size;
         if worth_it {
             self.snapshot_and_wait()
         } else {

@@ -337,7 +337,6 @@ pub struct Records {
 #[derive(Debug, Clone)]
 pub struct SharedRecords {
     pages: Vec<Arc<Page>>,
-    len: usize,
 }
 
 impl SharedRecords {
@@ -345,12 +344,11 @@ impl SharedRecords {
     /// what a snapshot file holds when a hand edit repeated an id.
     #[cfg(test)]
     pub fn listed(agents: Vec<Arc<NodeFacts>>) -> Self {
-        let len = agents.len();
         let pages = agents
             .chunks(PAGE)
             .map(|page| Arc::new(page.iter().cloned().map(Some).collect()))
             .collect();
-        SharedRecords { pages, len }
+        SharedRecords { pages }
     }
 
     /// The records in first-seen order.
@@ -358,12 +356,10 @@ impl SharedRecords {
         self.pages.iter().flat_map(|page| page.iter().flatten())
     }
 
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// How many records the view holds (only tests ask).
+    #[cfg(test)]
+    pub fn count(&self) -> usize {
+        self.iter().count()
     }
 }
 
@@ -429,7 +425,6 @@ impl Records {
     pub fn shared(&self) -> SharedRecords {
         SharedRecords {
             pages: self.pages.clone(),
-            len: self.places.len(),
         }
     }
 
@@ -608,7 +603,7 @@ mod tests {
         records.apply(Change::Upsert(Arc::new(named(99_999))));
 
         let frozen: Vec<&Arc<NodeFacts>> = view.iter().collect();
-        assert_eq!((view.len(), frozen.len()), (2 * PAGE + 10, 2 * PAGE + 10));
+        assert_eq!((view.count(), frozen.len()), (2 * PAGE + 10, 2 * PAGE + 10));
         assert_eq!(&*frozen[0].machine_name, "gpu-0");
         assert_eq!(frozen[PAGE + 1].id, ids[PAGE + 1]);
         assert_eq!(frozen[2 * PAGE + 3].status, AgentStatus::Online);
