@@ -370,8 +370,15 @@ fn parse_snapshot(bytes: Vec<u8>) -> Result<Records, serde_json::Error> {
 /// How many parts a file of `bytes` is read in: one per core, at most
 /// [`MOST_PARTS`], none under [`PART_BYTES`] (at least one).
 fn parts_for(bytes: usize) -> usize {
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    threads.min(MOST_PARTS).min(bytes / PART_BYTES).max(1)
+    load_threads().min(bytes / PART_BYTES).max(1)
+}
+
+/// How many threads a large load's work is shared by: one per core, at
+/// most [`MOST_PARTS`].
+pub(crate) fn load_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(MOST_PARTS)
 }
 
 /// [`parse_snapshot`] in at most `parts` parts.
@@ -526,19 +533,21 @@ fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Res
 }
 
 fn replay_journal(bytes: &[u8], agents: &mut Records, report: &mut LoadReport) {
-    for change in parse_journal_in(bytes, parts_for(bytes.len())) {
-        match change {
+    let changes = parse_journal_in(bytes, parts_for(bytes.len()))
+        .into_iter()
+        .filter_map(|change| match change {
             Ok(change) => {
-                agents.apply(change);
                 report.journal_replayed += 1;
+                Some(change)
             }
             Err(error) => {
                 // Only a write that was never acknowledged can be torn.
                 tracing::warn!(%error, "Skipped a journal line that does not parse.");
                 report.journal_skipped += 1;
+                None
             }
-        }
-    }
+        });
+    agents.apply_all(changes);
     if report.journal_replayed > 0 {
         tracing::info!(records = report.journal_replayed, "Replayed the journal.");
     }
@@ -565,25 +574,30 @@ fn parse_journal_in(bytes: &[u8], parts: usize) -> Vec<serde_json::Result<Change
         .collect()
 }
 
-/// `work` done on each part, the results in the parts' order: the first
-/// part on this thread, each other on a load thread of its own. A part
-/// whose thread could not be started, or failed (a parse does not panic on
-/// bad input), is done here.
+/// `work` done on each part, the results in the parts' order (see
+/// [`on_each_share`]).
 fn on_each_part<'a, T: Send>(parts: &[&'a [u8]], work: impl Fn(&'a [u8]) -> T + Sync) -> Vec<T> {
-    let Some((&first, others)) = parts.split_first() else {
+    on_each_share(parts.len(), |share| work(parts[share]))
+}
+
+/// `work(share)` for each share in `0..shares`, the results in that order:
+/// the first on this thread, each other on a load thread of its own. A
+/// share whose thread could not be started, or failed (a parse does not
+/// panic on bad input), is done here.
+pub(crate) fn on_each_share<T: Send>(shares: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    if shares == 0 {
         return Vec::new();
-    };
+    }
     let work = &work;
     std::thread::scope(|scope| {
-        let others: Vec<_> = others
-            .iter()
-            .map(|&part| (part, spawn_loader(scope, move || work(part))))
+        let others: Vec<_> = (1..shares)
+            .map(|share| (share, spawn_loader(scope, move || work(share))))
             .collect();
-        let mut done = vec![work(first)];
-        done.extend(others.into_iter().map(|(part, other)| {
+        let mut done = vec![work(0)];
+        done.extend(others.into_iter().map(|(share, other)| {
             other
                 .and_then(|other| other.join().ok())
-                .unwrap_or_else(|| work(part))
+                .unwrap_or_else(|| work(share))
         }));
         done
     })

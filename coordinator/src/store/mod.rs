@@ -439,15 +439,19 @@ impl Writer {
                         elapsed_us = started.elapsed().as_micros() as u64,
                         "Journal batch committed."
                     );
-                    for change in changes {
-                        if !matches!(change, Change::Seen(_)) {
-                            self.unsnapshotted_change = Some(Instant::now());
-                        }
-                        self.committed.apply(change);
-                    }
+                    // Durable now: the waiting requests are answered
+                    // before the writer's own copy catches up, which for a
+                    // flush of a large fleet's liveness takes milliseconds.
                     for ack in commit_acks {
                         let _ = ack.send(Ok(0));
                     }
+                    if changes
+                        .iter()
+                        .any(|change| !matches!(change, Change::Seen(_)))
+                    {
+                        self.unsnapshotted_change = Some(Instant::now());
+                    }
+                    self.committed.apply_all(changes);
                 }
                 Err(error) => {
                     let error = Arc::new(error);
