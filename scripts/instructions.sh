@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # User-space instructions the router spends per proxied request, per
-# `GET /health` and per heartbeat, counted by valgrind's callgrind. The
-# count repeats to about 1 % (0.3 % for /health), where CPU time on this
-# shared two-core machine moves 5 % and throughput 10 %. It is the A/B
-# measure for a change of a few percent in the router's own work (see
+# `GET /health`, per heartbeat and per registration, counted by valgrind's
+# callgrind. The count repeats to about 1 % (0.3 % for /health), where CPU
+# time on this shared two-core machine moves 5 % and throughput 10 %. It is
+# the A/B measure for a change of a few percent in the router's own work (see
 # BENCHMARKS.md); it does not count the kernel's part, which is the same
 # for every proxy (four socket calls per request).
 #
@@ -19,7 +19,11 @@
 # `GET /health` are counted. For heartbeats, 1,000 agents are registered
 # (on loopback ports where nothing listens, health checks off, as in the
 # suite's fleet), each heartbeats once to warm up, then REQUESTS
-# heartbeats with the suite's report body go round them. Needs valgrind
+# heartbeats with the suite's report body go round them. Registrations:
+# 300 to warm up, then REQUESTS more, each a new machine with the suite's
+# storm body, counted at the router's default log level (their log line
+# is part of their cost; the other requests log nothing). The writer
+# thread's journal lines and fsyncs are counted with them. Needs valgrind
 # and nginx (installed from Debian's packages when missing) and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -112,6 +116,9 @@ if command == "register":
     sys.exit(0 if answer.status in (200, 201) else f"registration answered {answer.status}")
 count, path = int(sys.argv[3]), sys.argv[4]
 body = b'{"model":"bench","messages":[{"role":"user","content":"Why is the sky blue?"}]}'
+# Each registration a new machine: the warm-up and the counted run must not
+# reuse a name, or the router would answer re-registrations instead.
+first_machine = int(sys.argv[5]) if path == "register" else 0
 if path == "heartbeat":
     ids = json.load(open(sys.argv[5]))
     # The suite's heartbeat body (bench/src/scenarios.rs, HEARTBEAT_BODY).
@@ -122,22 +129,34 @@ for n in range(count):
     elif path == "heartbeat":
         agent = ids[(n * 7919) % len(ids)]
         connection.request("POST", f"/api/agents/{agent}/heartbeat", body, {"Content-Type": "application/json"})
+    elif path == "register":
+        # The suite's storm body (bench/src/scenarios.rs, fleet_registration).
+        machine = first_machine + n
+        node = {"machine_name": f"gpu-{machine:06}", "ip_address": f"127.{(machine >> 16) & 255}.{(machine >> 8) & 255}.{max(machine & 255, 2)}",
+                "port": 11434, "runtime_version": "0.5.7",
+                "system_info": {"os": "Linux", "arch": "x86_64", "cpu_cores": 32, "total_memory": 137438953472},
+                "models": ["llama3.1:8b", "qwen2.5:7b"]}
+        connection.request("POST", "/api/agents/register", json.dumps(node), {"Content-Type": "application/json"})
     else:
         connection.request("POST", path, body, {"Content-Type": "application/json"})
     answer = connection.getresponse()
     answer.read()
-    if answer.status != 200:
+    if answer.status != (201 if path == "register" else 200):
         sys.exit(f"{path} answered {answer.status}")
 PY
 
 # Instructions per request of `binary` on `path` (or per heartbeat).
 count() {
   local binary="$1" path="$2"
-  local port warm_up=300 checks=()
+  local port log_level warm_up=300 checks=()
   port="$(free_port)"
   rm -rf "$work/data" "$work"/callgrind.out*
-  [ "$path" = heartbeat ] && checks=(--health-check-interval 0)
-  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
+  [ "$path" = heartbeat ] || [ "$path" = register ] && checks=(--health-check-interval 0)
+  # A registration's log line is part of its cost, so it is counted at the
+  # router's default level; the other requests log nothing at either level.
+  log_level=warn
+  [ "$path" = register ] && log_level=info
+  RUST_LOG="$log_level" valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
     "$binary" --host 127.0.0.1 --port "$port" --data-dir "$work/data" --agent-timeout 3600 \
     "${checks[@]}" > "$work/router.log" 2>&1 &
   router_pid=$!
@@ -147,9 +166,13 @@ count() {
   else
     python3 "$work/client.py" "$port" register "$server_port"
   fi
-  python3 "$work/client.py" "$port" requests "$warm_up" "$path" "$work/ids.json"
+  # The last argument: the fleet's ids for heartbeats, the number of the
+  # first new machine for registrations.
+  local warm_up_from="$work/ids.json" counted_from="$work/ids.json"
+  [ "$path" = register ] && warm_up_from=0 && counted_from="$warm_up"
+  python3 "$work/client.py" "$port" requests "$warm_up" "$path" "$warm_up_from"
   callgrind_control -z "$router_pid" > /dev/null 2>&1
-  python3 "$work/client.py" "$port" requests "$REQUESTS" "$path" "$work/ids.json"
+  python3 "$work/client.py" "$port" requests "$REQUESTS" "$path" "$counted_from"
   callgrind_control -d "$router_pid" > /dev/null 2>&1
   kill "$router_pid"
   wait "$router_pid" 2>/dev/null || true
@@ -163,8 +186,8 @@ count() {
   echo $((total / REQUESTS))
 }
 
-printf '%-40s %14s %14s %14s\n' "binary" "chat Ir/req" "/health Ir/req" "heartbeat Ir"
+printf '%-40s %14s %14s %14s %14s\n' "binary" "chat Ir/req" "/health Ir/req" "heartbeat Ir" "register Ir"
 for binary in "$@"; do
-  printf '%-40s %14s %14s %14s\n' "$binary" "$(count "$binary" /v1/chat/completions)" \
-    "$(count "$binary" /health)" "$(count "$binary" heartbeat)"
+  printf '%-40s %14s %14s %14s %14s\n' "$binary" "$(count "$binary" /v1/chat/completions)" \
+    "$(count "$binary" /health)" "$(count "$binary" heartbeat)" "$(count "$binary" register)"
 done
