@@ -455,7 +455,14 @@ impl Records {
     /// those on its pages. An agent seen twice is written by one thread,
     /// in order, so the later time stays, as one by one.
     pub fn apply_seen(&mut self, runs: Vec<Vec<Seen>>) {
-        self.apply_seen_on(runs, super::files::load_threads());
+        // Asking for the cores reads the cgroup's files: only a long run
+        // asks (every commit of a registration comes through here).
+        let threads = if runs.iter().map(Vec::len).sum::<usize>() < SEEN_ON_THREADS {
+            1
+        } else {
+            super::files::load_threads()
+        };
+        self.apply_seen_on(runs, threads);
     }
 
     /// [`Records::apply_seen`] on `threads` threads.
