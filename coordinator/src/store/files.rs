@@ -15,6 +15,9 @@ use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::AgentStatus;
+use uuid::Uuid;
+
 use crate::record::{NodeFacts, RecentlyInterned};
 
 use super::{Change, Records, SharedRecords, StoreError, StoredAgent};
@@ -132,10 +135,16 @@ impl DataFiles {
     pub fn append(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         let mut buffer = Vec::with_capacity(changes.len() * 512);
         for change in changes {
-            // Serializing our own types cannot fail; skip defensively if it does.
-            if serde_json::to_writer(&mut buffer, change).is_ok() {
-                buffer.push(b'\n');
+            match change {
+                Change::Seen(agents) => write_seen_line(&mut buffer, agents),
+                // Serializing our own types cannot fail; skip defensively if it does.
+                change => {
+                    if serde_json::to_writer(&mut buffer, change).is_err() {
+                        continue;
+                    }
+                }
             }
+            buffer.push(b'\n');
         }
         let result = self
             .journal
@@ -338,6 +347,37 @@ impl<'de> serde::Deserialize<'de> for LoadedAgents {
         }
         deserializer.deserialize_seq(Visitor)
     }
+}
+
+/// A `seen` line, byte for byte as serde_json writes `Change::Seen`, at a
+/// fifth of its cost: serde_json escapes every string it writes, and a line
+/// holds three per agent. A flush of 100,000 agents' liveness took 24 to
+/// 38 ms to serialize, on the writer, with that batch's commits waiting
+/// (issue 16, twelfth session). Ids, numbers and status names never need
+/// escaping; the status names are still serde's, written once a line.
+fn write_seen_line(buffer: &mut Vec<u8>, agents: &[super::Seen]) {
+    let name = |status: AgentStatus| serde_json::to_vec(&status).unwrap_or_default();
+    let (online, offline) = (name(AgentStatus::Online), name(AgentStatus::Offline));
+    let mut id_text = Uuid::encode_buffer();
+    let mut millis_text = itoa::Buffer::new();
+    buffer.reserve(agents.len() * 64 + 32);
+    buffer.extend_from_slice(br#"{"op":"seen","agents":["#);
+    for (n, super::Seen(id, last_seen, status)) in agents.iter().enumerate() {
+        if n > 0 {
+            buffer.push(b',');
+        }
+        buffer.extend_from_slice(b"[\"");
+        buffer.extend_from_slice(id.hyphenated().encode_lower(&mut id_text).as_bytes());
+        buffer.extend_from_slice(b"\",");
+        buffer.extend_from_slice(millis_text.format(last_seen.timestamp_millis()).as_bytes());
+        buffer.push(b',');
+        buffer.extend_from_slice(match status {
+            AgentStatus::Online => &online,
+            AgentStatus::Offline => &offline,
+        });
+        buffer.push(b']');
+    }
+    buffer.extend_from_slice(b"]}");
 }
 
 /// A file smaller than this (snapshot or journal) is read on one thread:
@@ -624,6 +664,55 @@ mod tests {
     fn facts(name: &str) -> NodeFacts {
         let registration = Registration::for_test(name, 11434);
         NodeFacts::registered(uuid::Uuid::new_v4(), &registration, chrono::Utc::now())
+    }
+
+    /// The journal's `seen` line, written without serde, is serde's own
+    /// line byte for byte: old and new journals read the same.
+    #[test]
+    fn a_seen_line_is_written_as_serde_writes_it() {
+        use super::super::Seen;
+        use chrono::TimeZone;
+        let at = |millis: i64| {
+            chrono::Utc
+                .timestamp_millis_opt(millis)
+                .single()
+                .expect("a time")
+        };
+        let lists = [
+            vec![],
+            vec![Seen(
+                Uuid::new_v4(),
+                at(1_764_000_000_123),
+                AgentStatus::Online,
+            )],
+            vec![
+                Seen(Uuid::nil(), at(0), AgentStatus::Offline),
+                Seen(Uuid::max(), at(-86_400_001), AgentStatus::Online),
+                Seen(
+                    Uuid::new_v4(),
+                    at(253_402_300_799_999),
+                    AgentStatus::Offline,
+                ),
+            ],
+        ];
+        for agents in lists {
+            let mut written = Vec::new();
+            write_seen_line(&mut written, &agents);
+            let change = Change::Seen(agents);
+            let by_serde = serde_json::to_vec(&change).expect("json");
+            assert_eq!(
+                String::from_utf8_lossy(&written),
+                String::from_utf8_lossy(&by_serde)
+            );
+            let Change::Seen(back) = serde_json::from_slice::<Change>(&written).expect("parses")
+            else {
+                panic!("a seen line");
+            };
+            let Change::Seen(agents) = change else {
+                unreachable!()
+            };
+            assert_eq!(back, agents);
+        }
     }
 
     /// Every stored field of every record, in the records' order.
