@@ -284,7 +284,8 @@ impl StreamedListing {
             }
             // An agent view always serialises (no map has non-string keys);
             // were one not to, it is left out rather than cut the array.
-            if let Err(error) = serde_json::to_writer(&mut chunk, agent) {
+            // sonic-rs: serde_json's bytes, in two thirds of the time.
+            if let Err(error) = sonic_rs::to_writer(&mut chunk, agent) {
                 chunk.truncate(before);
                 tracing::error!(%error, agent_id = %agent.agent.id, "An agent could not be listed.");
                 continue;
@@ -504,4 +505,55 @@ pub async fn drain(
     AuthorizedAgent(id, _): AuthorizedAgent<SelfOrAdmin>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(registry.drain(id)?))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The listing is written with sonic-rs for speed; clients get
+    /// serde_json's bytes all the same: the same escapes for quotes,
+    /// backslashes and control characters, non-ASCII as it is, the same
+    /// digits for floats.
+    #[test]
+    fn a_listed_agent_is_written_as_serde_json_writes_it() {
+        let tricky = "q\"b\\s/\u{0}\u{1f}\n\t\r\u{8}\u{c}\u{7f}é漢😀\u{2028}</script>";
+        for (cpu, memory) in [
+            (37.5, 68_719_476_736u64),
+            (0.1, 0),
+            (1e-7, u64::MAX),
+            (f32::MAX, 1),
+            (100.0, 42),
+        ] {
+            let view: common::AgentView = serde_json::from_value(serde_json::json!({
+                "id": uuid::Uuid::new_v4(),
+                "machine_name": tricky,
+                "ip_address": "127.0.0.2",
+                "port": 11434,
+                "runtime_version": tricky,
+                "status": "Online",
+                "registered_at": "2026-12-02T11:45:50.787175482Z",
+                "last_seen": "1969-12-31T23:59:59.999Z",
+                "system_info": {"os": tricky, "arch": "x86_64", "cpu_cores": 32, "total_memory": memory},
+                "models": [tricky, "llama3.1:8b", ""],
+                "backend": "openai",
+                "report": {
+                    "models": [tricky],
+                    "loaded_models": [],
+                    "requests_in_flight": 3,
+                    "llm_server_up": false,
+                    "cpu_usage_percent": cpu,
+                    "memory_used": memory,
+                },
+                "tls": true,
+                "max_concurrency": 4,
+                "in_flight": 2,
+                "draining": true,
+                "routable": false,
+                "state": "draining",
+            }))
+            .expect("a view");
+            let by_serde = serde_json::to_string(&view).expect("json");
+            let by_sonic = sonic_rs::to_string(&view).expect("json");
+            assert_eq!(by_sonic, by_serde);
+        }
+    }
 }
