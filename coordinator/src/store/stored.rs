@@ -610,6 +610,13 @@ mod tests {
         }
     }
 
+    /// Agent number `n`, in the registry's own form.
+    fn named(n: usize) -> NodeFacts {
+        let mut agent = stored("x").into_facts();
+        agent.machine_name = format!("gpu-{n}").into();
+        agent
+    }
+
     #[test]
     fn the_stored_form_round_trips_every_field_and_the_secrets_hash() {
         let agent = stored("gpu-1");
@@ -678,11 +685,6 @@ mod tests {
 
     #[test]
     fn a_shared_view_stays_as_it_was_while_changes_land_on_every_page() {
-        let named = |n: usize| {
-            let mut agent = stored("x").into_facts();
-            agent.machine_name = format!("gpu-{n}").into();
-            agent
-        };
         let mut records = Records::from_loaded((0..2 * PAGE + 10).map(named).collect());
         let ids: Vec<Uuid> = records.iter().map(|agent| agent.id).collect();
         let view = records.shared();
@@ -718,11 +720,6 @@ mod tests {
 
     #[test]
     fn liveness_applied_on_threads_is_liveness_applied_one_by_one() {
-        let named = |n: usize| {
-            let mut agent = stored("x").into_facts();
-            agent.machine_name = format!("gpu-{n}").into();
-            agent
-        };
         let agents: Vec<NodeFacts> = (0..4 * PAGE + 77).map(named).collect();
         let ids: Vec<Uuid> = agents.iter().map(|agent| agent.id).collect();
         let mut one_by_one = Records::from_loaded(agents.clone());
