@@ -89,19 +89,18 @@ fn spawn_event_loops(
     Ok(handles)
 }
 
-/// Nodes loaded from disk at an address the policy now refuses (it changed,
-/// or the file was edited) stay out of rotation until they register at an
-/// address it allows.
-fn hold_out_nodes_at_refused_addresses(
-    registry: &Registry,
+/// Why a node loaded from the store must stay out of rotation: the address
+/// policy now refuses where it is (the policy changed, or the file was
+/// edited). It stays out until it registers at an address the policy allows.
+fn refusal_of(
     policy: &node_address::NodeAddressPolicy,
-) {
-    registry.hold_out_where(|address| {
+) -> impl Fn(std::net::SocketAddr) -> Option<String> + Sync + '_ {
+    |address| {
         policy
             .check(address.ip(), address.port())
             .err()
             .map(|refusal| refusal.to_string())
-    });
+    }
 }
 
 /// The connection caps: as configured, or from the descriptor limit. Half
@@ -198,9 +197,16 @@ pub async fn run(
         None => Vec::new(),
     };
     let node_tls = tls::NodeClientConfigLoading::start(node_ca_certificates);
-    let (registry, durability) = match database {
-        None => open_files(&config)?,
-        Some(url) => open_database(&config, url, Arc::clone(&roster)).await?,
+    let node_addresses = Arc::new(node_address::NodeAddressPolicy::for_this_machine(
+        address,
+        config.node_networks.clone().unwrap_or_default().0,
+    ));
+    let (registry, durability) = {
+        let hold_out = refusal_of(&node_addresses);
+        match database {
+            None => open_files(&config, &hold_out)?,
+            Some(url) => open_database(&config, url, Arc::clone(&roster), &hold_out).await?,
+        }
     };
     let node_tls = node_tls.wait();
     let sweeper =
@@ -236,11 +242,6 @@ pub async fn run(
         config.proxy_options(),
         node_tls,
     ));
-    let node_addresses = Arc::new(node_address::NodeAddressPolicy::for_this_machine(
-        address,
-        config.node_networks.clone().unwrap_or_default().0,
-    ));
-    hold_out_nodes_at_refused_addresses(&registry, &node_addresses);
     let forwarder = Arc::new(api::forward::Forwarder {
         proxy: Arc::clone(&proxy),
         max_request_body: config.max_request_body,
@@ -351,7 +352,10 @@ impl Durability {
 /// The flush and poll interval of a shared database.
 const SHARED_STORE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
-fn open_files(config: &Config) -> anyhow::Result<(Arc<Registry>, Durability)> {
+fn open_files(
+    config: &Config,
+    hold_out: &registry::HoldOut<'_>,
+) -> anyhow::Result<(Arc<Registry>, Durability)> {
     let data_dir = config.data_dir();
     let (store, writer, agents, report) = store::open(store::StoreOptions {
         data_dir: data_dir.clone(),
@@ -372,6 +376,7 @@ fn open_files(config: &Config) -> anyhow::Result<(Arc<Registry>, Durability)> {
         config.agent_timeout,
         config.max_agents,
         Box::new(store),
+        hold_out,
     ));
     Ok((registry, Durability::Files(writer)))
 }
@@ -380,6 +385,7 @@ async fn open_database(
     config: &Config,
     url: store::postgres::DatabaseUrl,
     roster: Arc<store::RouterRoster>,
+    hold_out: &registry::HoldOut<'_>,
 ) -> anyhow::Result<(Arc<Registry>, Durability)> {
     let router = store::postgres::RouterIdentity {
         id: roster.this_router(),
@@ -407,6 +413,7 @@ async fn open_database(
         config.agent_timeout,
         config.max_agents,
         Box::new(store),
+        hold_out,
     ));
     let follower = registry::Follower::start(Arc::clone(&registry), news)?;
     Ok((registry, Durability::Database { workers, follower }))

@@ -693,7 +693,13 @@ async fn round_robin_selection_skips_offline_agents() {
     })
     .expect("store");
     let timeout = Duration::from_secs(60);
-    let registry = Arc::new(Registry::new(loaded, timeout, 1_000_000, Box::new(store)));
+    let registry = Arc::new(Registry::new(
+        loaded,
+        timeout,
+        1_000_000,
+        Box::new(store),
+        &|_| None,
+    ));
     assert!(
         select_available_agent(&registry).is_none(),
         "nobody to pick"
@@ -748,7 +754,13 @@ async fn skipped_sweeps_still_catch_each_agent_at_its_own_deadline() {
     })
     .expect("store");
     let timeout = Duration::from_secs(10);
-    let registry = Arc::new(Registry::new(loaded, timeout, 1_000, Box::new(store)));
+    let registry = Arc::new(Registry::new(
+        loaded,
+        timeout,
+        1_000,
+        Box::new(store),
+        &|_| None,
+    ));
     let start = Instant::now();
     let (first, _, _) = registry
         .register(

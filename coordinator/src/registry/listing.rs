@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use common::{AgentStatus, AgentView};
 use uuid::Uuid;
 
-use super::{lock, AgentRecord, IdsByIdentity, Maps, Registry, SlotsById};
+use super::{lock, AgentRecord, HoldOut, IdsByIdentity, Maps, Registry, SlotsById};
 use crate::record::NodeFacts;
 
 /// An agent's place in the listing. As a cursor it names where a page
@@ -57,12 +57,21 @@ impl ListCursor {
     }
 }
 
-/// Each loaded agent's record, by id, and its place in the listing.
-fn records_of(agents: &[Arc<NodeFacts>], now: Instant) -> (SlotsById, Vec<ListCursor>) {
+/// Each loaded agent's record, by id, and its place in the listing; a
+/// record at an address `hold_out` refuses is kept out of rotation.
+fn records_of(
+    agents: &[Arc<NodeFacts>],
+    now: Instant,
+    hold_out: &HoldOut,
+) -> (SlotsById, Vec<ListCursor>) {
     let mut by_id = crate::sharded::ShardedMap::with_capacity(agents.len());
     let mut places = Vec::with_capacity(agents.len());
     for agent in agents {
-        let record = AgentRecord::new(Arc::clone(agent), now, 0);
+        let mut record = AgentRecord::new(Arc::clone(agent), now, 0);
+        if let Some(reason) = hold_out(record.address()) {
+            tracing::warn!(agent_id = %agent.id, machine_name = &*agent.machine_name, "Kept out of rotation: {reason}.");
+            record.unreachable = true;
+        }
         places.push(ListCursor::of(&record));
         // The store holds one record per id, so none is replaced here.
         by_id.insert(record.agent.id, Arc::new(Mutex::new(record)));
@@ -101,16 +110,21 @@ impl Maps {
     /// agents took 70 ms for 105 M instructions: each agent's facts, its
     /// new record and two hash table slots are cache misses), so the
     /// identity map is built on a second thread beside the records.
-    pub(super) fn loaded(agents: Vec<Arc<NodeFacts>>, now: Instant) -> Maps {
+    pub(super) fn loaded(agents: Vec<Arc<NodeFacts>>, now: Instant, hold_out: &HoldOut) -> Maps {
         let two_threads = agents.len() >= Self::INDEX_ON_TWO_THREADS;
-        Self::loaded_on(agents, now, two_threads)
+        Self::loaded_on(agents, now, hold_out, two_threads)
     }
 
-    fn loaded_on(agents: Vec<Arc<NodeFacts>>, now: Instant, two_threads: bool) -> Maps {
+    fn loaded_on(
+        agents: Vec<Arc<NodeFacts>>,
+        now: Instant,
+        hold_out: &HoldOut,
+        two_threads: bool,
+    ) -> Maps {
         let (by_identity, dropped, (mut by_id, mut places)) = if two_threads {
             std::thread::scope(|scope| {
                 let identities = crate::store::spawn_loader(scope, || identities_of(&agents));
-                let records = records_of(&agents, now);
+                let records = records_of(&agents, now, hold_out);
                 // Built here instead if the thread could not be started,
                 // or failed (it only inserts into a map).
                 let (by_identity, dropped) = identities
@@ -120,7 +134,7 @@ impl Maps {
             })
         } else {
             let (by_identity, dropped) = identities_of(&agents);
-            (by_identity, dropped, records_of(&agents, now))
+            (by_identity, dropped, records_of(&agents, now, hold_out))
         };
         for previous in dropped {
             by_id.remove(&previous);
@@ -234,8 +248,8 @@ mod tests {
         // Same name, other port: another identity, kept.
         agents.push(agent("node-1", 9999, 60));
         let now = Instant::now();
-        let one = Maps::loaded_on(agents.clone(), now, false);
-        let two = Maps::loaded_on(agents.clone(), now, true);
+        let one = Maps::loaded_on(agents.clone(), now, &|_| None, false);
+        let two = Maps::loaded_on(agents.clone(), now, &|_| None, true);
         let ids = |maps: &Maps| {
             let mut ids: Vec<Uuid> = maps.by_id.keys().copied().collect();
             ids.sort();
@@ -258,8 +272,8 @@ mod tests {
         assert_eq!(ids(&two).len(), 51);
         // Now a true duplicate: the same name and port later in the load.
         agents.push(agent("node-7", 11434 + 7 % 3, 70));
-        let one = Maps::loaded_on(agents.clone(), now, false);
-        let two = Maps::loaded_on(agents.clone(), now, true);
+        let one = Maps::loaded_on(agents.clone(), now, &|_| None, false);
+        let two = Maps::loaded_on(agents.clone(), now, &|_| None, true);
         assert_eq!(ids(&one), ids(&two));
         assert_eq!(identities(&one), identities(&two));
         assert_eq!(order(&one), order(&two));
