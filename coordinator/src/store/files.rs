@@ -643,8 +643,10 @@ pub(crate) fn on_each_share<T: Send>(shares: usize, work: impl Fn(usize) -> T + 
     })
 }
 
-/// A thread of the load, or `None` when the system cannot start one (a
-/// thread limit): the caller then does the work itself rather than fail.
+/// A thread of the load (or of the writer's long runs of liveness, which
+/// share its work the same way), or `None` when the system cannot start
+/// one (a thread limit): the caller then does the work itself rather than
+/// fail.
 pub(crate) fn spawn_loader<'scope, T: Send + 'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
     work: impl FnOnce() -> T + Send + 'scope,
