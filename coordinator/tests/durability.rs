@@ -686,20 +686,14 @@ async fn round_robin_selection_skips_offline_agents() {
             .and_then(|plan| plan.into_iter().next())
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, writer, loaded, _) = store::open(store::StoreOptions {
-        data_dir: dir.path().to_path_buf(),
-        snapshot_interval: Duration::from_secs(5),
-        snapshot_when_quiet: Duration::from_secs(2),
-    })
-    .expect("store");
     let timeout = Duration::from_secs(60);
-    let registry = Arc::new(Registry::new(
-        loaded,
+    let (registry, writer) = registry_in(
+        dir.path(),
+        Duration::from_secs(5),
+        Duration::from_secs(2),
         timeout,
         1_000_000,
-        Box::new(store),
-        &|_| None,
-    ));
+    );
     assert!(
         select_available_agent(&registry).is_none(),
         "nobody to pick"
@@ -747,20 +741,14 @@ async fn round_robin_selection_skips_offline_agents() {
 #[tokio::test]
 async fn skipped_sweeps_still_catch_each_agent_at_its_own_deadline() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, writer, loaded, _) = store::open(store::StoreOptions {
-        data_dir: dir.path().to_path_buf(),
-        snapshot_interval: Duration::from_secs(60),
-        snapshot_when_quiet: Duration::ZERO,
-    })
-    .expect("store");
     let timeout = Duration::from_secs(10);
-    let registry = Arc::new(Registry::new(
-        loaded,
+    let (registry, writer) = registry_in(
+        dir.path(),
+        Duration::from_secs(60),
+        Duration::ZERO,
         timeout,
         1_000,
-        Box::new(store),
-        &|_| None,
-    ));
+    );
     let start = Instant::now();
     let (first, _, _) = registry
         .register(
@@ -876,4 +864,25 @@ async fn a_stop_folds_a_liveness_journal_only_once_it_outgrows_the_snapshot() {
     );
     drop(store);
     writer.join();
+}
+
+/// A registry on a files store in `dir`, in this process (no HTTP), with
+/// no address held out; the writer to join at the end.
+fn registry_in(
+    dir: &std::path::Path,
+    snapshot_interval: Duration,
+    snapshot_when_quiet: Duration,
+    agent_timeout: Duration,
+    max_agents: usize,
+) -> (Arc<Registry>, store::StoreWriter) {
+    let (store, writer, loaded, _) = store::open(store::StoreOptions {
+        data_dir: dir.to_path_buf(),
+        snapshot_interval,
+        snapshot_when_quiet,
+    })
+    .expect("store");
+    let registry = Registry::new(loaded, agent_timeout, max_agents, Box::new(store), &|_| {
+        None
+    });
+    (Arc::new(registry), writer)
 }

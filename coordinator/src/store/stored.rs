@@ -316,6 +316,14 @@ type Page = Vec<Option<Arc<NodeFacts>>>;
 /// entries do.
 const SEEN_ON_THREADS: usize = 16_384;
 
+/// What a `seen` entry does to its agent's record, one by one or on
+/// threads: the one place that says so.
+fn seen_as(agent: &mut Arc<NodeFacts>, last_seen: DateTime<Utc>, status: AgentStatus) {
+    let agent = Arc::make_mut(agent);
+    agent.last_seen = last_seen;
+    agent.status = status;
+}
+
 /// Agents by id, in the order they were first seen (so that a listing of a
 /// loaded registry is stable): what replay builds and the writer keeps.
 ///
@@ -411,9 +419,7 @@ impl Records {
                         continue;
                     };
                     if let Some(agent) = self.place_mut(at) {
-                        let agent = Arc::make_mut(agent);
-                        agent.last_seen = last_seen;
-                        agent.status = status;
+                        seen_as(agent, last_seen, status);
                     }
                 }
             }
@@ -512,9 +518,7 @@ impl Records {
                     .as_mut()
                     .and_then(|page| page[offset].as_mut());
                 if let Some(agent) = record {
-                    let agent = Arc::make_mut(agent);
-                    agent.last_seen = *last_seen;
-                    agent.status = *status;
+                    seen_as(agent, *last_seen, *status);
                 }
             }
         });
